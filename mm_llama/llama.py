@@ -1,0 +1,195 @@
+"""Native Llama-3-family decoder: RMSNorm, RoPE (+ ``llama3`` scaling), GQA, SwiGLU.
+
+Shape legend: ``b`` batch, ``s`` query tokens, ``s_k`` key tokens (cache + new),
+``d`` model width, ``h`` query heads, ``h_kv`` key/value heads, ``h_d`` head width,
+``v`` vocabulary.
+
+The decoder offers a ``before_layer`` hook so that a multimodal wrapper can add
+cross-attention between blocks without forking or renaming the LM's modules:
+a stock checkpoint loads into :class:`LlamaLM` with its own keys, always.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mm_llama.config import LlamaConfig
+from mm_llama.layers import RMSNorm, SwiGLU
+from mm_llama.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class KVCache:
+    """Pre-allocated per-layer key/value buffers for incremental decoding.
+
+    Each layer holds ``k, v [b, h_kv, max_len, h_d]``; ``length`` is how many
+    positions are filled. Call :meth:`advance` once per forward, after all layers.
+    """
+
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32) -> None:
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v [b, h_kv, s, h_d]`` at the current offset; return the filled prefix."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """``x [b, s, d]`` → ``[b, s, d]``; ``mask [b, 1, s, s_k]`` bool (True = attend) or None = causal."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [b, h, s, h_d]
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [b, h_kv, s, h_d]
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [b, h_kv, s, h_d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [b, h_kv, s_k, h_d]
+        # enable_gqa broadcasts KV heads inside the kernel: no materialised repeat of K/V.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # [b, h, s, h_d]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
+
+    def forward(self, x, cos, sin, mask, cache=None) -> torch.Tensor:
+        """``x [b, s, d]`` → ``[b, s, d]``."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaLM(nn.Module):
+    """A Llama-3-family causal language model.
+
+    ``forward(input_ids [b, s]) -> logits [b, s, v]`` is the public contract; the
+    finer-grained :meth:`embed`, :meth:`decode` and :meth:`logits` let callers
+    insert fused inputs, hook layers and avoid full-vocabulary logits.
+    """
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
+        self.grad_checkpointing = False
+        self.tokenizer = None  # set by the loaders
+        self.source: str | None = None  # identity of the weights (path), set by the loaders
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """``[v, d]`` unembedding matrix (the input embedding when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids [b, s]`` → ``[b, s, d]``."""
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed ``hidden [..., d]`` → ``[..., v]``."""
+        return F.linear(hidden, self.output_weight)
+
+    def decode(
+        self,
+        hidden: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        before_layer: LayerHook | None = None,
+    ) -> torch.Tensor:
+        """Run all blocks and the final norm.
+
+        Args:
+            hidden: ``[b, s, d]`` input embeddings.
+            positions: ``[b, s]`` RoPE positions; default ``cache.length + arange(s)``.
+            key_padding_mask: ``[b, s_k]`` bool, True for real tokens (left padding in
+                batched generation). ``None`` means every key is real.
+            cache: KV cache to read from and append to (advanced by ``s``).
+            before_layer: ``hook(layer_idx, hidden [b, s, d]) -> hidden`` called before each block.
+
+        Returns:
+            ``[b, s, d]`` final-normed hidden states.
+        """
+        b, s, _ = hidden.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + s, device=hidden.device).expand(b, s)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        mask = self._mask(b, s, past, key_padding_mask, hidden.device)
+        for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                hidden = before_layer(i, hidden)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                hidden = layer(hidden, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(s)
+        return self.norm(hidden)
+
+    @staticmethod
+    def _mask(b: int, s: int, past: int, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+        """Bool ``[b, 1, s, past + s]`` (True = attend), or None when plain causal suffices."""
+        if key_padding_mask is None and past == 0:
+            return None
+        causal = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(diagonal=past)
+        mask = causal.expand(b, 1, s, past + s)
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask[:, None, None, :].bool()
+            # A fully masked row (a left-pad query) would give NaN; let it see itself.
+            mask = mask | torch.eye(s, past + s, k=past, dtype=torch.bool, device=device)
+        return mask
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids [b, s]`` → logits ``[b, s, v]``."""
+        return self.logits(self.decode(self.embed(input_ids)))

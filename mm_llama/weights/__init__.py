@@ -1,0 +1,1 @@
+"""Weight loading for the frozen LM: declarative key tables per source format."""
