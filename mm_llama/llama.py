@@ -187,7 +187,8 @@ class LlamaLM(nn.Module):
         if key_padding_mask is not None:
             mask = mask & key_padding_mask[:, None, None, :].bool()
             # A fully masked row (a left-pad query) would give NaN; let it see itself.
-            mask = mask | torch.eye(s, past + s, k=past, dtype=torch.bool, device=device)
+            diagonal = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past).triu(past)
+            mask = mask | diagonal
         return mask
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

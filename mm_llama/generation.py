@@ -1,0 +1,104 @@
+"""Batched greedy / sampled decoding with a KV cache and media K/V computed once.
+
+Shape legend: ``b`` batch, ``s`` prompt tokens, ``t`` generated tokens, ``v`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from mm_llama.llama import KVCache
+from mm_llama.model import MediaContext, MultimodalLlama
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists → ``ids [b, s]`` and ``mask [b, s]`` (True = real token)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = True
+    return ids, mask
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """``logits [b, v]`` → next ids ``[b]`` (greedy when ``temperature == 0``)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: MultimodalLlama,
+    prompts: Sequence[Sequence[int]],
+    images: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 32,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> list[list[int]]:
+    """Continue each prompt; media are encoded once and their K/V reused at every step.
+
+    Args:
+        model: the fused model (its LM provides the KV cache layout).
+        prompts: token-id lists (each containing the media placeholder when ``images`` is given).
+        images: ``[b, 3, H, W]`` or ``None`` for the text-only path.
+        max_new_tokens: generation budget per prompt.
+        stop_ids: a sequence ends at the first of these (not included in the output).
+        pad_id: id used for left padding (never attended).
+        temperature, top_p: sampling; ``temperature=0`` is greedy.
+        seed: seed of the sampling generator.
+        on_token: called with each step's ids ``[b]`` (streaming).
+
+    Returns:
+        The generated ids of each prompt, without the prompt and the stop token.
+    """
+    device = model.lm.embed_tokens.weight.device
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    b, s = ids.shape
+    media: MediaContext | None = model.media_context(images.to(device)) if images is not None else None
+    cache = KVCache(model.lm.cfg, b, s + max_new_tokens, device=device, dtype=model.lm.embed_tokens.weight.dtype)
+    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [b, s]
+    row_mask = model.media_rows(ids)  # [b, s]
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+
+    hidden = model.hidden_states(ids, media, row_mask=row_mask, positions=positions,
+                                 key_padding_mask=mask, cache=cache)
+    out = torch.empty(b, 0, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    seen_media = row_mask[:, -1:]  # [b, 1]: every new row sees media iff the prompt's last did
+    next_pos = positions[:, -1:] + 1  # [b, 1]
+    for _ in range(max_new_tokens):
+        nxt = _pick(model.lm.logits(hidden[:, -1]), temperature, top_p, generator)  # [b]
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        done = done | torch.isin(nxt, stops)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        if on_token is not None:
+            on_token(nxt)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+        hidden = model.hidden_states(nxt[:, None], media, row_mask=seen_media, positions=next_pos,
+                                     key_padding_mask=mask, cache=cache)
+        next_pos = next_pos + 1
+    results = []
+    for row in out.tolist():
+        cut = next((j for j, t in enumerate(row) if t in set(stop_ids)), len(row))
+        results.append(row[:cut])
+    return results

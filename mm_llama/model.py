@@ -1,0 +1,261 @@
+"""``MultimodalLlama``: media encoders + adapters + the frozen Llama LM.
+
+Shape legend: ``b`` batch, ``s`` text tokens, ``s_e`` media tokens, ``d`` LM width,
+``d_e`` encoder width, ``v`` vocabulary, ``n`` labeled positions.
+
+The LM is wrapped, never forked: cross-attention blocks run through the LM's
+``before_layer`` hook, so ``model.lm`` keeps the stock module names and loads any
+checkpoint of its family. What trains is declared once, in :data:`TRAINABLE_GROUPS`,
+and the same predicate drives ``requires_grad``, the optimizer and checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adapters as _adapters
+
+if not getattr(_adapters, "__mm_llama__", False):  # AdapterHub's `adapters` shadows ours
+    raise ImportError(
+        f"the `adapters` package imported from {getattr(_adapters, '__file__', '?')} is not mm-llama's; "
+        "AdapterHub (`pip install adapters`) uses the same top-level name. "
+        "Uninstall it (`pip uninstall adapters`) in this environment."
+    )
+
+from adapters import FusionEmbedding, GatedCrossAttention, MediaProjection, default_layer_positions  # noqa: E402
+from adapters.cross_attention import init_cross_attention_  # noqa: E402
+from encoders import ImageEncoder, ImageEncoderConfig  # noqa: E402
+from mm_llama.llama import KVCache, LlamaLM  # noqa: E402
+from mm_llama.lm import freeze  # noqa: E402
+
+MEDIA_TOKENS: tuple[str, ...] = ("image", "video", "speech")
+"""Placeholder tokens, in fusion-table order: ``<|image|>`` is id ``v``, ``<|video|>`` ``v+1``, ..."""
+
+TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
+    "image_encoder": ("image_encoder.",),
+    "projection": ("image_projection.",),
+    "cross_attention": ("cross_attn.",),
+    "fusion_embedding": ("fusion_embed.",),
+}
+"""Parameter-name prefixes of each trainable group. The LM (``lm.``) is in none of them."""
+
+
+@dataclass
+class CrossAttentionConfig:
+    """Placement and initialisation of the gated cross-attention blocks.
+
+    Attributes:
+        every: insert one block after every ``every`` decoder blocks (Llama 3: 4).
+        layers: explicit decoder-layer indices (block inserted *before* each); overrides ``every``.
+        hidden_dim: MLP width; ``None`` uses the LM's.
+        gate_init: initial value of both tanh gates; 0 keeps the model equal to the text-only LM.
+        output_scale: ``"residual_rms"`` multiplies each block's output by the frozen LM's
+            typical residual-stream RMS at that depth (measured once at build time);
+            ``"none"`` leaves it at 1.
+    """
+
+    every: int = 4
+    layers: tuple[int, ...] | None = None
+    hidden_dim: int | None = None
+    gate_init: float = 0.0
+    output_scale: str = "residual_rms"
+
+    def __post_init__(self) -> None:
+        if self.output_scale not in ("residual_rms", "none"):
+            raise ValueError(f"output_scale must be 'residual_rms' or 'none', got {self.output_scale!r}")
+        if self.every <= 0:
+            raise ValueError(f"every must be > 0, got {self.every}")
+
+
+@dataclass
+class ModelConfig:
+    """What a :class:`MultimodalLlama` is built from (besides the frozen LM itself)."""
+
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    trainable: tuple[str, ...] = tuple(TRAINABLE_GROUPS)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.trainable) - set(TRAINABLE_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown trainable group(s) {sorted(unknown)}; known: {sorted(TRAINABLE_GROUPS)}")
+
+
+@dataclass
+class MediaContext:
+    """Media encoded once and turned into every cross-attention block's K/V.
+
+    ``kv[i]`` is ``(k, v)``, each ``[b, h_kv, s_e, h_d]``, for the block before decoder layer ``i``;
+    ``mask`` is ``[b, s_e]`` bool.
+    """
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+
+class MultimodalLlama(nn.Module):
+    """A frozen Llama LM that reads images through gated cross-attention."""
+
+    def __init__(self, lm: LlamaLM, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        self.cfg = cfg
+        self.lm = freeze(lm)
+        lm_cfg = lm.cfg
+        self.image_encoder = ImageEncoder(cfg.image_encoder)
+        self.image_projection = MediaProjection(self.image_encoder.out_dim, lm_cfg.dim, lm_cfg.norm_eps)
+        self.fusion_embed = FusionEmbedding(lm_cfg.vocab_size, len(MEDIA_TOKENS), lm_cfg.dim,
+                                            init_std=float(lm.embed_tokens.weight.std()))
+        xcfg = cfg.cross_attention
+        positions = xcfg.layers if xcfg.layers is not None else default_layer_positions(lm_cfg.n_layers, xcfg.every)
+        bad = [i for i in positions if not 0 <= i < lm_cfg.n_layers]
+        if bad:
+            raise ValueError(f"cross-attention layer indices {bad} are outside the LM's 0..{lm_cfg.n_layers - 1}")
+        scales = self._residual_rms(positions) if xcfg.output_scale == "residual_rms" else {}
+        self.cross_attn = nn.ModuleDict()
+        for i in positions:
+            block = GatedCrossAttention(
+                lm_cfg.dim, lm_cfg.n_heads, lm_cfg.n_kv_heads, lm_cfg.resolved_head_dim,
+                xcfg.hidden_dim or lm_cfg.hidden_dim, norm_eps=lm_cfg.norm_eps,
+                gate_init=xcfg.gate_init, output_scale=scales.get(i, 1.0),
+            )
+            init_cross_attention_(block)
+            self.cross_attn[str(i)] = block
+        self.apply_trainable()
+
+    # --- what trains -------------------------------------------------------------------
+    def group_of(self, name: str) -> str | None:
+        """The trainable group a parameter name belongs to (``None`` for the frozen LM)."""
+        return next((g for g, prefixes in TRAINABLE_GROUPS.items() if name.startswith(prefixes)), None)
+
+    def is_trainable(self, name: str) -> bool:
+        """The single trainable-parameter predicate (requires_grad, optimizer, checkpoints)."""
+        return self.group_of(name) in self.cfg.trainable
+
+    def apply_trainable(self) -> None:
+        for name, p in self.named_parameters():
+            p.requires_grad_(self.is_trainable(name))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers outside the frozen LM that belong to a trainable group."""
+        state = self.state_dict()
+        return {k: v for k, v in state.items() if self.group_of(k) is not None}
+
+    def train(self, mode: bool = True) -> MultimodalLlama:
+        super().train(mode)
+        self.lm.eval()  # frozen: no dropout-style behaviour change, ever
+        return self
+
+    # --- ids ---------------------------------------------------------------------------
+    def media_token_id(self, modality: str = "image") -> int:
+        """Id of ``<|modality|>`` in the fusion table (just past the frozen vocabulary)."""
+        if modality not in MEDIA_TOKENS:
+            raise ValueError(f"unknown modality {modality!r}; known: {MEDIA_TOKENS}")
+        return self.lm.cfg.vocab_size + MEDIA_TOKENS.index(modality)
+
+    # --- forward -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _residual_rms(self, positions) -> dict[int, float]:
+        """Typical RMS of the frozen LM's residual stream entering each given layer.
+
+        Measured on a fixed chat-formatted sentence (or random ids without a tokenizer);
+        the median over tokens, so that attention-sink tokens do not dominate.
+        """
+        tok = self.lm.tokenizer
+        if tok is not None:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": "Describe the image."},
+                 {"role": "assistant", "content": "A red square in the top left and a blue circle."}]
+            )
+            ids = torch.tensor([tok.encode(text)])
+        else:
+            ids = torch.randint(0, self.lm.cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+        rms: dict[int, float] = {}
+
+        def record(i: int, h: torch.Tensor) -> torch.Tensor:
+            if i in positions:
+                rms[i] = float(h[0, 1:].pow(2).mean(-1).sqrt().median())
+            return h
+
+        self.lm.decode(self.lm.embed(ids.to(self.lm.embed_tokens.weight.device)), before_layer=record)
+        return rms
+
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images [b, 3, H, W]`` → media tokens ``[b, s_e, d]`` and mask ``[b, s_e]``."""
+        out = self.image_encoder(images)
+        return self.image_projection(out.tokens), out.mask
+
+    def media_context(self, images: torch.Tensor) -> MediaContext:
+        """Encode media once and compute every cross-attention block's K/V."""
+        media, mask = self.encode_images(images)
+        return MediaContext({int(i): blk.media_kv(media) for i, blk in self.cross_attn.items()}, mask)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        media: MediaContext | None,
+        *,
+        row_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """``input_ids [b, s]`` → final-normed hidden ``[b, s, d]``.
+
+        ``row_mask [b, s]`` marks text rows that see media; by default, rows at or after
+        the sample's first media placeholder. ``media=None`` is the text-only path.
+        """
+        hidden = self.fusion_embed(input_ids, self.lm.embed_tokens)  # [b, s, d]
+        hook = None
+        if media is not None and len(self.cross_attn):
+            if row_mask is None:
+                row_mask = self.media_rows(input_ids)
+
+            def hook(i: int, h: torch.Tensor) -> torch.Tensor:
+                blk = self.cross_attn[str(i)] if str(i) in self.cross_attn else None
+                return h if blk is None else blk(h, media.kv[i], media.mask, row_mask)
+
+        return self.lm.decode(hidden, positions=positions, key_padding_mask=key_padding_mask,
+                              cache=cache, before_layer=hook)
+
+    def media_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[b, s]`` bool: rows at or after the first media placeholder of their sample."""
+        is_media = input_ids >= self.lm.cfg.vocab_size
+        return is_media.long().cumsum(dim=1) > 0
+
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids [b, s]``, ``images [b, 3, H, W]`` → logits ``[b, s, v]`` (all positions)."""
+        media = self.media_context(images) if images is not None else None
+        return self.lm.logits(self.hidden_states(input_ids, media))
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over labeled positions (``labels [b, s]``, -100 = none)."""
+        media = self.media_context(images) if images is not None else None
+        hidden = self.hidden_states(input_ids, media)
+        return labeled_cross_entropy(hidden, labels, self.lm.output_weight)
+
+
+def labeled_cross_entropy(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
+    """Next-token CE computed only where a label exists.
+
+    ``hidden [b, s, d]`` predicts ``labels[:, 1:]``; positions labeled -100 never get
+    logits, and the labeled ones are projected ``chunk`` rows at a time, so peak memory
+    is ``chunk x v`` instead of ``b x s x v``.
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100  # [b, s-1]
+    h = hidden[:, :-1][keep]  # [n, d]
+    y = targets[keep]  # [n]
+    if y.numel() == 0:
+        raise ValueError("batch has no labeled positions: every label is -100")
+    total = hidden.new_zeros(())
+    for start in range(0, y.numel(), chunk):
+        logits = F.linear(h[start : start + chunk], weight).float()  # [n_chunk, v]
+        total = total + F.cross_entropy(logits, y[start : start + chunk], reduction="sum")
+    return total / y.numel()

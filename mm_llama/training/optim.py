@@ -1,0 +1,77 @@
+"""Optimizer and schedule: AdamW with linear warm-up and cosine decay (Llama 3 §7.4)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """AdamW settings.
+
+    Attributes:
+        lr: peak learning rate of every trainable group, scaled by ``lr_multipliers``.
+        lr_multipliers: per trainable group (see ``mm_llama.model.TRAINABLE_GROUPS``)
+            factor on ``lr``; missing groups use 1.
+        weight_decay: decoupled decay on matrices only (not on norms, gates, biases, embeddings).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up from 0.
+        total_steps: length of the cosine decay (to ``min_lr_ratio * lr``).
+        min_lr_ratio: final lr as a fraction of the peak.
+    """
+
+    lr: float = 1e-3
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.total_steps <= 0:
+            raise ValueError(f"need warmup_steps >= 0 and total_steps > 0, got {self.warmup_steps}, {self.total_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        self.betas = tuple(self.betas)
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """Multiplier on the peak lr at optimizer step ``step``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], group_of, cfg: OptimConfig) -> list[dict]:
+    """AdamW groups keyed by (trainable group, decays?); ``group_of(name) -> group name``."""
+    unknown = set(cfg.lr_multipliers) - {group_of(n) for n, _ in named}
+    if unknown:
+        raise ValueError(f"lr_multipliers name group(s) {sorted(unknown)} with no trainable parameter")
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in named:
+        decays = p.ndim >= 2 and "embed" not in name
+        groups.setdefault((group_of(name), decays), []).append(p)
+    return [
+        {
+            "params": params,
+            "lr": cfg.lr * cfg.lr_multipliers.get(group, 1.0),
+            "weight_decay": cfg.weight_decay if decays else 0.0,
+            "name": f"{group}{'' if decays else '/no_decay'}",
+        }
+        for (group, decays), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(named, group_of, cfg: OptimConfig):
+    """AdamW over ``named`` trainable parameters plus its LambdaLR schedule."""
+    opt = torch.optim.AdamW(param_groups(named, group_of, cfg), betas=cfg.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
+    return opt, sched

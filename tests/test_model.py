@@ -1,0 +1,139 @@
+"""MultimodalLlama on a tiny random LM: identity at init, masking, gradients, trainable set."""
+
+import pytest
+import torch
+
+from encoders import ImageEncoderConfig
+from mm_llama.config import LlamaConfig
+from mm_llama.llama import KVCache, LlamaLM
+from mm_llama.lm import freeze
+from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama, labeled_cross_entropy
+
+VOCAB = 97
+
+
+def tiny_lm(tie=True) -> LlamaLM:
+    cfg = LlamaConfig(vocab_size=VOCAB, dim=48, n_layers=8, n_heads=4, n_kv_heads=2, hidden_dim=64, tie_embeddings=tie)
+    return freeze(LlamaLM(cfg))
+
+
+def tiny_model(gate_init=0.0, **xattn) -> MultimodalLlama:
+    enc = ImageEncoderConfig(image_size=16, patch_size=8, depth=2, width=32, heads=2, intermediate_layers=(0,))
+    return MultimodalLlama(tiny_lm(), ModelConfig(enc, CrossAttentionConfig(gate_init=gate_init, **xattn)))
+
+
+def batch(model, b=2, s=12, image_at=3):
+    ids = torch.randint(0, VOCAB, (b, s))
+    ids[:, image_at] = model.media_token_id("image")
+    return ids, torch.randn(b, 3, 16, 16)
+
+
+def test_default_placement_is_every_fourth_layer():
+    assert list(tiny_model().cross_attn) == ["3", "7"]
+
+
+def test_gates_at_zero_equal_the_plain_lm_exactly():
+    model = tiny_model().eval()
+    ids, images = batch(model)
+    text_ids = ids.clone()
+    with torch.no_grad():
+        fused = model.lm.logits(model.hidden_states(ids, model.media_context(images)))
+        plain = model.lm.logits(model.hidden_states(text_ids, None))
+    assert torch.equal(fused, plain)
+    # and without any media token, the fused model is the stock LM on stock ids
+    plain_ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(plain_ids, torch.randn(2, 3, 16, 16)), model.lm(plain_ids))
+
+
+def test_rows_before_the_image_are_untouched_and_rows_after_change():
+    model = tiny_model(gate_init=0.7).eval()
+    ids, images = batch(model, image_at=5)
+    with torch.no_grad():
+        fused = model(ids, images)
+        text_only = model.lm.logits(model.hidden_states(ids, None))
+    assert torch.equal(fused[:, :5], text_only[:, :5])
+    assert (fused[:, 5:] - text_only[:, 5:]).abs().max() > 1e-3
+
+
+def test_sample_without_media_is_text_only_in_a_mixed_batch():
+    model = tiny_model(gate_init=0.7).eval()
+    ids, images = batch(model)
+    ids[1] = torch.randint(0, VOCAB, (ids.shape[1],))  # second sample has no <|image|>
+    with torch.no_grad():
+        fused = model(ids, images)
+        plain = model.lm(ids[1:])
+    assert torch.allclose(fused[1:], plain, atol=1e-6)
+
+
+def test_gradients_reach_every_trainable_and_no_frozen_parameter():
+    model = tiny_model(gate_init=0.5).train()
+    ids, images = batch(model)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    model.loss(ids, labels, images).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("lm."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None, name
+            if not name.startswith("fusion_embed"):  # unused <|video|>/<|speech|> rows are zero
+                assert p.grad.abs().sum() > 0, name
+
+
+def test_trainable_parameter_names_exactly():
+    model = tiny_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected_prefixes = ("image_encoder.", "image_projection.", "cross_attn.", "fusion_embed.")
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(expected_prefixes)}
+    xattn = {n.split(".", 2)[2] for n in trainable if n.startswith("cross_attn.3.")}
+    assert xattn == {
+        "attn_norm.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+        "q_norm.weight", "k_norm.weight", "attn_gate", "mlp_norm.weight", "mlp.gate_proj.weight",
+        "mlp.up_proj.weight", "mlp.down_proj.weight", "mlp_gate",
+    }
+    assert {n for n in trainable if n.startswith("fusion_embed")} == {"fusion_embed.new.weight"}
+    assert not any(n.startswith("lm.") for n in model.trainable_state_dict())
+    # stage control: freezing the encoder group changes requires_grad and nothing else
+    frozen_enc = MultimodalLlama(tiny_lm(), ModelConfig(model.cfg.image_encoder, trainable=("cross_attention",)))
+    assert {n for n, p in frozen_enc.named_parameters() if p.requires_grad} == {
+        n for n in trainable if n.startswith("cross_attn.")
+    }
+
+
+def test_residual_rms_scale_is_measured_per_layer():
+    model = tiny_model(output_scale="residual_rms")
+    scales = {i: float(b.output_scale) for i, b in model.cross_attn.items()}
+    assert all(s > 0 for s in scales.values())
+    assert tiny_model(output_scale="none").cross_attn["3"].output_scale.item() == 1.0
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="'sometimes'"):
+        CrossAttentionConfig(output_scale="sometimes")
+    with pytest.raises(ValueError, match=r"\[9\]"):
+        MultimodalLlama(tiny_lm(), ModelConfig(cross_attention=CrossAttentionConfig(layers=(1, 9))))
+    with pytest.raises(ValueError, match="decoder"):
+        ModelConfig(trainable=("decoder",))
+
+
+def test_labeled_cross_entropy_matches_full_logits():
+    lm = tiny_lm(tie=False)
+    ids = torch.randint(0, VOCAB, (3, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    hidden = lm.decode(lm.embed(ids))
+    full = torch.nn.functional.cross_entropy(lm.logits(hidden)[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+    assert torch.allclose(labeled_cross_entropy(hidden, labels, lm.output_weight, chunk=4), full, atol=1e-6)
+
+
+def test_kv_cache_decode_equals_full_forward():
+    lm = tiny_lm()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        full = lm(ids)
+        cache = KVCache(lm.cfg, 2, 10)
+        steps = [lm.logits(lm.decode(lm.embed(ids[:, :6]), cache=cache))]
+        for t in range(6, 10):
+            steps.append(lm.logits(lm.decode(lm.embed(ids[:, t : t + 1]), cache=cache)))
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
