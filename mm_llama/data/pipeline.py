@@ -1,0 +1,516 @@
+"""WebDataset pipeline for image + text shards (DESIGN §6, §9).
+
+Stages, in order::
+
+    shard list ─ (train) epoch-seeded shard shuffle, identical on every rank
+               ─ wds.split_by_node ─ wds.split_by_worker
+    or resampled shards, drawn per (seed, epoch, rank, worker)
+    ─ wds.tarfile_to_samples ─ (train) epoch-seeded sample shuffle buffer
+    ─ decode image + text, encode_example  → {input_ids, labels, image, meta}
+
+The pipeline is assembled from ``wds.DataPipeline`` stages rather than the
+``wds.WebDataset`` convenience class because in webdataset 1.0.2 that class
+cannot shuffle shards *before* the node split (so ranks would own the same
+shards every epoch) and its resampler is seeded from the clock (not
+reproducible). The splitters are explicit, so the 1.0.2 pitfall of the default
+``single_node_only`` raising when ``world_size > 1`` cannot occur.
+
+Corrupt samples are skipped, counted by kind in a :class:`SkipCounter` and
+logged (rate-limited); they never stop a run. Missing local shards and empty URL
+lists raise before the first step.
+
+Epochs: call ``dataset.set_epoch(epoch)`` before iterating (Lightning does not
+do this for an ``IterableDataset``; ``mm_llama``'s data module must). The epoch
+lives in shared memory, so persistent DataLoader workers see it too.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import re
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from mm_llama.data.collate import collate
+from mm_llama.data.examples import (
+    CAPTION_PROMPT,
+    BadExample,
+    ChatTokenizer,
+    ExampleTooLong,
+    encode_example,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+SKIP_KINDS: dict[str, str] = {
+    "read_error": "shard could not be opened or read (truncated tar, I/O error)",
+    "missing_image": "sample has no png/jpg/jpeg/webp entry",
+    "bad_image": "image bytes could not be decoded",
+    "missing_text": "sample has neither json nor txt",
+    "bad_json": "json is not valid JSON or not an object",
+    "bad_encoding": "json/txt is not UTF-8",
+    "empty_text": "prompt or response missing or empty",
+    "bad_text": "text cannot be encoded (e.g. contains the media placeholder)",
+    "too_long": "encoded example longer than max_len (never truncated)",
+}
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are read.
+
+    Attributes:
+        train_urls: WebDataset URL(s) of the training shards: a brace pattern,
+            several joined by ``::``, ``pipe:`` commands or ``http(s)://`` URLs.
+        val_urls: validation shards, or ``None``.
+        test_urls: test shards, or ``None``.
+        batch_size: samples per batch (per rank).
+        num_workers: DataLoader worker processes per rank.
+        shuffle_buffer: sample shuffle buffer for training (0 = no sample shuffle).
+        resampled: draw training shards with replacement, forever; needs ``epoch_length``.
+            The way to give every DDP rank the same number of steps (DESIGN §9).
+        epoch_length: training samples per epoch over all ranks; rounded up so
+            that every worker of every rank yields whole batches (see
+            :func:`samples_per_worker`). ``None``: one pass over the shards.
+        max_len: maximum tokens per example; longer samples are skipped and counted.
+        seed: seeds shard and sample shuffling (combined with the epoch).
+        image_size: side of the square image tensor.
+        system_prompt: system message for every example; ``None`` keeps the
+            chat template's default.
+    """
+
+    train_urls: str
+    val_urls: str | None = None
+    test_urls: str | None = None
+    batch_size: int = 16
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    epoch_length: int | None = None
+    max_len: int = 128
+    seed: int = 0
+    image_size: int = 64
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train_urls, str) or not self.train_urls.strip():
+            raise ValueError(f"DataConfig.train_urls must be a non-empty string, got {self.train_urls!r}")
+        for name in ("val_urls", "test_urls"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"DataConfig.{name} must be None or a non-empty string, got {value!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"DataConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"DataConfig.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.epoch_length is not None and self.epoch_length < 1:
+            raise ValueError(f"DataConfig.epoch_length must be None or >= 1, got {self.epoch_length}")
+        if self.resampled and self.epoch_length is None:
+            raise ValueError("DataConfig.resampled=True draws shards forever; set epoch_length (got None)")
+        if self.max_len < 2:
+            raise ValueError(f"DataConfig.max_len must be >= 2, got {self.max_len}")
+        if self.image_size < 1:
+            raise ValueError(f"DataConfig.image_size must be >= 1, got {self.image_size}")
+
+
+# ---------------------------------------------------------------- shared state
+
+
+class SkipCounter:
+    """Counts skipped samples by kind (:data:`SKIP_KINDS`), shared across processes.
+
+    The counts live in shared memory (``multiprocessing.Array``), so DataLoader
+    workers started by fork or spawn add to the same counts the main process
+    reads. Limitation: it is per machine, not per job; ranks each hold their own
+    counter (all-reduce them to report a global number). Like any
+    ``multiprocessing`` synchronised object it cannot be pickled except when a
+    process is started (``copy.deepcopy`` of a dataset that holds it fails).
+
+    Args:
+        log_first: log every skip of a kind until it has been seen this many times...
+        log_every: ...then only every ``log_every``-th.
+    """
+
+    def __init__(self, log_first: int = 10, log_every: int = 1000) -> None:
+        self._kinds = list(SKIP_KINDS)
+        self._counts = multiprocessing.Array("q", len(self._kinds))
+        self.log_first = log_first
+        self.log_every = log_every
+
+    def record(self, kind: str, key: str, reason: str) -> None:
+        """Count one skipped sample and log it (rate-limited)."""
+        i = self._kinds.index(kind)
+        with self._counts.get_lock():
+            self._counts[i] += 1
+            n = self._counts[i]
+        if n <= self.log_first or n % self.log_every == 0:
+            logger.warning("skipped sample %s [%s, #%d]: %s", key, kind, n, reason)
+
+    def handler(self, exn: Exception) -> bool:
+        """WebDataset exception handler for shard-level errors: count, log, continue."""
+        # webdataset appends (stream, url) to the exception's args.
+        url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
+        self.record("read_error", url, f"{type(exn).__name__}: {str(exn)[:300]}")
+        return True
+
+    def counts(self) -> dict[str, int]:
+        """Skips per kind (every kind present, zeros included)."""
+        with self._counts.get_lock():
+            return dict(zip(self._kinds, self._counts[:]))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts().values())
+
+    def __getitem__(self, kind: str) -> int:
+        return self.counts()[kind]
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({ {k: v for k, v in self.counts().items() if v} })"
+
+
+class SharedEpoch:
+    """An epoch number in shared memory, visible to (persistent) DataLoader workers."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._value = multiprocessing.Value("q", epoch)
+
+    def set(self, epoch: int) -> None:
+        self._value.value = epoch
+
+    def get(self) -> int:
+        return self._value.value
+
+
+class CorruptSample(Exception):
+    """A sample that cannot be used; ``kind`` is a key of :data:`SKIP_KINDS`."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- URLs
+
+
+_REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
+
+
+def resolve_urls(urls: str | Sequence[str]) -> list[str]:
+    """Expand brace patterns and ``::`` lists; check that local shards exist.
+
+    ``pipe:`` and ``scheme://`` URLs (other than ``file://``) pass unchecked.
+
+    Raises:
+        ValueError: the URLs expand to nothing.
+        FileNotFoundError: a local shard does not exist (the message names it).
+    """
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    expanded = [u for p in patterns if p.strip() for u in wds.shardlists.expand_urls(p)]
+    if not expanded:
+        raise ValueError(f"no shard URLs in {urls!r}")
+    for url in expanded:
+        path = url.removeprefix("file://")
+        if path == url and _REMOTE.match(url):
+            continue
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"shard {url!r} not found (from {urls!r})")
+    return expanded
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _stage_rng(*parts: object) -> random.Random:
+    return random.Random("/".join(map(str, parts)))  # string seeds hash with SHA-512: stable
+
+
+class _EpochShardShuffle:
+    """Shuffles the shard list per epoch; the same order on every rank and worker,
+    so the node/worker split that follows stays a partition."""
+
+    def __init__(self, seed: int, epoch: SharedEpoch) -> None:
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        shards = list(src)
+        _stage_rng("shards", self.seed, self.epoch.get()).shuffle(shards)
+        yield from shards
+
+
+class _ResampledShards(IterableDataset):
+    """Shards drawn with replacement, forever, from a stream seeded by
+    (seed, epoch, rank, worker): reproducible, and different on every rank/worker
+    so no node split is needed."""
+
+    def __init__(self, urls: list[str], seed: int, epoch: SharedEpoch) -> None:
+        super().__init__()
+        self.urls, self.seed, self.epoch = urls, seed, epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = _stage_rng("resample", self.seed, self.epoch.get(), rank, worker)
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+class _EpochSampleShuffle:
+    """Shuffle buffer seeded by (seed, epoch, rank, worker)."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: SharedEpoch) -> None:
+        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = _stage_rng("samples", self.seed, self.epoch.get(), rank, worker)
+        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
+
+
+def decode_image(sample: dict[str, Any]) -> Image.Image:
+    """The sample's first image entry as an RGB PIL image.
+
+    Raises:
+        CorruptSample: ``missing_image`` or ``bad_image``.
+    """
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise CorruptSample("missing_image", f"entries {sorted(k for k in sample if not k.startswith('__'))}")
+    try:
+        with Image.open(BytesIO(sample[ext])) as image:
+            return image.convert("RGB")  # convert() forces the full decode
+    except Exception as exn:  # PIL raises many types on corrupt bytes; all mean "bad image"
+        raise CorruptSample("bad_image", f"{ext}: {type(exn).__name__}: {exn}") from exn
+
+
+def _utf8(sample: dict[str, Any], ext: str) -> str:
+    try:
+        return sample[ext].decode("utf-8")
+    except UnicodeDecodeError as exn:
+        raise CorruptSample("bad_encoding", f"{ext}: {exn}") from exn
+
+
+def decode_text(sample: dict[str, Any]) -> dict[str, Any]:
+    """``{"prompt", "response", ...}`` from the sample's json, else its txt caption.
+
+    Raises:
+        CorruptSample: ``missing_text``, ``bad_encoding``, ``bad_json`` or ``empty_text``.
+    """
+    if "json" in sample:
+        try:
+            meta = json.loads(_utf8(sample, "json"))
+        except json.JSONDecodeError as exn:
+            raise CorruptSample("bad_json", str(exn)) from exn
+        if not isinstance(meta, dict):
+            raise CorruptSample("bad_json", f"expected an object, got {type(meta).__name__}")
+    elif "txt" in sample:
+        meta = {"prompt": CAPTION_PROMPT, "response": _utf8(sample, "txt")}
+    else:
+        raise CorruptSample("missing_text", "no json or txt entry")
+    for field in ("prompt", "response"):
+        value = meta.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise CorruptSample("empty_text", f"{field}={value!r}")
+        meta[field] = value.strip()
+    return meta
+
+
+class ResizeToTensor:
+    """Default image transform: RGB PIL image → ``FloatTensor[3, size, size]`` in [0, 1].
+
+    Bicubic resize when the size differs. Mean/std normalisation is left to the
+    image encoder, which knows its own statistics.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)  # [3, H, W]
+
+
+class _DecodeAndEncode:
+    """Raw tar sample → ``{input_ids, labels, image, meta}``; corrupt samples are counted."""
+
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        transform: ImageTransform,
+        media_token_id: int,
+        max_len: int,
+        system_prompt: str | None,
+        counter: SkipCounter,
+    ) -> None:
+        self.tokenizer, self.transform, self.media_token_id = tokenizer, transform, media_token_id
+        self.max_len, self.system_prompt, self.counter = max_len, system_prompt, counter
+
+    def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        image = decode_image(sample)
+        meta = decode_text(sample)
+        try:
+            encoded = encode_example(
+                self.tokenizer,
+                meta["prompt"],
+                meta["response"],
+                media_token_id=self.media_token_id,
+                system=self.system_prompt,
+                max_len=self.max_len,
+            )
+        except ExampleTooLong as exn:
+            raise CorruptSample("too_long", str(exn)) from exn
+        except BadExample as exn:
+            raise CorruptSample("bad_text", str(exn)) from exn
+        meta["__key__"] = sample["__key__"]
+        meta["__url__"] = sample.get("__url__")
+        return {**encoded, "image": self.transform(image), "meta": meta}
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            try:
+                yield self.decode(sample)
+            except CorruptSample as exn:
+                self.counter.record(exn.kind, f"{sample.get('__url__')}:{sample.get('__key__')}", exn.reason)
+
+
+# ---------------------------------------------------------------- dataset
+
+
+class ShardDataset(wds.DataPipeline):
+    """A ``wds.DataPipeline`` with an epoch (:meth:`set_epoch`) and a skip counter."""
+
+    def __init__(self, *stages: Any, urls: list[str], epoch: SharedEpoch, counter: SkipCounter) -> None:
+        super().__init__(*stages)
+        self.urls = urls
+        self.shared_epoch = epoch
+        self.counter = counter
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed shard and sample shuffling (and resampling) for ``epoch``."""
+        self.shared_epoch.set(epoch)
+
+
+def samples_per_worker(cfg: DataConfig, world_size: int) -> int:
+    """Training samples each DataLoader worker yields per epoch when ``epoch_length`` is set.
+
+    ``with_epoch`` counts per worker (DESIGN §9), so ``epoch_length`` is divided
+    over ``world_size * max(1, num_workers)`` workers and rounded *up* to a
+    multiple of ``batch_size``: every worker of every rank then yields the same
+    number of whole batches, and DDP ranks take the same number of steps.
+    """
+    if cfg.epoch_length is None:
+        raise ValueError("samples_per_worker needs DataConfig.epoch_length")
+    workers = world_size * max(1, cfg.num_workers)
+    return math.ceil(cfg.epoch_length / (workers * cfg.batch_size)) * cfg.batch_size
+
+
+def train_batches_per_rank(cfg: DataConfig, world_size: int) -> int:
+    """Optimizer steps per epoch on each rank when ``epoch_length`` is set."""
+    return max(1, cfg.num_workers) * samples_per_worker(cfg, world_size) // cfg.batch_size
+
+
+def build_dataset(
+    urls: str | Sequence[str],
+    tokenizer: ChatTokenizer,
+    transform: ImageTransform | None,
+    media_token_id: int,
+    *,
+    train: bool,
+    cfg: DataConfig,
+    counter: SkipCounter | None = None,
+) -> ShardDataset:
+    """An ``IterableDataset`` of ``{input_ids [s], labels [s], image [3, H, W], meta}``.
+
+    Args:
+        urls: shard URLs (brace pattern, ``::`` list or a list of patterns).
+        tokenizer: follows :class:`~mm_llama.data.examples.ChatTokenizer`.
+        transform: PIL RGB image → tensor; ``None`` uses ``ResizeToTensor(cfg.image_size)``.
+        media_token_id: id of ``<|image|>`` in the fusion embedding (``>= vocab_size``).
+        train: shuffle shards and samples (seeded by ``cfg.seed`` and the epoch),
+            resample if ``cfg.resampled``, and apply ``cfg.epoch_length``.
+            Evaluation reads every shard once, in order.
+        cfg: the data configuration.
+        counter: where skips are counted; a new one when ``None`` (``dataset.counter``).
+
+    Without resampling, shards are split across ranks and then workers: with
+    ``world_size * num_workers`` larger than the shard count some workers idle,
+    and ranks may get different sample counts; use ``resampled`` +
+    ``epoch_length`` for DDP training. The world size is read when the
+    dataset is built (``RANK``/``WORLD_SIZE`` or an initialised process group),
+    so build it after the process group exists (a data module's ``setup``).
+
+    Raises:
+        ValueError: no URLs. FileNotFoundError: a local shard is missing.
+    """
+    shard_urls = resolve_urls(urls)
+    counter = SkipCounter() if counter is None else counter
+    epoch = SharedEpoch()
+    _, world_size, _, _ = wds.utils.pytorch_worker_info()
+    decode = _DecodeAndEncode(
+        tokenizer,
+        ResizeToTensor(cfg.image_size) if transform is None else transform,
+        media_token_id,
+        cfg.max_len,
+        cfg.system_prompt,
+        counter,
+    )
+    stages: list[Any]
+    if train and cfg.resampled:
+        stages = [_ResampledShards(shard_urls, cfg.seed, epoch)]
+    else:
+        stages = [wds.SimpleShardList(shard_urls)]
+        if train:
+            stages.append(_EpochShardShuffle(cfg.seed, epoch))
+        stages += [wds.split_by_node, wds.split_by_worker]
+        if len(shard_urls) < world_size * max(1, cfg.num_workers):
+            logger.warning(
+                "%d shards for %d ranks x %d workers: some workers get no data",
+                len(shard_urls), world_size, max(1, cfg.num_workers),
+            )  # fmt: skip
+    stages.append(wds.tarfile_to_samples(handler=counter.handler))
+    if train and cfg.shuffle_buffer > 0:
+        stages.append(_EpochSampleShuffle(cfg.shuffle_buffer, cfg.seed, epoch))
+    stages.append(decode)
+    dataset = ShardDataset(*stages, urls=shard_urls, epoch=epoch, counter=counter)
+    if train and cfg.epoch_length is not None:
+        dataset = dataset.with_epoch(samples_per_worker(cfg, world_size))
+    return dataset
+
+
+def build_loader(dataset: IterableDataset, cfg: DataConfig, pad_id: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader that batches in the workers and collates with :func:`collate`.
+
+    Batching is the DataLoader's (``batch_size=cfg.batch_size``): each worker
+    fills its own batches, so a worker's last batch may be partial unless
+    ``epoch_length`` is set (then every batch is full). Workers are persistent
+    so that a validation loop does not restart them each time; the shared epoch
+    reaches them anyway.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=functools.partial(collate, pad_id=pad_id),
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=pin_memory,
+    )

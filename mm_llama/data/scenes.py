@@ -1,0 +1,363 @@
+"""Built-in image dataset: coloured shapes on a 3x3 grid (DESIGN §7).
+
+Every sample is a function of ``(seed, split, index)`` alone, so shards are
+byte-identical across runs and machines and independent of the shard size.
+
+A scene holds 1-3 objects in distinct cells; an object is a (colour, shape)
+pair, no pair repeats within a scene (so "Where is the red square?" has one
+answer), sizes and offsets are jittered inside the cell. Each sample asks one
+question, drawn uniformly from :data:`TASKS`; answers are short canonical
+strings scored by exact match:
+
+* ``caption``: "Describe the image." -> "A red square in the top left and a
+  blue circle in the center." (objects in row-major order);
+* ``colour``: "What colour is the shape in the {position}?" -> "red";
+* ``count``: "How many shapes are there?" -> "one" / "two" / "three";
+* ``where``: "Where is the {colour} {shape}?" -> "top left".
+
+The (colour, shape) pairs in :data:`HELDOUT_COMBOS` never occur in train or
+val. In test, half of the scenes are forced to contain one (and the question,
+when it names an object, is about it); every test sample that contains one is
+marked ``"heldout": true`` so compositional generalisation is scored apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import webdataset as wds
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from mm_llama.data.examples import CAPTION_PROMPT
+
+GENERATOR_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 90, 230),
+    "yellow": (240, 215, 40),
+    "purple": (145, 60, 200),
+    "orange": (245, 140, 30),
+    "pink": (250, 140, 190),
+    "white": (245, 245, 245),
+}
+BACKGROUND = (0, 0, 0)
+SHAPES = ("square", "circle", "triangle", "diamond", "star")
+POSITIONS = (
+    "top left", "top middle", "top right",
+    "middle left", "center", "middle right",
+    "bottom left", "bottom middle", "bottom right",
+)  # fmt: skip
+HELDOUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
+    {("purple", "triangle"), ("orange", "circle"), ("green", "star"), ("blue", "diamond")}
+)
+TASKS = ("caption", "colour", "count", "where")
+NUMBER_WORDS = ("zero", "one", "two", "three")
+MAX_OBJECTS = 3
+
+_SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges, still deterministic
+_P_FORCE_HELDOUT = 0.5
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One shape in one grid cell.
+
+    Attributes:
+        colour: key of :data:`COLOURS`.
+        shape: one of :data:`SHAPES`.
+        row: grid row, 0 (top) to 2.
+        col: grid column, 0 (left) to 2.
+        size: object width as a fraction of the cell width.
+        dx: horizontal offset of the centre, a fraction of the free margin (-1..1).
+        dy: vertical offset, likewise.
+    """
+
+    colour: str
+    shape: str
+    row: int
+    col: int
+    size: float
+    dx: float
+    dy: float
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[3 * self.row + self.col]
+
+    @property
+    def heldout(self) -> bool:
+        return (self.colour, self.shape) in HELDOUT_COMBOS
+
+
+def _sample_rng(seed: int, split: str, index: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`: stable across processes and Python runs.
+    return random.Random(f"mm-llama-scenes/v{GENERATOR_VERSION}/{seed}/{split}/{index}")
+
+
+def sample_scene(rng: random.Random, split: str) -> list[SceneObject]:
+    """Draw 1-3 objects in distinct cells, honouring the held-out rule.
+
+    In test, a forced held-out object comes first (the caller makes it the
+    question's focus, then sorts the objects row-major).
+    """
+    all_combos = [(c, s) for c in COLOURS for s in SHAPES]
+    n = rng.randint(1, MAX_OBJECTS)
+    if split == "test":
+        if rng.random() < _P_FORCE_HELDOUT:
+            forced = rng.choice(sorted(HELDOUT_COMBOS))
+            rest = [c for c in all_combos if c != forced]
+            combos = [forced] + rng.sample(rest, n - 1)
+        else:
+            combos = rng.sample(all_combos, n)
+    else:
+        combos = rng.sample([c for c in all_combos if c not in HELDOUT_COMBOS], n)
+    cells = rng.sample(range(9), n)
+    objects = [
+        SceneObject(
+            colour=colour,
+            shape=shape,
+            row=cell // 3,
+            col=cell % 3,
+            size=round(rng.uniform(0.5, 0.85), 3),
+            dx=round(rng.uniform(-1.0, 1.0), 3),
+            dy=round(rng.uniform(-1.0, 1.0), 3),
+        )
+        for (colour, shape), cell in zip(combos, cells)
+    ]
+    return objects
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    if shape == "star":
+        points = []
+        for k in range(10):
+            radius = r if k % 2 == 0 else 0.42 * r
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        return points
+    raise ValueError(f"no polygon for shape {shape!r}")
+
+
+def render_scene(objects: Sequence[SceneObject], image_size: int = 64) -> Image.Image:
+    """Draw the objects on a black ``image_size`` x ``image_size`` RGB image."""
+    side = image_size * _SUPERSAMPLE
+    cell = side / 3
+    image = Image.new("RGB", (side, side), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        r = obj.size * cell / 2
+        margin = cell / 2 - r
+        cx = (obj.col + 0.5) * cell + 0.8 * margin * obj.dx
+        cy = (obj.row + 0.5) * cell + 0.8 * margin * obj.dy
+        fill = COLOURS[obj.colour]
+        if obj.shape == "square":
+            h = 0.85 * r  # a full-width square looks much bigger than the other shapes
+            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        elif obj.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon(_polygon(obj.shape, cx, cy, r), fill=fill)
+    return image.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def _with_article(phrase: str, capital: bool) -> str:
+    article = "an" if phrase[0] in "aeiou" else "a"
+    return f"{article.capitalize() if capital else article} {phrase}"
+
+
+def caption(objects: Sequence[SceneObject]) -> str:
+    """Canonical caption, objects in row-major order."""
+    parts = [
+        _with_article(f"{o.colour} {o.shape} in the {o.position}", capital=i == 0)
+        for i, o in enumerate(sorted(objects, key=lambda o: (o.row, o.col)))
+    ]
+    if len(parts) == 1:
+        return parts[0] + "."
+    return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+
+
+def make_question(rng: random.Random, objects: Sequence[SceneObject], focus: SceneObject) -> tuple[str, str, str]:
+    """Draw a task and return ``(task, prompt, response)`` about ``focus`` where it applies."""
+    task = rng.choice(TASKS)
+    if task == "caption":
+        return task, CAPTION_PROMPT, caption(objects)
+    if task == "colour":
+        return task, f"What colour is the shape in the {focus.position}?", focus.colour
+    if task == "count":
+        return task, "How many shapes are there?", NUMBER_WORDS[len(objects)]
+    return task, f"Where is the {focus.colour} {focus.shape}?", focus.position
+
+
+def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> dict:
+    """One WebDataset sample: ``{"__key__", "png": bytes, "json": bytes}``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = _sample_rng(seed, split, index)
+    objects = sample_scene(rng, split)
+    focus = objects[0] if objects[0].heldout else rng.choice(objects)
+    objects = sorted(objects, key=lambda o: (o.row, o.col))
+    task, prompt, response = make_question(rng, objects, focus)
+    buffer = io.BytesIO()
+    render_scene(objects, image_size).save(buffer, format="PNG")
+    meta = {
+        "prompt": prompt,
+        "response": response,
+        "task": task,
+        "heldout": any(o.heldout for o in objects),
+        "objects": [{**asdict(o), "position": o.position} for o in objects],
+        "split": split,
+    }
+    return {
+        "__key__": f"{index:08d}",
+        "png": buffer.getvalue(),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def shard_path(out_dir: str | os.PathLike, split: str, shard: int) -> Path:
+    return Path(out_dir) / f"{split}-{shard:06d}.tar"
+
+
+def brace_url(out_dir: str | os.PathLike, split: str, n_shards: int) -> str:
+    """Brace pattern naming ``n_shards`` shards, e.g. ``.../train-{000000..000019}.tar``."""
+    return str(Path(out_dir) / f"{split}-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def write_shards(
+    out_dir: str | os.PathLike,
+    split: str,
+    n_samples: int,
+    samples_per_shard: int,
+    seed: int,
+    image_size: int = 64,
+    progress: bool = True,
+) -> list[Path]:
+    """Write ``{split}-000000.tar``, ... under ``out_dir``; returns the shard paths.
+
+    Each shard is written to a temporary name and renamed when complete, so a
+    shard file that exists is whole. Keys are the global sample index.
+    """
+    if n_samples < 1 or samples_per_shard < 1 or image_size < 8:
+        raise ValueError(
+            f"need n_samples >= 1, samples_per_shard >= 1, image_size >= 8; got "
+            f"{n_samples}, {samples_per_shard}, {image_size}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    bar = tqdm(total=n_samples, desc=f"shapes {split}", unit="img", disable=not progress)
+    for shard, start in enumerate(range(0, n_samples, samples_per_shard)):
+        path = shard_path(out, split, shard)
+        tmp = path.with_suffix(".tar.tmp")
+        # Fixed mtime/user/group: identical bytes on every run.
+        with wds.TarWriter(str(tmp), mtime=0.0, user="mm-llama", group="mm-llama") as sink:
+            for index in range(start, min(start + samples_per_shard, n_samples)):
+                sink.write(make_sample(seed, split, index, image_size))
+                bar.update()
+        os.replace(tmp, path)
+        paths.append(path)
+    bar.close()
+    return paths
+
+
+def _shard_size(n_samples: int, samples_per_shard: int, min_shards: int) -> int:
+    # Small splits still get `min_shards` shards so that ranks x workers all have one.
+    return max(1, min(samples_per_shard, math.ceil(n_samples / min_shards)))
+
+
+def make_default_shards(
+    root: str | os.PathLike,
+    image_size: int = 64,
+    n_train: int = 20_000,
+    n_val: int = 256,
+    n_test: int = 512,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    min_shards: int = 4,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Write train/val/test shards under ``root`` unless a matching complete set exists.
+
+    ``manifest.json`` (counts, seed, image size, generator version) is written
+    last; when it is missing or differs from the request, the shards of all
+    splits are deleted and written again, so an interrupted generation is never
+    half-used.
+
+    Returns:
+        ``{"train": ".../train-{000000..000019}.tar", "val": ..., "test": ...}``.
+    """
+    root = Path(root)
+    plan = {}
+    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
+        size = _shard_size(n, samples_per_shard, min_shards)
+        plan[split] = {"n_samples": n, "samples_per_shard": size, "n_shards": math.ceil(n / size)}
+    manifest = {
+        "generator": "mm_llama.data.scenes",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "splits": plan,
+        "heldout": sorted(" ".join(c) for c in HELDOUT_COMBOS),
+    }
+    urls = {split: brace_url(root, split, plan[split]["n_shards"]) for split in SPLITS}
+    manifest_path = root / MANIFEST
+    if manifest_path.exists() and json.loads(manifest_path.read_text()) == manifest:
+        return urls
+
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)
+    for split in SPLITS:
+        for stale in [*root.glob(f"{split}-[0-9]*.tar"), *root.glob(f"{split}-[0-9]*.tar.tmp")]:
+            stale.unlink()
+    for split, p in plan.items():
+        write_shards(root, split, p["n_samples"], p["samples_per_shard"], seed, image_size, progress)
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, manifest_path)
+    return urls
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mm-llama make-shards --modality image --out data/shapes ...``: print the shard URLs."""
+    parser = argparse.ArgumentParser(prog="mm-llama make-shards", description=__doc__.split("\n")[0])
+    parser.add_argument("--modality", choices=["image"], default="image")
+    parser.add_argument("--out", default="data/shapes", help="output directory (default: %(default)s)")
+    parser.add_argument("--n-train", type=int, default=20_000)
+    parser.add_argument("--n-val", type=int, default=256)
+    parser.add_argument("--n-test", type=int, default=512)
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    urls = make_default_shards(
+        args.out,
+        image_size=args.image_size,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+    )
+    print(json.dumps(urls, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

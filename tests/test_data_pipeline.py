@@ -1,0 +1,219 @@
+"""The WebDataset pipeline on real tar shards in ``tmp_path``: coverage, rank/worker
+splits, epoch-seeded shuffling, corrupt samples, missing shards, batching."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import webdataset as wds
+
+from mm_llama.data import scenes
+from mm_llama.data.collate import collate
+from mm_llama.data.examples import CAPTION_PROMPT, IGNORE_INDEX
+from mm_llama.data.pipeline import (
+    DataConfig,
+    SkipCounter,
+    build_dataset,
+    build_loader,
+    resolve_urls,
+    samples_per_worker,
+    train_batches_per_rank,
+)
+from tests.test_data_examples import chat_tokenizer  # the tiny ChatML BPE tokenizer
+
+N_SHARDS, PER_SHARD = 4, 12
+KEYS = {f"{i:08d}" for i in range(N_SHARDS * PER_SHARD)}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("shards")
+    scenes.write_shards(root, "train", N_SHARDS * PER_SHARD, PER_SHARD, seed=0, image_size=32, progress=False)
+    return str(root / f"train-{{000000..{N_SHARDS - 1:06d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def corrupt_shard(tmp_path_factory) -> tuple[str, set[str], dict[str, int]]:
+    """One shard mixing good samples with every kind of corrupt one."""
+    path = tmp_path_factory.mktemp("corrupt") / "mixed-000000.tar"
+    good = [{**scenes.make_sample(1, "train", i, image_size=32), "__key__": f"good{i}"} for i in range(6)]
+    png = good[0]["png"]
+
+    def meta(prompt: str, response: str) -> bytes:
+        return json.dumps({"prompt": prompt, "response": response}).encode()
+
+    bad = [
+        {"__key__": "bad_png", "png": b"\x89PNG\r\n\x1a\nnot really", "json": meta("Describe the image.", "red")},
+        {"__key__": "truncated_png", "png": png[: len(png) // 2], "json": meta("Describe the image.", "red")},
+        {"__key__": "no_text", "png": png},
+        {"__key__": "no_image", "json": meta("Describe the image.", "red")},
+        {"__key__": "empty_response", "png": png, "json": meta("Describe the image.", "  ")},
+        {"__key__": "no_prompt", "png": png, "json": json.dumps({"response": "red"}).encode()},
+        {"__key__": "latin1_txt", "png": png, "txt": "a r\xe9d square".encode("latin-1")},
+        {"__key__": "broken_json", "png": png, "json": b'{"prompt": "Describe'},
+        {"__key__": "list_json", "png": png, "json": b"[1, 2]"},
+        {"__key__": "too_long", "png": png, "json": meta("Describe the image. " * 40, "red")},
+        {"__key__": "placeholder", "png": png, "json": meta("Is <|image|> red?", "yes")},
+    ]
+    txt_caption = {"__key__": "txt_caption", "png": png, "txt": "A red square in the top left.".encode()}
+    samples = good[:3] + bad[:6] + [txt_caption] + good[3:] + bad[6:]
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    expected = {
+        "bad_image": 2, "missing_text": 1, "missing_image": 1, "empty_text": 2, "bad_encoding": 1,
+        "bad_json": 2, "too_long": 1, "bad_text": 1,
+    }  # fmt: skip
+    return str(path), {s["__key__"] for s in good} | {"txt_caption"}, expected
+
+
+def make_dataset(urls, *, train: bool, **overrides):
+    cfg = DataConfig(train_urls=urls, image_size=32, shuffle_buffer=16, **overrides)
+    tok = chat_tokenizer()
+    return build_dataset(urls, tok, None, tok.vocab_size, train=train, cfg=cfg)
+
+
+def keys(dataset, epoch: int = 0) -> list[str]:
+    dataset.set_epoch(epoch)
+    return [s["meta"]["__key__"] for s in dataset]
+
+
+def test_eval_reads_every_sample_once_in_order(shards):
+    dataset = make_dataset(shards, train=False)
+    samples = list(dataset)
+    assert [s["meta"]["__key__"] for s in samples] == sorted(KEYS)
+    sample = samples[0]
+    assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.float32
+    assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+    assert sample["input_ids"].dtype == torch.long and sample["labels"].shape == sample["input_ids"].shape
+    assert (sample["input_ids"] == chat_tokenizer().vocab_size).sum() == 1
+    assert {"prompt", "response", "task", "heldout", "objects"} <= set(sample["meta"])
+    assert dataset.counter.total == 0
+
+
+def test_train_epoch_covers_every_sample_once(shards):
+    dataset = make_dataset(shards, train=True)
+    for epoch in range(2):
+        got = keys(dataset, epoch)
+        assert len(got) == len(KEYS) and set(got) == KEYS
+
+
+def test_epoch_seeded_shuffle(shards):
+    a, b = make_dataset(shards, train=True), make_dataset(shards, train=True)
+    assert keys(a, 0) == keys(b, 0)  # reproducible
+    assert keys(a, 1) == keys(b, 1)
+    assert keys(a, 0) != keys(a, 1)  # reshuffled per epoch
+    assert keys(a, 0) != sorted(KEYS)
+    assert keys(make_dataset(shards, train=True, seed=1), 0) != keys(a, 0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_ranks_and_workers_partition(shards, monkeypatch, train):
+    """2 ranks x 2 workers (wds reads RANK/WORLD_SIZE/WORKER/NUM_WORKERS from the environment)."""
+    seen = []
+    for rank in range(2):
+        for worker in range(2):
+            for name, value in [("RANK", rank), ("WORLD_SIZE", 2), ("WORKER", worker), ("NUM_WORKERS", 2)]:
+                monkeypatch.setenv(name, str(value))
+            seen.append(keys(make_dataset(shards, train=train, num_workers=2), epoch=3))
+    assert all(len(part) == PER_SHARD for part in seen)  # one shard each
+    assert sorted(k for part in seen for k in part) == sorted(KEYS)  # disjoint and complete
+
+
+def test_resampled_epoch_length(shards, monkeypatch):
+    dataset = make_dataset(shards, train=True, resampled=True, epoch_length=20, batch_size=4)
+    first = keys(dataset, 0)
+    assert len(first) == 20 and set(first) <= KEYS
+    assert keys(dataset, 0) == first and keys(dataset, 1) != first  # reproducible, reseeded per epoch
+    # with_epoch counts per worker: ceil(20 / (2 ranks * 3 workers * 4)) * 4 = 4 samples, 3 batches per rank.
+    cfg = DataConfig(shards, resampled=True, epoch_length=20, batch_size=4, num_workers=3)
+    assert samples_per_worker(cfg, world_size=2) == 4 and train_batches_per_rank(cfg, world_size=2) == 3
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    other_rank = keys(make_dataset(shards, train=True, resampled=True, epoch_length=20, batch_size=4))
+    assert len(other_rank) == 12 and other_rank != first[:12]  # ceil(20 / (2 * 4)) * 4
+
+
+def test_corrupt_samples_skipped_and_counted(corrupt_shard, caplog):
+    url, good_keys, expected = corrupt_shard
+    dataset = make_dataset(url, train=False, max_len=96)
+    with caplog.at_level(logging.WARNING, logger="mm_llama.data.pipeline"):
+        samples = list(dataset)
+    assert sorted(s["meta"]["__key__"] for s in samples) == sorted(good_keys)
+    counts = dataset.counter.counts()
+    assert {k: v for k, v in counts.items() if v} == expected
+    assert "bad_png" in caplog.text and "bad_image" in caplog.text
+    (txt,) = [s for s in samples if s["meta"]["__key__"] == "txt_caption"]
+    assert txt["meta"]["prompt"] == CAPTION_PROMPT and txt["meta"]["response"] == "A red square in the top left."
+
+
+def test_unreadable_shard_is_counted_not_fatal(shards, tmp_path):
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar file" * 100)
+    dataset = make_dataset(f"{garbage}::{shards}", train=False)
+    assert sorted(keys(dataset)) == sorted(KEYS)
+    assert dataset.counter["read_error"] == 1
+
+
+def test_missing_shard_raises_before_training(shards, tmp_path):
+    missing = str(tmp_path / "train-{000000..000001}.tar")
+    with pytest.raises(FileNotFoundError, match="train-000000.tar"):
+        make_dataset(missing, train=True)
+    with pytest.raises(FileNotFoundError, match="nope.tar"):
+        resolve_urls([shards, str(tmp_path / "nope.tar")])
+    with pytest.raises(ValueError, match="no shard URLs"):
+        resolve_urls([])
+    assert resolve_urls("pipe:cat /x/a-{0..1}.tar::https://host/b.tar") == [
+        "pipe:cat /x/a-0.tar", "pipe:cat /x/a-1.tar", "https://host/b.tar",
+    ]  # fmt: skip
+    assert resolve_urls(f"file://{shards.replace('{000000..000003}', '000001')}")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        DataConfig("a.tar", batch_size=0)
+    with pytest.raises(ValueError, match="epoch_length"):
+        DataConfig("a.tar", resampled=True)
+    with pytest.raises(ValueError, match="train_urls"):
+        DataConfig("")
+
+
+def test_collate_pads_right():
+    batch = [
+        {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),
+         "image": torch.zeros(3, 8, 8), "meta": {"__key__": "a"}},
+        {"input_ids": torch.tensor([9]), "labels": torch.tensor([9]),
+         "image": torch.ones(3, 8, 8), "meta": {"__key__": "b"}},
+    ]  # fmt: skip
+    out = collate(batch, pad_id=2)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [9, 2, 2]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [9, -100, -100]]
+    assert out["attention_mask"].tolist() == [[True, True, True], [True, False, False]]
+    assert out["images"].shape == (2, 3, 8, 8) and out["meta"] == [{"__key__": "a"}, {"__key__": "b"}]
+
+
+def test_loader_with_persistent_workers(shards, corrupt_shard):
+    """Real worker processes: batches, per-epoch coverage, shared epoch and shared skip counter."""
+    url, good_keys, expected = corrupt_shard
+    urls = f"{shards}::{url}"
+    cfg = DataConfig(urls, image_size=32, batch_size=5, num_workers=2, shuffle_buffer=16, max_len=96)
+    tok = chat_tokenizer()
+    counter = SkipCounter(log_first=0)
+    dataset = build_dataset(urls, tok, None, tok.vocab_size, train=True, cfg=cfg, counter=counter)
+    loader = build_loader(dataset, cfg, pad_id=tok.pad_id)
+    orders = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        batches = list(loader)
+        orders.append([k["__key__"] for b in batches for k in b["meta"]])
+        assert sorted(orders[-1]) == sorted(KEYS | good_keys)
+    assert orders[0] != orders[1]
+    assert {k: v // 2 for k, v in counter.counts().items() if v} == expected  # counted in workers, 2 epochs
+    batch = batches[0]
+    b, s = batch["input_ids"].shape
+    assert batch["images"].shape == (b, 3, 32, 32) and batch["attention_mask"].dtype == torch.bool
+    assert (batch["labels"][~batch["attention_mask"]] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][~batch["attention_mask"]] == tok.pad_id).all()

@@ -1,0 +1,233 @@
+"""Image encoder: shapes, parity with the backbones' own outputs, gates, checkpointing, configs, preprocessing.
+
+Every model here is a 3-block ViT of width 64 on 32x32 images (16 patches).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+import safetensors.torch
+import torch
+
+from encoders import (
+    CLIP_MEAN,
+    CLIP_STD,
+    EncoderOutput,
+    ImageEncoder,
+    ImageEncoderConfig,
+    MediaEncoder,
+    image_transform,
+)
+
+BACKBONES = ["timm:vit_tiny_patch16_224", "open_clip:ViT-B-16"]
+
+
+def tiny(backbone: str, **overrides: object) -> ImageEncoderConfig:
+    fields: dict[str, object] = dict(backbone=backbone, image_size=32, patch_size=8, depth=3, width=64, heads=2, intermediate_layers=(0, 1))
+    fields.update(overrides)
+    return ImageEncoderConfig(**fields)
+
+
+def blocks_of(encoder: ImageEncoder) -> torch.nn.ModuleList:
+    model = encoder.backbone.model
+    return model.transformer.resblocks if encoder.config.library == "open_clip" else model.blocks
+
+
+def library_final_patch_tokens(encoder: ImageEncoder, images: torch.Tensor) -> torch.Tensor:
+    """The backbone library's own normed final patch tokens, [b, g, w]."""
+    model = encoder.backbone.model
+    if encoder.config.library == "open_clip":
+        model.output_tokens = True
+        _, tokens = model(images)
+        return tokens
+    return model.forward_features(images)[:, model.num_prefix_tokens :]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("layers", [(), (0, 2)])
+@pytest.mark.parametrize("drop_cls", [True, False])
+def test_output_shapes(backbone: str, layers: tuple[int, ...], drop_cls: bool) -> None:
+    encoder = ImageEncoder(tiny(backbone, intermediate_layers=layers, drop_cls=drop_cls))
+    out = encoder(torch.randn(2, 3, 32, 32))
+    s_e = 16 + (0 if drop_cls else 1)
+    assert isinstance(encoder, MediaEncoder)
+    assert encoder.out_dim == 64 * (1 + len(layers))
+    assert encoder.num_tokens == s_e
+    assert out.tokens.shape == (2, s_e, encoder.out_dim)
+    assert out.mask.shape == (2, s_e) and out.mask.dtype == torch.bool and bool(out.mask.all())
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_features_equal_block_outputs(backbone: str) -> None:
+    """[final | block 0 | block 2] slices equal the library's final tokens and forward-hooked block outputs."""
+    encoder = ImageEncoder(tiny(backbone, intermediate_layers=(0, 2), drop_cls=False))
+    images = torch.randn(2, 3, 32, 32)
+    captured: dict[int, torch.Tensor] = {}
+    for index, block in enumerate(blocks_of(encoder)):
+        block.register_forward_hook(lambda _m, _a, out, index=index: captured.__setitem__(index, out))
+    with torch.no_grad():
+        tokens = encoder(images).tokens  # [b, 1 + g, 3 * w]
+        reference_final = library_final_patch_tokens(encoder, images)  # [b, g, w]
+    final, block0, block2 = tokens.split(64, dim=-1)
+    torch.testing.assert_close(final[:, 1:], reference_final, rtol=0, atol=1e-6)
+    torch.testing.assert_close(block0, captured[0], rtol=0, atol=0)
+    torch.testing.assert_close(block2, captured[2], rtol=0, atol=0)
+    assert not torch.allclose(block0, block2)
+
+
+def test_global_layers_gate_init_and_identity_at_zero() -> None:
+    plain = ImageEncoder(tiny("timm:vit_tiny_patch16_224"))
+    gated = ImageEncoder(tiny("timm:vit_tiny_patch16_224", n_global_layers=2))
+    assert all(p.item() == pytest.approx(math.pi / 4) for n, p in gated.named_parameters() if n.endswith("_gate"))
+    gated.backbone.load_state_dict(plain.backbone.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for name, param in gated.named_parameters():
+            if name.endswith("_gate"):
+                param.zero_()
+        torch.testing.assert_close(gated(images).tokens, plain(images).tokens, rtol=0, atol=0)
+        gated.global_layers[1].mlp_gate.fill_(0.5)
+        changed = gated(images).tokens
+    final, intermediates = changed.split([64, 128], dim=-1)
+    assert not torch.allclose(final, plain(images).tokens[..., :64])
+    # Global layers run on the final output only; intermediate features are untouched.
+    torch.testing.assert_close(intermediates, plain(images).tokens[..., 64:], rtol=0, atol=0)
+
+
+def test_global_gates_are_trainable() -> None:
+    encoder = ImageEncoder(tiny("open_clip:ViT-B-16", n_global_layers=1))
+    encoder(torch.randn(2, 3, 32, 32)).tokens.square().mean().backward()
+    gates = [p for n, p in encoder.named_parameters() if n.endswith("_gate")]
+    assert len(gates) == 2
+    assert all(g.requires_grad and g.grad is not None and g.grad.abs().item() > 0 for g in gates)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_grad_checkpointing_matches(backbone: str) -> None:
+    encoder = ImageEncoder(tiny(backbone, n_global_layers=1)).train()
+    images = torch.randn(2, 3, 32, 32)
+
+    def run(enabled: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        encoder.zero_grad()
+        encoder.set_grad_checkpointing(enabled)
+        tokens = encoder(images).tokens
+        tokens.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+        return tokens.detach(), grads
+
+    tokens_off, grads_off = run(False)
+    tokens_on, grads_on = run(True)
+    assert encoder.backbone.model.transformer.grad_checkpointing if backbone.startswith("open_clip") \
+        else encoder.backbone.model.grad_checkpointing
+    torch.testing.assert_close(tokens_on, tokens_off, rtol=0, atol=1e-6)
+    assert grads_on.keys() == grads_off.keys() == {n for n, _ in encoder.named_parameters()}
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_checkpoint_round_trip(backbone: str, suffix: str, tmp_path) -> None:
+    source = ImageEncoder(tiny(backbone))
+    path = tmp_path / f"backbone{suffix}"
+    state = source.backbone.model.state_dict()
+    if suffix == ".safetensors":
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        torch.save(state, path)
+    loaded = ImageEncoder(tiny(backbone, checkpoint=str(path)))
+    fresh = ImageEncoder(tiny(backbone))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).tokens, source(images).tokens, rtol=0, atol=0)
+        assert not torch.allclose(fresh(images).tokens, source(images).tokens)
+
+
+def test_checkpoint_is_loaded_strictly(tmp_path) -> None:
+    state = ImageEncoder(tiny("timm:vit_tiny_patch16_224")).backbone.model.state_dict()
+    state["unexpected.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "extra.pt")
+    with pytest.raises(RuntimeError, match="unexpected.weight"):
+        ImageEncoder(tiny("timm:vit_tiny_patch16_224", checkpoint=str(tmp_path / "extra.pt")))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"backbone": "keras:vit_tiny"}, "'keras'"),
+        ({"backbone": "vit_tiny_patch16_224"}, "'vit_tiny_patch16_224'"),
+        ({"intermediate_layers": (0, 3)}, "index 3 is out of range for a ViT of depth 3"),
+        ({"intermediate_layers": (-1,)}, "index -1 is out of range"),
+        ({"intermediate_layers": (1, 0)}, r"\(1, 0\)"),
+        ({"image_size": 30}, "image_size 30"),
+        ({"width": 64, "heads": 3}, "heads 3"),
+        ({"depth": 0}, "depth must be > 0 or None, got 0"),
+        ({"n_global_layers": -2}, "-2"),
+    ],
+)
+def test_bad_config_values_raise(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny(**{"backbone": "timm:vit_tiny_patch16_224", **overrides})
+
+
+def test_layer_index_checked_against_backbone_default_depth() -> None:
+    # depth=None keeps vit_tiny's 12 blocks, known only once the backbone is built.
+    config = tiny("timm:vit_tiny_patch16_224", depth=None, intermediate_layers=(12,))
+    with pytest.raises(ValueError, match="index 12 is out of range for a ViT of depth 12"):
+        ImageEncoder(config)
+
+
+def test_unknown_open_clip_model_raises() -> None:
+    with pytest.raises(ValueError, match="'ViT-Q-99'"):
+        ImageEncoder(tiny("open_clip:ViT-Q-99"))
+
+
+def test_wrong_image_shape_raises() -> None:
+    encoder = ImageEncoder(tiny("timm:vit_tiny_patch16_224"))
+    with pytest.raises(ValueError, match=r"\(2, 3, 64, 64\)"):
+        encoder(torch.randn(2, 3, 64, 64))
+
+
+def test_config_accepts_list_layers() -> None:
+    assert tiny("timm:vit_tiny_patch16_224", intermediate_layers=[0, 1]).intermediate_layers == (0, 1)
+
+
+def test_encoder_output_validates_mask() -> None:
+    with pytest.raises(ValueError, match="bool"):
+        EncoderOutput(tokens=torch.zeros(1, 2, 3), mask=torch.ones(1, 2))
+    with pytest.raises(ValueError, match=r"\(1, 3\)"):
+        EncoderOutput(tokens=torch.zeros(1, 2, 3), mask=torch.ones(1, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
+def test_preprocess_shape_dtype_and_normalisation(mode: str) -> None:
+    # A uniform grey 128 stays 128 through an antialiased bicubic resize (weights sum to 1),
+    # so each channel must read (128 / 255 - mean) / std; alpha is dropped, grey replicated.
+    image = PIL.Image.new("RGB", (37, 23), (128, 128, 128)).convert(mode)
+    out = image_transform(16, train=False)(image)
+    assert type(out) is torch.Tensor and out.dtype == torch.float32 and out.shape == (3, 16, 16)
+    expected = (128 / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(out, expected[:, None, None].expand(3, 16, 16), rtol=0, atol=1e-6)
+
+
+def test_preprocess_train_is_deterministic_without_augment() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    image = PIL.Image.fromarray(pixels)
+    train, evaluate = image_transform(24, train=True), image_transform(24, train=False)
+    torch.testing.assert_close(train(image), evaluate(image), rtol=0, atol=0)
+    # The image is not flipped: the left half stays on the left.
+    left_bright = PIL.Image.fromarray(np.concatenate([np.full((8, 8, 3), 255, np.uint8), np.zeros((8, 8, 3), np.uint8)], 1))
+    out = train(left_bright)
+    assert out[:, :, :6].mean() > out[:, :, -6:].mean()
+    assert image_transform(24, train=True, augment=True)(image).shape == (3, 24, 24)
+
+
+def test_preprocess_output_feeds_encoder() -> None:
+    encoder = ImageEncoder(tiny("timm:vit_tiny_patch16_224"))
+    transform = image_transform(32, train=False)
+    batch = torch.stack([transform(PIL.Image.new(mode, (40, 30))) for mode in ("RGB", "RGBA", "L")])
+    assert encoder(batch).tokens.shape == (3, 16, encoder.out_dim)
