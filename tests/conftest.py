@@ -6,3 +6,79 @@ import torch
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+# --------------------------------------------------------------------------- a tiny LM on disk
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _scene_corpus() -> list[str]:
+    from mm_llama.data import scenes
+
+    words = [*scenes.COLOURS, *scenes.SHAPES, *scenes.POSITIONS, *scenes.NUMBER_WORDS]
+    return [
+        "Describe the image. A red square in the top left, a blue circle in the center and a green star.",
+        "What colour is the shape in the bottom right? How many shapes are there? Where is the",
+        "system user assistant",
+        " ".join(words),
+    ]
+
+
+def write_tiny_lm_dir(path, n_layers: int = 4, dim: int = 32, seed: int = 0):
+    """A Hugging Face-format Llama directory (config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json with a ChatML template) holding a tiny random model.
+
+    The weights are a random native ``LlamaLM`` saved under HF names through the loader's own
+    key table (``load_language_model`` is checked against ``transformers`` in
+    ``test_llama_parity.py``), so no ``transformers`` import is needed here.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mm_llama.config import LlamaConfig
+    from mm_llama.llama import LlamaLM
+    from mm_llama.weights.keys import HF_TO_NATIVE, convert_key, invert
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(_scene_corpus(), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    ))
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE,
+    }))
+    vocab = backend.get_vocab_size(with_added_tokens=True)
+    cfg = LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=2 * dim,
+                      rope_theta=10000.0, max_seq_len=512, tie_embeddings=True)
+    torch.manual_seed(seed)
+    lm = LlamaLM(cfg)
+    to_hf = invert(HF_TO_NATIVE)
+    hf_state = {convert_key(k, to_hf): v.contiguous() for k, v in lm.state_dict().items()}
+    save_file(hf_state, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": dim,
+        "intermediate_size": 2 * dim, "num_hidden_layers": n_layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+    }))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """Path of a tiny random Llama in HF format with a ChatML tokenizer (``load_language_model`` reads it)."""
+    return write_tiny_lm_dir(tmp_path_factory.mktemp("tiny-lm"))

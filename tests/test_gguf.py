@@ -282,3 +282,20 @@ def test_smollm2_answers_paris(ours) -> None:
         )
     answer = tokenizer.decode(out[0, ids.shape[1] :].tolist())
     assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_native_decoder_answers_paris_through_load_language_model():
+    """The public entry point + our own decoder and generation loop (no transformers)."""
+    from mm_llama import load_language_model
+    from mm_llama.generation import generate
+    from mm_llama.model import MultimodalLlama
+
+    lm = load_language_model("smollm2-135m-instruct")
+    tok = lm.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True)
+    ids = generate(MultimodalLlama(lm).eval(), [tok.encode(prompt)], None, max_new_tokens=12,
+                   stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+    assert "Paris" in tok.decode(ids)
+    assert all(not p.requires_grad for p in lm.parameters())

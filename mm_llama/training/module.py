@@ -14,13 +14,18 @@ from typing import Any
 import lightning as L
 import torch
 
+from encoders import ImageEncoderConfig
 from mm_llama.data.examples import encode_prompt
 from mm_llama.generation import generate
 from mm_llama.lm import load_language_model
-from mm_llama.model import ModelConfig, MultimodalLlama
+from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
 from mm_llama.training.optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
+
+# Checkpoints carry the hyper-parameters, i.e. these plain config dataclasses; Lightning restores
+# with torch.load(weights_only=True), whose unpickler must be allowed to rebuild them.
+torch.serialization.add_safe_globals([ModelConfig, ImageEncoderConfig, CrossAttentionConfig, OptimConfig])
 
 DEFAULT_LM = "smollm2-135m-instruct"
 
@@ -103,6 +108,14 @@ class AdapterModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        """Greedy answers: ``[{"__key__", "prompt", "prediction", "response"}, ...]`` per batch."""
+        predictions = self.predict_answers(batch["images"], [m["prompt"] for m in batch["meta"]])
+        return [
+            {"__key__": m.get("__key__"), "prompt": m["prompt"], "prediction": p, "response": m.get("response")}
+            for p, m in zip(predictions, batch["meta"])
+        ]
 
     def _finish(self, stage: str) -> None:
         results = self._eval.pop(stage, [])

@@ -1,0 +1,91 @@
+"""Training-step throughput of the default image run, and its fraction of the matmul peak.
+
+Prints one JSON line (the last line of output) with ``tokens_per_s``, ``samples_per_s``,
+``peak_rss_mb`` and ``matmul_peak_fraction``: the FLOPs of one step (counted by
+``torch.utils.flop_counter``) per second, over the fp32 matmul peak measured here with
+large square matmuls on the same threads.
+
+    python benchmarks/train_step.py [--batch-size 16] [--seq-len 40] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import psutil
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mm_llama import load_language_model
+from mm_llama.model import ModelConfig, MultimodalLlama
+from mm_llama.training.optim import OptimConfig, build_optimizer
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of an ``n x n`` matmul on this process's threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lm", default="smollm2-135m-instruct")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=40, help="tokens per sample (the built-in data averages ~32-45)")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = MultimodalLlama(load_language_model(args.lm), ModelConfig()).train()
+    size = model.cfg.image_encoder.image_size
+    b, s = args.batch_size, args.seq_len
+    ids = torch.randint(0, model.lm.cfg.vocab_size, (b, s))
+    ids[:, 8] = model.media_token_id("image")
+    labels = torch.full_like(ids, -100)
+    labels[:, -8:] = ids[:, -8:]  # a short response, like the built-in tasks
+    images = torch.randn(b, 3, size, size)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt, _ = build_optimizer(named, model.group_of, OptimConfig())
+
+    def step() -> None:
+        loss = model.loss(ids, labels, images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops_per_step = counter.get_total_flops()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = matmul_peak_flops()
+    result = {
+        "tokens_per_s": round(b * s / seconds, 1),
+        "samples_per_s": round(b / seconds, 2),
+        "step_seconds": round(seconds, 3),
+        "peak_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+        "step_gflop": round(flops_per_step / 1e9, 1),
+        "achieved_gflops": round(flops_per_step / seconds / 1e9, 1),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "matmul_peak_fraction": round(flops_per_step / seconds / peak, 3),
+        "batch_size": b,
+        "seq_len": s,
+        "threads": torch.get_num_threads(),
+        "trainable_params": sum(p.numel() for _, p in named),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

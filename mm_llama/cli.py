@@ -1,0 +1,106 @@
+"""``mm-llama``: the command line.
+
+``mm-llama fit|validate|test|predict`` is a LightningCLI over
+:class:`~mm_llama.training.module.AdapterModule` and
+:class:`~mm_llama.training.datamodule.ImageDataModule`::
+
+    mm-llama fit --config configs/image.yaml
+    mm-llama fit --config configs/image.yaml --print_config
+    mm-llama test --config configs/image.yaml --ckpt_path runs/image-cli/checkpoints/last.ckpt
+
+``mm-llama make-shards ...`` writes the built-in shape shards.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from pathlib import Path
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from mm_llama.training.datamodule import ImageDataModule
+from mm_llama.training.module import AdapterModule
+from mm_llama.training.run import trainer_defaults
+
+LIGHTNING_SUBCOMMANDS: dict[str, str] = {
+    "fit": "train the adapters",
+    "validate": "run one validation epoch",
+    "test": "evaluate on the test split",
+    "predict": "generate answers for the test split",
+}
+OTHER_SUBCOMMANDS: dict[str, str] = {
+    "make-shards": "write the built-in train/val/test shards (mm-llama make-shards --help)",
+}
+
+
+class AdapterCLI(LightningCLI):
+    """LightningCLI whose data module follows the model's system prompt."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Training examples and evaluation prompts must use the same system message.
+        parser.link_arguments("model.system_prompt", "data.system_prompt")
+
+
+class SaveConfigBesideCheckpoints(SaveConfigCallback):
+    """Also writes ``config.yaml`` into every ModelCheckpoint directory, beside the checkpoints.
+
+    Written when training starts, after ModelCheckpoint has checked that its directory
+    is new (so the config file alone never triggers its "not empty" warning).
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                Path(callback.dirpath).mkdir(parents=True, exist_ok=True)
+                self.parser.save(self.config, str(Path(callback.dirpath) / self.config_filename),
+                                 skip_none=False, overwrite=True)
+
+
+def usage() -> str:
+    width = max(map(len, {**LIGHTNING_SUBCOMMANDS, **OTHER_SUBCOMMANDS}))
+    lines = [f"  {name:<{width}}  {text}" for name, text in {**LIGHTNING_SUBCOMMANDS, **OTHER_SUBCOMMANDS}.items()]
+    return (
+        "usage: mm-llama <subcommand> [options]\n\nsubcommands:\n" + "\n".join(lines)
+        + "\n\nexample: mm-llama fit --config configs/image.yaml   (add --help to a subcommand for its options)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mm-llama`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    jsonargparse reports bad options or config keys itself and exits with code 2.
+    """
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "make-shards":
+        from mm_llama.data.scenes import main as make_shards
+
+        return make_shards(rest)
+    if command not in LIGHTNING_SUBCOMMANDS:
+        print(f"mm-llama: unknown subcommand {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    AdapterCLI(
+        AdapterModule,
+        ImageDataModule,
+        trainer_defaults=trainer_defaults(),
+        save_config_callback=SaveConfigBesideCheckpoints,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "mm-llama"},
+        auto_configure_optimizers=False,  # AdapterModule's `optim` owns the optimizer and schedule
+        args=None if from_sys else argv,  # None: LightningCLI reads sys.argv itself
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,395 @@
+"""``python train_adapter.py --modality image``: one adapter training run, end to end.
+
+:func:`run` generates the built-in shards if they are missing, loads the frozen LM,
+trains the adapters with Lightning (validating on a capped validation set a few
+times), tests on the whole test split and writes into ``out``:
+
+* ``adapter.ckpt``: only the trained weights plus the LM's identity (no optimizer);
+* ``last.ckpt``: the full training state, for ``--resume``;
+* ``config.yaml``: the resolved configuration, a valid ``mm-llama fit --config`` file;
+* ``training_curve.png``, ``samples.png`` and ``metrics.json``.
+
+Modalities are entries of :data:`MODALITIES`; video and speech plug in there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from encoders import ImageEncoderConfig
+from mm_llama.model import ModelConfig
+from mm_llama.training.datamodule import ImageDataModule
+from mm_llama.training.module import DEFAULT_LM, AdapterModule, normalise_answer
+from mm_llama.training.optim import OptimConfig
+from mm_llama.training.report import (
+    TestSamples,
+    TrainingHistory,
+    json_safe,
+    peak_rss_mb,
+    plot_samples,
+    plot_training_curve,
+    write_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 250
+"""Optimizer steps of the default run."""
+
+
+# ---------------------------------------------------------------- trainer defaults
+
+
+def default_precision() -> str:
+    """``"bf16-mixed"`` on a CUDA device that supports bf16, else full fp32 (DESIGN §5)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def trainer_defaults() -> dict[str, Any]:
+    """Trainer settings shared by ``mm-llama`` (as LightningCLI defaults) and :func:`run`."""
+    return {
+        "accelerator": "auto",
+        "precision": default_precision(),
+        "gradient_clip_val": 1.0,
+        "log_every_n_steps": 10,
+    }
+
+
+# ---------------------------------------------------------------- modalities
+
+
+@dataclass
+class RunConfig:
+    """Arguments of one run (the command-line flags of ``train_adapter.py``).
+
+    Attributes:
+        modality: a key of :data:`MODALITIES`.
+        lm: frozen LM: registered name, HF directory or ``.gguf`` file.
+        encoder: encoder backbone ``"<library>:<name>"`` (e.g. ``"open_clip:ViT-B-32"``);
+            the CPU-sized shape of the default config (depth, width, patch) is kept.
+            ``None``: the default config's backbone.
+        steps: optimizer steps (also the length of the cosine decay).
+        batch_size: samples per step.
+        lr: peak learning rate; ``None`` keeps :class:`OptimConfig`'s.
+        out: output directory; ``None``: the modality's default (``runs/image``).
+        data_dir: built-in shards directory; ``None``: the modality's default (``data/shapes``).
+        resume: continue from ``<out>/last.ckpt`` when it exists.
+        seed: seeds weights initialisation and data order.
+        num_workers: DataLoader workers per split.
+        val_every: validate every this many steps; ``None``: four times per run.
+        val_samples: validation samples per evaluation (the first ones of the split).
+        test_samples: test samples; ``None``: the whole test split.
+        eval_max_new_tokens: generation budget of the answer-accuracy metric.
+        progress: show progress bars.
+        model: full model configuration (overrides ``encoder``); ``None``: defaults.
+        optim: full optimizer configuration (``lr``/``steps`` still apply); ``None``: defaults.
+    """
+
+    modality: str = "image"
+    lm: str = DEFAULT_LM
+    encoder: str | None = None
+    steps: int = DEFAULT_STEPS
+    batch_size: int = 8
+    lr: float | None = None
+    out: str | None = None
+    data_dir: str | None = None
+    resume: bool = False
+    seed: int = 0
+    num_workers: int = 1
+    val_every: int | None = None
+    val_samples: int = 64
+    test_samples: int | None = None
+    eval_max_new_tokens: int = 24
+    progress: bool = True
+    model: ModelConfig | None = None
+    optim: OptimConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality {self.modality!r} is not implemented yet; implemented: {sorted(MODALITIES)}")
+        for name in ("steps", "batch_size", "val_samples", "eval_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RunConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("val_every", "test_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"RunConfig.{name} must be None or >= 1, got {value}")
+        if self.num_workers < 0:
+            raise ValueError(f"RunConfig.num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def spec(self) -> Modality:
+        return MODALITIES[self.modality]
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or self.spec.out)
+
+    @property
+    def validate_every(self) -> int:
+        return self.val_every or max(1, self.steps // 4)
+
+
+def _image_model_config(cfg: RunConfig) -> ModelConfig:
+    if cfg.model is not None:
+        return cfg.model
+    if cfg.encoder is None:
+        return ModelConfig()
+    return ModelConfig(image_encoder=dataclasses.replace(ImageEncoderConfig(), backbone=cfg.encoder))
+
+
+def _image_datamodule(cfg: RunConfig) -> ImageDataModule:
+    return ImageDataModule(
+        data_dir=cfg.data_dir or cfg.spec.data_dir,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        val_samples=cfg.val_samples,
+        test_samples=cfg.test_samples,
+    )
+
+
+@dataclass(frozen=True)
+class Modality:
+    """How one modality is trained by :func:`run`.
+
+    Attributes:
+        model_config: ``RunConfig -> ModelConfig``.
+        datamodule: ``RunConfig -> LightningDataModule`` (with a ``skipped()`` method).
+        data_dir: default directory of the built-in shards.
+        out: default output directory.
+    """
+
+    model_config: Callable[[RunConfig], ModelConfig]
+    datamodule: Callable[[RunConfig], L.LightningDataModule]
+    data_dir: str
+    out: str
+
+
+MODALITIES: dict[str, Modality] = {
+    "image": Modality(_image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image"),
+}
+"""Implemented modalities; video and speech are added here when they exist."""
+
+PLANNED_MODALITIES = ("video", "speech")
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Train, test and write every artefact of one run into ``cfg.out_dir``.
+
+    Returns:
+        The metrics also written to ``metrics.json``.
+    """
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resume_from = _resume_checkpoint(cfg)
+
+    model_cfg = cfg.spec.model_config(cfg)
+    optim = dataclasses.replace(
+        cfg.optim or OptimConfig(), total_steps=cfg.steps, **({"lr": cfg.lr} if cfg.lr is not None else {})
+    )
+    datamodule = cfg.spec.datamodule(cfg)
+    datamodule.prepare_data()  # shards before the LM, so a missing-data error comes first
+    log.info("loading the frozen LM %s", cfg.lm)
+    module = AdapterModule(lm=cfg.lm, model=model_cfg, optim=optim, eval_max_new_tokens=cfg.eval_max_new_tokens)
+
+    history, test_samples = TrainingHistory(), TestSamples(8)
+    checkpoint_cfg = {
+        "dirpath": str(out), "save_last": True, "save_top_k": 0,
+        "every_n_train_steps": cfg.validate_every, "enable_version_counter": False,
+    }  # fmt: skip
+    logger_cfg = {"save_dir": str(out), "name": "logs"}
+    trainer_cfg = {
+        **trainer_defaults(),
+        "max_steps": cfg.steps,
+        "val_check_interval": cfg.validate_every,
+        "check_val_every_n_epoch": None,  # count validation in steps across epochs (DESIGN §9)
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(out),
+    }
+    trainer = L.Trainer(
+        **trainer_cfg,
+        callbacks=[ModelCheckpoint(**checkpoint_cfg), history, test_samples],
+        logger=CSVLogger(**logger_cfg),
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=cfg.progress,
+    )
+    _write_config(out / "config.yaml", cfg, module, datamodule, trainer_cfg, checkpoint_cfg, logger_cfg)
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # `out` holds the run's other artefacts beside the checkpoints by design.
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    train_seconds = time.perf_counter() - start
+    trainer.save_checkpoint(out / "last.ckpt", weights_only=False)
+    trainer.save_checkpoint(out / "adapter.ckpt", weights_only=True)
+
+    trainer.test(module, datamodule=datamodule, verbose=cfg.progress)
+    test = module.last_eval
+    metrics: dict[str, Any] = {
+        **{k: v for k, v in test["metrics"].items() if k != "n"},
+        "exact_match_heldout_combos": test["metrics"].get("exact_match_heldout_combos", float("nan")),
+        "test_samples": int(test["metrics"]["n"]),
+        "val_exact_match": history.val[-1][1].get("exact_match") if history.val else None,
+        "train_loss": _tail_mean([loss for _, loss in history.train_loss]),
+        "train_seconds": round(train_seconds, 2),
+        "steps": trainer.global_step,
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "skipped": datamodule.skipped(),
+        "lm": dict(module.lm_identity),
+        "modality": cfg.modality,
+        "device": str(trainer.strategy.root_device),
+        "precision": str(trainer.precision),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "checkpoint": str(out / "adapter.ckpt"),
+    }
+    plot_training_curve(history, out / "training_curve.png",
+                        title=f"{cfg.modality} adapters on {Path(cfg.lm).name}, {trainer.global_step} steps")
+    samples = test_samples.join(test["samples"])
+    plot_samples(samples, out / "samples.png", judge=lambda p, r: normalise_answer(p) == normalise_answer(r))
+    write_metrics(metrics, out / "metrics.json")
+    return metrics
+
+
+def _resume_checkpoint(cfg: RunConfig) -> Path | None:
+    last = cfg.out_dir / "last.ckpt"
+    if cfg.resume and last.is_file():
+        log.info("resuming from %s", last)
+        return last
+    if cfg.resume:
+        log.warning("--resume: %s does not exist, starting from scratch", last)
+    elif last.is_file():
+        log.warning("%s exists and will be overwritten (pass --resume to continue it)", last)
+    return None
+
+
+def _tail_mean(values: list[float], n: int = 20) -> float | None:
+    tail = values[-n:]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses, tuples and paths as YAML-safe dicts, lists and strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def resolved_config(
+    cfg: RunConfig,
+    module: AdapterModule,
+    datamodule: L.LightningDataModule,
+    trainer_cfg: dict[str, Any],
+    checkpoint_cfg: dict[str, Any],
+    logger_cfg: dict[str, Any],
+) -> dict[str, Any]:
+    """The run as a LightningCLI config (``mm-llama fit --config`` reproduces it)."""
+    data = {k: v for k, v in datamodule.hparams.items() if k != "system_prompt"}  # linked to the model's
+    return _plain({
+        "seed_everything": cfg.seed,
+        "trainer": {
+            **trainer_cfg,
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint_cfg}],
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": logger_cfg},
+        },
+        "model": {
+            "lm": module.hparams.lm,
+            "model": module.model.cfg,
+            "optim": module.optim_cfg,
+            "eval_max_new_tokens": module.eval_max_new_tokens,
+            "system_prompt": module.system_prompt,
+        },
+        "data": data,
+    })
+
+
+def _write_config(path: Path, cfg: RunConfig, *args: Any) -> None:
+    run_args = {k: v for k, v in _plain(cfg).items() if k not in ("model", "optim")}
+    header = (
+        "# Resolved configuration of a train_adapter.py run; `mm-llama fit --config <this file>` repeats it.\n"
+        f"# train_adapter.py arguments: {json.dumps(run_args)}\n"
+    )
+    path.write_text(header + yaml.safe_dump(resolved_config(cfg, *args), sort_keys=False))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _modality(value: str) -> str:
+    if value in MODALITIES:
+        return value
+    if value in PLANNED_MODALITIES:
+        raise argparse.ArgumentTypeError(f"{value!r} is not implemented yet (implemented: {', '.join(MODALITIES)})")
+    raise argparse.ArgumentTypeError(f"unknown modality {value!r} (implemented: {', '.join(MODALITIES)})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = argparse.ArgumentParser(
+        prog="train_adapter.py",
+        description="Train the adapters joining an encoder to the frozen LM; test; write checkpoint, "
+        "config, plots and metrics.json (whose JSON is also the last line of stdout).",
+    )
+    p.add_argument("--modality", type=_modality, choices=list(MODALITIES), default=d.modality)
+    p.add_argument("--lm", default=d.lm,
+                   help="frozen LM: registered name, HF directory or .gguf (default: %(default)s)")
+    p.add_argument("--encoder", default=None,
+                   help="encoder backbone '<library>:<name>', e.g. timm:vit_tiny_patch16_224 or open_clip:ViT-B-32 "
+                   f"(default: {ImageEncoderConfig().backbone}); the default CPU-sized depth/width/patch are kept")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {OptimConfig().lr})")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<modality>)")
+    p.add_argument("--data-dir", default=None, help="built-in shards directory, generated if missing "
+                   "(default: data/shapes for image)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt if it exists")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers (default: %(default)s)")
+    p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: steps / 4)")
+    p.add_argument("--val-samples", type=int, default=d.val_samples,
+                   help="validation samples per evaluation (default: %(default)s)")
+    p.add_argument("--test-samples", type=int, default=None, help="test samples (default: the whole test split)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, :func:`run`, print the metrics JSON as the last line of stdout."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        cfg = RunConfig(**vars(args))
+    except ValueError as exn:
+        build_parser().error(str(exn))
+    metrics = run(cfg)
+    print(json.dumps(json_safe(metrics), sort_keys=True), flush=True)
+    return 0

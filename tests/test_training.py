@@ -1,0 +1,220 @@
+"""Lightning integration on a tiny random LM and real tar shards: the frozen LM stays
+frozen, checkpoints hold only what trains and resume exactly, and the run function
+writes every artefact of ``train_adapter.py``."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from encoders import ImageEncoderConfig
+from mm_llama.data.scenes import make_default_shards
+from mm_llama.lm import parameters_digest
+from mm_llama.model import CrossAttentionConfig, ModelConfig
+from mm_llama.training import run as run_module
+from mm_llama.training.datamodule import ImageDataModule, default_shard_urls
+from mm_llama.training.module import AdapterModule
+from mm_llama.training.optim import OptimConfig
+
+TINY_MODEL = ModelConfig(
+    image_encoder=ImageEncoderConfig(image_size=16, patch_size=8, depth=2, width=32, heads=2, intermediate_layers=(0,)),
+    cross_attention=CrossAttentionConfig(every=2),
+)
+N_TEST = 8
+REQUIRED_METRICS = {
+    "exact_match", "exact_match_heldout_combos", "train_seconds", "trainable_params", "peak_rss_mb",
+    "skipped", "steps", "lm",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls: one intra-op thread is several times faster than two fighting over the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    """Built-in shards, tiny: 2 shards per split, 16x16 images."""
+    root = tmp_path_factory.mktemp("shapes")
+    make_default_shards(root, image_size=16, n_train=48, n_val=8, n_test=N_TEST, samples_per_shard=24,
+                        min_shards=2, progress=False)
+    return root
+
+
+def make_module(lm_dir, seed: int = 0) -> AdapterModule:
+    torch.manual_seed(seed)
+    return AdapterModule(lm=str(lm_dir), model=TINY_MODEL, eval_max_new_tokens=4,
+                         optim=OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10))
+
+
+def make_datamodule(data_dir) -> ImageDataModule:
+    return ImageDataModule(data_dir=str(data_dir), batch_size=4, num_workers=0, val_samples=4, shuffle_buffer=8)
+
+
+def make_trainer(root, **overrides) -> L.Trainer:
+    kwargs = dict(
+        accelerator="cpu", max_steps=4, limit_train_batches=2, val_check_interval=2, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(root),
+    )
+    return L.Trainer(**{**kwargs, **overrides})
+
+
+def trainable(module: AdapterModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.model.trainable_state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_lm_dir, shapes_dir, tmp_path_factory):
+    """Two epochs of two steps each, validated at steps 2 and 4, then tested; checkpoint saved."""
+    root = tmp_path_factory.mktemp("trained")
+    module, datamodule = make_module(tiny_lm_dir), make_datamodule(shapes_dir)
+    before = {"lm": parameters_digest(module.model.lm), "trainable": trainable(module)}
+    trainer = make_trainer(root)
+    trainer.fit(module, datamodule=datamodule)
+    after_fit = {"lm": parameters_digest(module.model.lm), "val": module.last_eval}
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    ckpt = root / "adapter.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return {"module": module, "datamodule": datamodule, "trainer": trainer, "before": before,
+            "after_fit": after_fit, "ckpt": ckpt}
+
+
+def test_fit_trains_the_adapters_and_never_the_lm(trained):
+    module, trainer = trained["module"], trained["trainer"]
+    assert trainer.global_step == 4 and trainer.current_epoch == 2
+    assert trained["after_fit"]["lm"] == trained["before"]["lm"]  # frozen means frozen
+    assert parameters_digest(module.model.lm) == trained["before"]["lm"]
+    before, now = trained["before"]["trainable"], trainable(module)
+    assert set(before) == set(now)
+    for group in ("image_encoder.", "image_projection.", "cross_attn."):
+        changed = [k for k in now if k.startswith(group) and not torch.equal(now[k], before[k])]
+        assert changed, f"no {group} tensor changed"
+    gates = [k for k in now if k.startswith("cross_attn.") and "gate" in k]
+    assert gates and all(not torch.equal(now[k], before[k]) for k in gates)
+
+
+def test_epoch_reaches_the_training_shards_and_nothing_is_skipped(trained):
+    datamodule = trained["datamodule"]
+    assert datamodule.datasets["train"].shared_epoch.get() == 1  # second epoch (0-based)
+    assert {split: c["total"] for split, c in datamodule.skipped().items()} == {"train": 0, "val": 0, "test": 0}
+
+
+def test_validation_is_capped_and_test_reads_the_whole_split(trained):
+    val = trained["after_fit"]["val"]
+    assert val["stage"] == "val" and val["metrics"]["n"] == 4
+    test = trained["module"].last_eval
+    assert test["stage"] == "test" and test["metrics"]["n"] == N_TEST
+    assert 0.0 <= test["metrics"]["exact_match"] <= 1.0
+    assert any(k.startswith("exact_match_") for k in test["metrics"])
+    assert {"prompt", "response", "prediction", "__key__"} <= set(test["samples"][0])
+
+
+def test_checkpoint_holds_only_trainable_weights_and_the_lm_identity(trained):
+    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and not [k for k in keys if k.startswith(("lm.", "model.lm."))]
+    assert set(keys) == {f"model.{k}" for k in trained["module"].model.trainable_state_dict()}
+    assert ckpt["lm_identity"] == trained["module"].lm_identity
+
+
+def test_resume_restores_the_trainable_weights_exactly(trained, tiny_lm_dir, shapes_dir, tmp_path):
+    fresh = make_module(tiny_lm_dir, seed=1)
+    saved = trainable(trained["module"])
+    assert not all(torch.equal(v, saved[k]) for k, v in trainable(fresh).items())
+    trainer = make_trainer(tmp_path)  # max_steps already reached: restores, takes no step
+    trainer.fit(fresh, datamodule=make_datamodule(shapes_dir), ckpt_path=trained["ckpt"])
+    assert trainer.global_step == 4
+    restored = trainable(fresh)
+    assert all(torch.equal(restored[k], saved[k]) for k in saved)
+
+
+def test_checkpoint_of_another_lm_is_refused(trained, tiny_lm_dir, shapes_dir, tmp_path):
+    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
+    ckpt["lm_identity"] = {"source": "/elsewhere/other-lm", "sha256": "f" * 64}
+    bad = tmp_path / "other-lm.ckpt"
+    torch.save(ckpt, bad)
+    module = trained["module"]
+    with pytest.raises(ValueError, match=r"/elsewhere/other-lm.*ffffffffffff.*" + module.lm_identity["sha256"][:12]):
+        make_trainer(tmp_path).validate(module, datamodule=make_datamodule(shapes_dir), ckpt_path=bad, verbose=False)
+
+
+def test_checkpoint_missing_a_key_is_refused(trained):
+    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
+    dropped = sorted(ckpt["state_dict"])[0]
+    del ckpt["state_dict"][dropped]
+    with pytest.raises(ValueError, match=dropped.replace(".", r"\.")):
+        trained["module"].on_load_checkpoint(ckpt)
+
+
+def test_datamodule_refuses_an_image_size_the_encoder_does_not_take(tiny_lm_dir, shapes_dir, trained):
+    from mm_llama.training.datamodule import model_inputs
+
+    datamodule = ImageDataModule(data_dir=str(shapes_dir), image_size=32)
+    with pytest.raises(ValueError, match="image_size=32.*16x16"):
+        datamodule.connect(model_inputs(trained["module"]))
+
+
+def test_default_urls_come_from_the_manifest(shapes_dir, tmp_path):
+    assert default_shard_urls(shapes_dir)["test"].endswith("test-{000000..000001}.tar")
+    with pytest.raises(FileNotFoundError, match="make-shards"):
+        default_shard_urls(tmp_path)
+
+
+# --------------------------------------------------------------------------- train_adapter.py
+
+
+@pytest.fixture
+def tiny_image_modality(monkeypatch):
+    """``--modality image`` with the tiny model config (the CLI has no flag for every encoder field)."""
+    spec = run_module.MODALITIES["image"]
+    tiny = run_module.Modality(lambda cfg: TINY_MODEL, spec.datamodule, spec.data_dir, spec.out)
+    monkeypatch.setitem(run_module.MODALITIES, "image", tiny)
+
+
+def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir, tmp_path, capsys,
+                                                         tiny_image_modality):
+    out = tmp_path / "run"
+    flags = ["--modality", "image", "--lm", str(tiny_lm_dir), "--data-dir", str(shapes_dir), "--out", str(out),
+             "--batch-size", "4", "--num-workers", "0", "--val-every", "1", "--val-samples", "4", "--no-progress"]
+    assert run_module.main([*flags, "--steps", "2"]) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    metrics = json.loads(last_line)
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    assert REQUIRED_METRICS <= set(metrics)
+    assert any(k.startswith("exact_match_") and k != "exact_match_heldout_combos" for k in metrics)
+    assert metrics["steps"] == 2 and metrics["test_samples"] == N_TEST
+    assert metrics["lm"]["source"] == str(tiny_lm_dir) and len(metrics["lm"]["sha256"]) == 64
+    assert metrics["skipped"]["train"]["total"] == 0 and metrics["trainable_params"] > 0
+    for name in ("adapter.ckpt", "last.ckpt", "config.yaml", "training_curve.png", "samples.png"):
+        assert (out / name).is_file(), name
+    adapter = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)
+    assert "optimizer_states" not in adapter and "lm_identity" in adapter
+
+    # the resolved config is a valid LightningCLI config
+    from mm_llama.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(out / "config.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    assert f"lm: {tiny_lm_dir}" in capsys.readouterr().out
+
+    assert run_module.main([*flags, "--steps", "3", "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["steps"] == 3 and resumed["resumed_from"] == str(out / "last.ckpt")
+    history = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]["TrainingHistory"]
+    assert [step for step, _ in history["train_loss"]] == [1, 2, 3]  # the curve survives the resume
+
+
+def test_unimplemented_modality_says_so(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_module.main(["--modality", "video"])
+    assert exit_info.value.code == 2
+    assert "not implemented yet" in capsys.readouterr().err
