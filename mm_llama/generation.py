@@ -97,8 +97,8 @@ def generate(
         hidden = model.hidden_states(nxt[:, None], media, row_mask=seen_media, positions=next_pos,
                                      key_padding_mask=mask, cache=cache)
         next_pos = next_pos + 1
-    results = []
+    results, stop_set = [], set(stop_ids)
     for row in out.tolist():
-        cut = next((j for j, t in enumerate(row) if t in set(stop_ids)), len(row))
+        cut = next((j for j, t in enumerate(row) if t in stop_set), len(row))
         results.append(row[:cut])
     return results
