@@ -87,8 +87,8 @@ def test_variety(shards):
     assert {m["task"] for m in train} == set(scenes.TASKS)
     assert len({o["colour"] for m in train for o in m["objects"]}) >= 6
     assert len({o["shape"] for m in train for o in m["objects"]}) >= 4
-    assert {len(m["objects"]) for m in train} == {1, 2, 3}
-    assert len({o["position"] for m in train for o in m["objects"]}) == 9
+    assert {len(m["objects"]) for m in train} == {1, 2}  # the default SceneSpec: 1-2 objects on 2x2
+    assert {o["position"] for m in train for o in m["objects"]} == set(scenes.POSITION_NAMES[2])
     assert len({m["response"] for m in train if m["task"] == "caption"}) > 50
 
 
@@ -116,11 +116,47 @@ def test_targets_match_objects(shards):
             assert response[0].isupper() and response.endswith(".")
 
 
+def test_three_by_three_spec():
+    spec = scenes.SceneSpec(grid=3, max_objects=3)
+    metas_ = [json.loads(scenes.make_sample(0, "train", i, image_size=32, spec=spec)["json"]) for i in range(120)]
+    assert {len(m["objects"]) for m in metas_} == {1, 2, 3}
+    assert {o["position"] for m in metas_ for o in m["objects"]} == set(scenes.POSITIONS)
+    assert all(0 <= o["row"] < 3 and 0 <= o["col"] < 3 for m in metas_ for o in m["objects"])
+    # Same (seed, split, index), other layout: another sample.
+    assert scenes.make_sample(0, "train", 0, spec=spec) != scenes.make_sample(0, "train", 0)
+
+
+@pytest.mark.parametrize("grid, max_objects", [(4, 1), (2, 0), (2, 5), (3, 4)])
+def test_bad_scene_spec_is_refused(grid, max_objects):
+    with pytest.raises(ValueError, match="grid|max_objects"):
+        scenes.SceneSpec(grid, max_objects)
+
+
+def test_objects_are_drawn_in_their_cell():
+    """The centre of mass of each object's pixels lies in the cell its position names."""
+    for grid in (2, 3):
+        for col in range(grid):
+            obj = scenes.SceneObject("white", "square", grid - 1, col, 0.7, 0.0, 0.0, grid=grid)
+            pixels = [(x, y) for (x, y) in _lit(scenes.render_scene([obj], 60))]
+            cx = sum(x for x, _ in pixels) / len(pixels)
+            cy = sum(y for _, y in pixels) / len(pixels)
+            assert int(cx // (60 / grid)) == col and int(cy // (60 / grid)) == grid - 1
+
+
+def _lit(image: Image.Image):
+    rgb = image.convert("L")
+    return [(x, y) for y in range(rgb.height) for x in range(rgb.width) if rgb.getpixel((x, y)) > 128]
+
+
 def test_caption_wording():
-    def obj(colour, shape, row, col):
-        return scenes.SceneObject(colour, shape, row, col, 0.7, 0.0, 0.0)
+    def obj(colour, shape, row, col, grid=3):
+        return scenes.SceneObject(colour, shape, row, col, 0.7, 0.0, 0.0, grid=grid)
 
     assert scenes.caption([obj("red", "square", 0, 0)]) == "A red square in the top left."
+    assert (
+        scenes.caption([obj("red", "square", 0, 1, grid=2), obj("blue", "circle", 1, 1, grid=2)])
+        == "A red square in the top right and a blue circle in the bottom right."
+    )
     assert (
         scenes.caption([obj("blue", "circle", 1, 1), obj("orange", "star", 0, 2), obj("red", "square", 2, 0)])
         == "An orange star in the top right, a blue circle in the center and a red square in the bottom left."

@@ -1,16 +1,18 @@
-"""Built-in image dataset: coloured shapes on a 3x3 grid (DESIGN §7).
+"""Built-in image dataset: coloured shapes on a grid (DESIGN §7).
 
 Every sample is a function of ``(seed, split, index)`` alone, so shards are
 byte-identical across runs and machines and independent of the shard size.
 
-A scene holds 1-3 objects in distinct cells; an object is a (colour, shape)
-pair, no pair repeats within a scene (so "Where is the red square?" has one
+A scene holds 1 to ``SceneSpec.max_objects`` objects in distinct cells of a
+``SceneSpec.grid`` x ``grid`` layout (default: 1-2 objects on 2x2, the four
+corners; ``SceneSpec(grid=3, max_objects=3)`` is the harder 3x3 set with the
+centre and edge cells); an object is a (colour, shape) pair, no pair repeats within a scene (so "Where is the red square?" has one
 answer), sizes and offsets are jittered inside the cell. Each sample asks one
 question, drawn uniformly from :data:`TASKS`; answers are short canonical
 strings scored by exact match:
 
 * ``caption``: "Describe the image." -> "A red square in the top left and a
-  blue circle in the center." (objects in row-major order);
+  blue circle in the bottom right." (objects in row-major order);
 * ``colour``: "What colour is the shape in the {position}?" -> "red";
 * ``count``: "How many shapes are there?" -> "one" / "two" / "three";
 * ``where``: "Where is the {colour} {shape}?" -> "top left".
@@ -39,7 +41,7 @@ from tqdm import tqdm
 
 from mm_llama.data.examples import CAPTION_PROMPT
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: SceneSpec (grid, max_objects) in the manifest; default 2x2, 1-2 objects
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 
@@ -55,20 +57,50 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND = (0, 0, 0)
 SHAPES = ("square", "circle", "triangle", "diamond", "star")
-POSITIONS = (
-    "top left", "top middle", "top right",
-    "middle left", "center", "middle right",
-    "bottom left", "bottom middle", "bottom right",
-)  # fmt: skip
+POSITION_NAMES: dict[int, tuple[str, ...]] = {
+    2: ("top left", "top right", "bottom left", "bottom right"),
+    3: (
+        "top left", "top middle", "top right",
+        "middle left", "center", "middle right",
+        "bottom left", "bottom middle", "bottom right",
+    ),
+}  # fmt: skip
+"""Cell names in row-major order, per grid size."""
+POSITIONS = POSITION_NAMES[3]  # every cell name of every grid
 HELDOUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
     {("purple", "triangle"), ("orange", "circle"), ("green", "star"), ("blue", "diamond")}
 )
 TASKS = ("caption", "colour", "count", "where")
 NUMBER_WORDS = ("zero", "one", "two", "three")
-MAX_OBJECTS = 3
 
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges, still deterministic
 _P_FORCE_HELDOUT = 0.5
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """Layout of the built-in scenes.
+
+    Attributes:
+        grid: cells per side: 2 (the four corners) or 3 (adds centre and edge cells).
+        max_objects: a scene holds 1 to ``max_objects`` objects, in distinct cells.
+    """
+
+    grid: int = 2
+    max_objects: int = 2
+
+    def __post_init__(self) -> None:
+        if self.grid not in POSITION_NAMES:
+            raise ValueError(f"grid must be one of {sorted(POSITION_NAMES)}, got {self.grid}")
+        if not 1 <= self.max_objects <= min(self.grid**2, len(NUMBER_WORDS) - 1):
+            raise ValueError(
+                f"max_objects must be in 1..{min(self.grid**2, len(NUMBER_WORDS) - 1)} for a "
+                f"{self.grid}x{self.grid} grid, got {self.max_objects}"
+            )
+
+    @property
+    def positions(self) -> tuple[str, ...]:
+        return POSITION_NAMES[self.grid]
 
 
 @dataclass(frozen=True)
@@ -78,11 +110,12 @@ class SceneObject:
     Attributes:
         colour: key of :data:`COLOURS`.
         shape: one of :data:`SHAPES`.
-        row: grid row, 0 (top) to 2.
-        col: grid column, 0 (left) to 2.
+        row: grid row, 0 (top) to ``grid - 1``.
+        col: grid column, 0 (left) to ``grid - 1``.
         size: object width as a fraction of the cell width.
         dx: horizontal offset of the centre, a fraction of the free margin (-1..1).
         dy: vertical offset, likewise.
+        grid: cells per side of the scene's layout (see :class:`SceneSpec`).
     """
 
     colour: str
@@ -92,10 +125,11 @@ class SceneObject:
     size: float
     dx: float
     dy: float
+    grid: int = 3
 
     @property
     def position(self) -> str:
-        return POSITIONS[3 * self.row + self.col]
+        return POSITION_NAMES[self.grid][self.grid * self.row + self.col]
 
     @property
     def heldout(self) -> bool:
@@ -107,14 +141,14 @@ def _sample_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"mm-llama-scenes/v{GENERATOR_VERSION}/{seed}/{split}/{index}")
 
 
-def sample_scene(rng: random.Random, split: str) -> list[SceneObject]:
-    """Draw 1-3 objects in distinct cells, honouring the held-out rule.
+def sample_scene(rng: random.Random, split: str, spec: SceneSpec = SceneSpec()) -> list[SceneObject]:
+    """Draw 1 to ``spec.max_objects`` objects in distinct cells, honouring the held-out rule.
 
     In test, a forced held-out object comes first (the caller makes it the
     question's focus, then sorts the objects row-major).
     """
     all_combos = [(c, s) for c in COLOURS for s in SHAPES]
-    n = rng.randint(1, MAX_OBJECTS)
+    n = rng.randint(1, spec.max_objects)
     if split == "test":
         if rng.random() < _P_FORCE_HELDOUT:
             forced = rng.choice(sorted(HELDOUT_COMBOS))
@@ -124,16 +158,17 @@ def sample_scene(rng: random.Random, split: str) -> list[SceneObject]:
             combos = rng.sample(all_combos, n)
     else:
         combos = rng.sample([c for c in all_combos if c not in HELDOUT_COMBOS], n)
-    cells = rng.sample(range(9), n)
+    cells = rng.sample(range(spec.grid**2), n)
     objects = [
         SceneObject(
             colour=colour,
             shape=shape,
-            row=cell // 3,
-            col=cell % 3,
+            row=cell // spec.grid,
+            col=cell % spec.grid,
             size=round(rng.uniform(0.5, 0.85), 3),
             dx=round(rng.uniform(-1.0, 1.0), 3),
             dy=round(rng.uniform(-1.0, 1.0), 3),
+            grid=spec.grid,
         )
         for (colour, shape), cell in zip(combos, cells)
     ]
@@ -158,7 +193,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 def render_scene(objects: Sequence[SceneObject], image_size: int = 64) -> Image.Image:
     """Draw the objects on a black ``image_size`` x ``image_size`` RGB image."""
     side = image_size * _SUPERSAMPLE
-    cell = side / 3
+    cell = side / (objects[0].grid if objects else 3)
     image = Image.new("RGB", (side, side), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in objects:
@@ -205,12 +240,12 @@ def make_question(rng: random.Random, objects: Sequence[SceneObject], focus: Sce
     return task, f"Where is the {focus.colour} {focus.shape}?", focus.position
 
 
-def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> dict:
+def make_sample(seed: int, split: str, index: int, image_size: int = 64, spec: SceneSpec = SceneSpec()) -> dict:
     """One WebDataset sample: ``{"__key__", "png": bytes, "json": bytes}``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = _sample_rng(seed, split, index)
-    objects = sample_scene(rng, split)
+    objects = sample_scene(rng, split, spec)
     focus = objects[0] if objects[0].heldout else rng.choice(objects)
     objects = sorted(objects, key=lambda o: (o.row, o.col))
     task, prompt, response = make_question(rng, objects, focus)
@@ -248,6 +283,7 @@ def write_shards(
     seed: int,
     image_size: int = 64,
     progress: bool = True,
+    spec: SceneSpec = SceneSpec(),
 ) -> list[Path]:
     """Write ``{split}-000000.tar``, ... under ``out_dir``; returns the shard paths.
 
@@ -269,7 +305,7 @@ def write_shards(
         # Fixed mtime/user/group: identical bytes on every run.
         with wds.TarWriter(str(tmp), mtime=0.0, user="mm-llama", group="mm-llama") as sink:
             for index in range(start, min(start + samples_per_shard, n_samples)):
-                sink.write(make_sample(seed, split, index, image_size))
+                sink.write(make_sample(seed, split, index, image_size, spec))
                 bar.update()
         os.replace(tmp, path)
         paths.append(path)
@@ -292,6 +328,7 @@ def make_default_shards(
     samples_per_shard: int = 1000,
     min_shards: int = 4,
     progress: bool = True,
+    spec: SceneSpec = SceneSpec(),
 ) -> dict[str, str]:
     """Write train/val/test shards under ``root`` unless a matching complete set exists.
 
@@ -313,6 +350,7 @@ def make_default_shards(
         "version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
+        "scene": asdict(spec),
         "splits": plan,
         "heldout": sorted(" ".join(c) for c in HELDOUT_COMBOS),
     }
@@ -327,7 +365,7 @@ def make_default_shards(
         for stale in [*root.glob(f"{split}-[0-9]*.tar"), *root.glob(f"{split}-[0-9]*.tar.tmp")]:
             stale.unlink()
     for split, p in plan.items():
-        write_shards(root, split, p["n_samples"], p["samples_per_shard"], seed, image_size, progress)
+        write_shards(root, split, p["n_samples"], p["samples_per_shard"], seed, image_size, progress, spec)
     tmp = manifest_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, manifest_path)
@@ -345,6 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", type=int, default=SceneSpec.grid, choices=sorted(POSITION_NAMES),
+                        help="cells per side: 2 = corners, 3 = 3x3 (default: %(default)s)")
+    parser.add_argument("--max-objects", type=int, default=SceneSpec.max_objects,
+                        help="objects per scene, 1..N (default: %(default)s)")
     args = parser.parse_args(argv)
     urls = make_default_shards(
         args.out,
@@ -354,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_test=args.n_test,
         seed=args.seed,
         samples_per_shard=args.samples_per_shard,
+        spec=SceneSpec(args.grid, args.max_objects),
     )
     print(json.dumps(urls, indent=2))
     return 0

@@ -17,6 +17,11 @@ class OptimConfig:
         lr: peak learning rate of every trainable group, scaled by ``lr_multipliers``.
         lr_multipliers: per trainable group (see ``mm_llama.model.TRAINABLE_GROUPS``)
             factor on ``lr``; missing groups use 1.
+        gate_lr_multiplier: extra factor on the lr of the scalar tanh gates (parameters
+            named ``*_gate``). Adam moves every parameter by about ``lr`` per step
+            whatever its gradient's size, so a gate that starts at 0 needs a few hundred
+            steps to open at the adapters' lr; the measured effect is in the README
+            ("Learning dynamics"). 1 disables it.
         weight_decay: decoupled decay on matrices only (not on norms, gates, biases, embeddings).
         betas: AdamW betas.
         warmup_steps: linear warm-up from 0.
@@ -26,6 +31,7 @@ class OptimConfig:
 
     lr: float = 1e-3
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    gate_lr_multiplier: float = 10.0
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 20
@@ -35,6 +41,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.gate_lr_multiplier <= 0:
+            raise ValueError(f"gate_lr_multiplier must be > 0, got {self.gate_lr_multiplier}")
         if self.warmup_steps < 0 or self.total_steps <= 0:
             raise ValueError(f"need warmup_steps >= 0 and total_steps > 0, got {self.warmup_steps}, {self.total_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -51,22 +59,29 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
 
 
 def param_groups(named: list[tuple[str, nn.Parameter]], group_of, cfg: OptimConfig) -> list[dict]:
-    """AdamW groups keyed by (trainable group, decays?); ``group_of(name) -> group name``."""
+    """AdamW groups keyed by (trainable group, kind); ``group_of(name) -> group name``.
+
+    ``kind`` is ``decay`` (matrices), ``no_decay`` (norms, biases, embeddings) or
+    ``gate`` (the scalar tanh gates: no decay, lr times ``cfg.gate_lr_multiplier``).
+    """
     unknown = set(cfg.lr_multipliers) - {group_of(n) for n, _ in named}
     if unknown:
         raise ValueError(f"lr_multipliers name group(s) {sorted(unknown)} with no trainable parameter")
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[str, str], list[nn.Parameter]] = {}
     for name, p in named:
-        decays = p.ndim >= 2 and "embed" not in name
-        groups.setdefault((group_of(name), decays), []).append(p)
+        if name.endswith("_gate"):
+            kind = "gate"
+        else:
+            kind = "decay" if p.ndim >= 2 and "embed" not in name else "no_decay"
+        groups.setdefault((group_of(name), kind), []).append(p)
     return [
         {
             "params": params,
-            "lr": cfg.lr * cfg.lr_multipliers.get(group, 1.0),
-            "weight_decay": cfg.weight_decay if decays else 0.0,
-            "name": f"{group}{'' if decays else '/no_decay'}",
+            "lr": cfg.lr * cfg.lr_multipliers.get(group, 1.0) * (cfg.gate_lr_multiplier if kind == "gate" else 1.0),
+            "weight_decay": cfg.weight_decay if kind == "decay" else 0.0,
+            "name": group if kind == "decay" else f"{group}/{kind}",
         }
-        for (group, decays), params in sorted(groups.items())
+        for (group, kind), params in sorted(groups.items())
     ]
 
 
