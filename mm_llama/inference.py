@@ -17,6 +17,7 @@ import os
 import queue
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,11 @@ class Assistant:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist (train one with train_adapter.py)")
         overrides = {"lm": lm} if lm is not None else {}
-        module = AdapterModule.load_from_checkpoint(path, map_location=device, **overrides)
+        with warnings.catch_warnings():
+            # The frozen LM is deliberately absent from checkpoints; AdapterModule.on_load_checkpoint
+            # checks the LM's sha256 and the exact set of trained keys instead.
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+            module = AdapterModule.load_from_checkpoint(path, map_location=device, **overrides)
         return cls(module.model.to(device), module.tokenizer, module.system_prompt)
 
     # --- inputs ------------------------------------------------------------------------

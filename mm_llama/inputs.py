@@ -97,5 +97,8 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     except InputError:
         raise
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombWarning, PIL.Image.DecompressionBombError) as exn:
-        raise InputError(f"{path.name!r} could not be read as an image ({type(exn).__name__}: {exn})") from exn
+        raise InputError(
+            f"{path.name!r} could not be read as an image: not a valid {path.suffix.lower()} file or damaged "
+            f"({type(exn).__name__})"
+        ) from exn
     return image
