@@ -199,6 +199,7 @@ class Assistant:
 
         threading.Thread(target=work, name="mm-llama-generate", daemon=True).start()
         ids: list[int] = []
+        text = shown = ""
         try:
             while (item := updates.get()) is not finished:
                 if isinstance(item, BaseException):
@@ -208,7 +209,9 @@ class Assistant:
                 ids.append(item)
                 text = self.tokenizer.decode(ids)
                 if not text.endswith("\ufffd"):  # mid-way through a multi-byte character: wait for the rest
-                    yield text
+                    yield (shown := text)
+            if text != shown:  # the answer itself ends mid-character
+                yield text
         finally:
             cancelled.set()
 
