@@ -8,7 +8,11 @@
     mm-llama fit --config configs/image.yaml --print_config
     mm-llama test --config configs/image.yaml --ckpt_path runs/image-cli/checkpoints/last.ckpt
 
-``mm-llama make-shards ...`` writes the built-in shape shards.
+``mm-llama make-shards ...`` writes the built-in shape shards; ``mm-llama generate``
+answers a prompt about an image with a checkpoint, ``mm-llama demo`` serves the gradio app::
+
+    mm-llama generate --checkpoint runs/image/adapter.ckpt --image x.png "Describe the image."
+    mm-llama demo --checkpoint runs/image/adapter.ckpt --port 7860
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ LIGHTNING_SUBCOMMANDS: dict[str, str] = {
 }
 OTHER_SUBCOMMANDS: dict[str, str] = {
     "make-shards": "write the built-in train/val/test shards (mm-llama make-shards --help)",
+    "generate": "answer a prompt about an image with a checkpoint (mm-llama generate --help)",
+    "demo": "serve the gradio demo app for a checkpoint (mm-llama demo --help)",
 }
 
 
@@ -86,6 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mm_llama.data.scenes import main as make_shards
 
         return make_shards(rest)
+    if command == "generate":
+        from mm_llama.inference import main as generate
+
+        return generate(rest)
+    if command == "demo":
+        from mm_llama.demo.app import main as demo
+
+        return demo(rest)
     if command not in LIGHTNING_SUBCOMMANDS:
         print(f"mm-llama: unknown subcommand {command!r}\n\n{usage()}", file=sys.stderr)
         return 2

