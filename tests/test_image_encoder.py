@@ -23,6 +23,7 @@ from encoders import (
     image_transform,
 )
 
+from encoders.image import sincos_position_embedding
 BACKBONES = ["timm:vit_tiny_patch16_224", "open_clip:ViT-B-16"]
 
 
@@ -155,6 +156,38 @@ def test_checkpoint_is_loaded_strictly(tmp_path) -> None:
         ImageEncoder(tiny("timm:vit_tiny_patch16_224", checkpoint=str(tmp_path / "extra.pt")))
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_sincos_position_table_separates_patches(backbone: str) -> None:
+    """Random init starts from a 2-D sine-cosine table as large as the patch signal, not std 0.02."""
+    encoder = ImageEncoder(tiny(backbone, pos_embed_init="sincos"))  # 4x4 patches, width 64
+    table = encoder.backbone.patch_position_embedding()
+    assert table.shape == (16, 64) and table.requires_grad
+    torch.testing.assert_close(table.detach(), sincos_position_embedding(4, 4, 64))
+    assert table.detach().pow(2).mean().sqrt() > 0.5  # vs 0.02 for the libraries' init
+    distances = torch.cdist(table.detach(), table.detach())  # [16, 16]
+    assert distances[~torch.eye(16, dtype=torch.bool)].min() > 0.5  # every patch has its own code
+    library = ImageEncoder(tiny(backbone)).backbone.patch_position_embedding()
+    assert library.detach().std() < 0.2  # timm: std 0.02; open_clip: width ** -0.5 (0.125 here)
+
+
+def test_sincos_table_rows_and_columns() -> None:
+    table = sincos_position_embedding(2, 3, 8)  # [6, 8]: row half, then column half
+    assert table.shape == (6, 8)
+    torch.testing.assert_close(table[0, :4], table[2, :4])  # same row, other column
+    torch.testing.assert_close(table[0, 4:], table[3, 4:])  # same column, other row
+    assert not torch.allclose(table[0, :4], table[3, :4])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_embedding(2, 2, 6)
+
+
+def test_checkpoint_keeps_its_own_position_embedding(tmp_path) -> None:
+    source = ImageEncoder(tiny("timm:vit_tiny_patch16_224", pos_embed_init="library"))
+    path = tmp_path / "vit.pt"
+    torch.save(source.backbone.model.state_dict(), path)
+    loaded = ImageEncoder(tiny("timm:vit_tiny_patch16_224", checkpoint=str(path), pos_embed_init="sincos"))
+    torch.testing.assert_close(loaded.backbone.patch_position_embedding(), source.backbone.patch_position_embedding())
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -167,6 +200,7 @@ def test_checkpoint_is_loaded_strictly(tmp_path) -> None:
         ({"width": 64, "heads": 3}, "heads 3"),
         ({"depth": 0}, "depth must be > 0 or None, got 0"),
         ({"n_global_layers": -2}, "-2"),
+        ({"pos_embed_init": "learned"}, "pos_embed_init"),
     ],
 )
 def test_bad_config_values_raise(overrides: dict, message: str) -> None:

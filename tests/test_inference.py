@@ -74,9 +74,11 @@ def test_prompt_ids_hold_the_image_token_once_or_not_at_all(assistant):
 
 
 def test_answer_depends_on_the_image_and_equals_the_low_level_generate(assistant):
-    (a, prompt), (b, _) = scene(0), scene(1)
-    answers = assistant.generate([prompt, prompt], [a, b], SHORT)
-    assert answers[0] != answers[1]
+    images = [scene(i)[0] for i in range(4)]
+    prompt = scene(0)[1]
+    a = images[0]
+    answers = assistant.generate([prompt] * len(images), images, SHORT)
+    assert len(set(answers)) > 1  # a tiny random model, but the media path changes its output
     ids = assistant.prompt_ids(prompt, with_image=True)
     pixels = assistant.image_tensor(a)[None]  # [1, 3, H, W]
     low = generate(assistant.model, [ids], pixels, max_new_tokens=6, stop_ids=assistant.tokenizer.stop_ids,

@@ -125,7 +125,7 @@ class ImageDataModule(L.LightningDataModule):
         max_len: longest example in tokens; longer ones are skipped and counted.
         seed: seeds shard and sample shuffling (with the epoch).
         system_prompt: system message of every example; must equal the model's (``mm-llama``
-            links the two, ``None`` = the chat template's default).
+            links the two; ``""`` = an empty system turn, ``None`` = the chat template's default).
         val_samples: at most this many validation samples per evaluation (the same,
             first ones each time), to keep validation with generation cheap; ``None`` = all.
         test_samples: the same cap for test / predict; ``None`` = the whole split.
@@ -145,7 +145,7 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         max_len: int = 128,
         seed: int = 0,
-        system_prompt: str | None = None,
+        system_prompt: str | None = "",
         val_samples: int | None = 128,
         test_samples: int | None = None,
     ) -> None:

@@ -43,7 +43,10 @@ class AdapterModule(L.LightningModule):
         model: encoder / cross-attention configuration.
         optim: AdamW + schedule.
         eval_max_new_tokens: generation budget for the answer-accuracy metric.
-        system_prompt: system message of every prompt; ``None`` uses the chat template's default.
+        system_prompt: system message of every prompt. ``""`` (default) is an empty
+            system turn; ``None`` lets the chat template insert its default, which for
+            SmolLM2 is 16 more tokens per example (39 instead of 23 for a caption
+            prompt, about 1.6x the LM compute of the adapter's training step).
     """
 
     def __init__(
@@ -52,7 +55,7 @@ class AdapterModule(L.LightningModule):
         model: ModelConfig | None = None,
         optim: OptimConfig | None = None,
         eval_max_new_tokens: int = 24,
-        system_prompt: str | None = None,
+        system_prompt: str | None = "",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
