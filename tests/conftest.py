@@ -149,3 +149,20 @@ def tiny_checkpoint(tmp_path_factory):
         return write_tiny_checkpoint(root / "adapter.ckpt", lm_dir, root / "shapes")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: its tiny matmuls on two shared cores only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assistant(tiny_checkpoint):
+    """An :class:`~mm_llama.inference.Assistant` over the tiny checkpoint."""
+    from mm_llama.inference import Assistant
+
+    return Assistant.from_checkpoint(tiny_checkpoint)

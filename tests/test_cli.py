@@ -17,12 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_CONFIG = REPO / "configs" / "image.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: two threads on two shared cores only wait for each other
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(autouse=True)

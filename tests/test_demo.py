@@ -11,23 +11,13 @@ import pytest
 import torch
 
 from mm_llama.demo.handlers import parse_request, preview, respond, write_example_images
-from mm_llama.inference import Assistant, GenerationSettings
+from mm_llama.inference import GenerationSettings
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT_DIR = Path(__file__).resolve().parents[1] / "runs" / "demo-test"  # git-ignored, kept for a look
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: two threads on two shared cores only wait for each other
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def assistant(tiny_checkpoint) -> Assistant:
-    return Assistant.from_checkpoint(tiny_checkpoint)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -42,16 +42,11 @@ def cached(model, prompts, images, n, **kwargs):
     return got, torch.stack(logits)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: two threads on two shared cores only wait for each other
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")
-def model(_one_thread):
+def model(one_thread):
     torch.manual_seed(0)
     return tiny_model(gate_init=0.8).eval()
 

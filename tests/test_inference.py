@@ -20,17 +20,7 @@ from mm_llama.inference import Assistant, GenerationSettings
 from mm_llama.inputs import InputError, load_image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: two threads on two shared cores only wait for each other
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def assistant(tiny_checkpoint) -> Assistant:
-    return Assistant.from_checkpoint(tiny_checkpoint)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def scene(index: int, size: int = 64) -> tuple[PIL.Image.Image, str]:
