@@ -218,3 +218,10 @@ def test_unimplemented_modality_says_so(capsys):
         run_module.main(["--modality", "video"])
     assert exit_info.value.code == 2
     assert "not implemented yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 0), (2, 0), (None, 0), (4, 2), (64, 2)])
+def test_loader_workers_follow_the_core_count(monkeypatch, cores, workers):
+    monkeypatch.setattr(run_module.os, "cpu_count", lambda: cores)
+    assert run_module.default_num_workers() == workers
+    assert run_module.RunConfig().num_workers == workers
