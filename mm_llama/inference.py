@@ -64,11 +64,11 @@ class Assistant:
     Args:
         model: the fused model (put in eval mode here).
         tokenizer: the frozen LM's tokenizer (chat template, stop and pad ids).
-        system_prompt: system message of every prompt; ``None`` uses the template's default
-            (pass what the model was trained with).
+        system_prompt: system message of every prompt, as in training (``""``, the
+            training default, is an empty system turn; ``None`` the template's default).
     """
 
-    def __init__(self, model: MultimodalLlama, tokenizer: Tokenizer, system_prompt: str | None = None) -> None:
+    def __init__(self, model: MultimodalLlama, tokenizer: Tokenizer, system_prompt: str | None = "") -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
