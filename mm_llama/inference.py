@@ -13,6 +13,7 @@ encoding, and decodes with :func:`mm_llama.generation.generate`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import queue
 import sys
@@ -94,7 +95,13 @@ class Assistant:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist (train one with train_adapter.py)")
-        overrides = {"lm": lm} if lm is not None else {}
+        overrides: dict[str, object] = {"lm": lm} if lm is not None else {}
+        model_cfg = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("model")
+        if getattr(getattr(model_cfg, "image_encoder", None), "checkpoint", None) is not None:
+            # The encoder's weights are in the checkpoint itself (a pre-trained, frozen encoder
+            # included): do not read the stage-1 file it was built from, which may have moved.
+            encoder_cfg = dataclasses.replace(model_cfg.image_encoder, checkpoint=None)
+            overrides["model"] = dataclasses.replace(model_cfg, image_encoder=encoder_cfg)
         with warnings.catch_warnings():
             # The frozen LM is deliberately absent from checkpoints; AdapterModule.on_load_checkpoint
             # checks the LM's sha256 and the exact set of trained keys instead.

@@ -121,8 +121,8 @@ def write_tiny_checkpoint(path, lm_dir, data_dir, gate_init: float = 0.5, seed: 
     make_default_shards(data_dir, image_size=16, n_train=8, n_val=4, n_test=4, samples_per_shard=4,
                         min_shards=2, progress=False)
     model = ModelConfig(
-        image_encoder=ImageEncoderConfig(image_size=16, patch_size=8, depth=2, width=32, heads=2,
-                                         intermediate_layers=(0,)),
+        image_encoder=ImageEncoderConfig(backbone="timm:vit_tiny_patch16_224", image_size=16, patch_size=8, depth=2,
+                                         width=32, heads=2, intermediate_layers=(0,)),
         cross_attention=CrossAttentionConfig(every=2, gate_init=gate_init),
     )
     torch.manual_seed(seed)

@@ -95,8 +95,8 @@ def test_tiny_fit_test_predict(tiny_lm_dir, tmp_path):
     config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run_dir / "checkpoints")
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(run_dir)
     config["model"].update(lm=str(tiny_lm_dir), eval_max_new_tokens=3, system_prompt="Answer briefly.")
-    config["model"]["model"]["image_encoder"].update(image_size=16, patch_size=8, depth=2, width=32, heads=2,
-                                                     intermediate_layers=[0])
+    config["model"]["model"]["image_encoder"].update(backbone="timm:vit_tiny_patch16_224", image_size=16, patch_size=8,
+                                                     depth=2, width=32, heads=2, intermediate_layers=[0])
     config["model"]["model"]["cross_attention"]["every"] = 2
     config["model"]["optim"]["total_steps"] = 2
     config["data"].update(data_dir=str(data_dir), batch_size=2, num_workers=0, val_samples=2)

@@ -265,3 +265,19 @@ def test_preprocess_output_feeds_encoder() -> None:
     transform = image_transform(32, train=False)
     batch = torch.stack([transform(PIL.Image.new(mode, (40, 30))) for mode in ("RGB", "RGBA", "L")])
     assert encoder(batch).tokens.shape == (3, 16, encoder.out_dim)
+
+
+def test_default_encoder_is_a_hybrid_vit_with_16_tokens() -> None:
+    encoder = ImageEncoder(ImageEncoderConfig())
+    model = encoder.backbone.model
+    assert type(model.patch_embed).__name__ == "HybridEmbed"  # ResNet stem, then 4x4 patches of its stride-4 map
+    images = torch.randn(2, 3, 64, 64)
+    out = encoder(images)
+    assert out.tokens.shape == (2, 16, 3 * 192) and encoder.num_tokens == 16
+    final = library_final_patch_tokens(encoder, images)  # [b, 16, 192]
+    assert any(torch.allclose(out.tokens[..., i * 192:(i + 1) * 192], final, atol=1e-5) for i in range(3))
+
+
+def test_a_patch_larger_than_the_hybrid_stem_grid_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        ImageEncoder(ImageEncoderConfig(patch_size=32))  # 64 px -> a 16x16 stem map: no 32-patch fits

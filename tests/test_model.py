@@ -18,7 +18,9 @@ def tiny_lm(tie=True) -> LlamaLM:
 
 
 def tiny_model(gate_init=0.0, **xattn) -> MultimodalLlama:
-    enc = ImageEncoderConfig(image_size=16, patch_size=8, depth=2, width=32, heads=2, intermediate_layers=(0,))
+    enc = ImageEncoderConfig(
+        backbone="timm:vit_tiny_patch16_224", image_size=16, patch_size=8, depth=2, width=32, heads=2,
+        intermediate_layers=(0,))
     return MultimodalLlama(tiny_lm(), ModelConfig(enc, CrossAttentionConfig(gate_init=gate_init, **xattn)))
 
 

@@ -20,7 +20,9 @@ from mm_llama.training.module import AdapterModule
 from mm_llama.training.optim import OptimConfig
 
 TINY_MODEL = ModelConfig(
-    image_encoder=ImageEncoderConfig(image_size=16, patch_size=8, depth=2, width=32, heads=2, intermediate_layers=(0,)),
+    image_encoder=ImageEncoderConfig(
+        backbone="timm:vit_tiny_patch16_224", image_size=16, patch_size=8, depth=2, width=32, heads=2,
+        intermediate_layers=(0,)),
     cross_attention=CrossAttentionConfig(every=2),
 )
 N_TEST = 8
@@ -177,7 +179,8 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
                                                          tiny_image_modality):
     out = tmp_path / "run"
     flags = ["--modality", "image", "--lm", str(tiny_lm_dir), "--data-dir", str(shapes_dir), "--out", str(out),
-             "--batch-size", "4", "--num-workers", "0", "--val-every", "1", "--val-samples", "4", "--no-progress"]
+             "--batch-size", "4", "--num-workers", "0", "--val-every", "1", "--val-samples", "4", "--no-progress",
+             "--encoder-pretrain-steps", "0"]  # stage 1: tests/test_encoder_pretrain.py
     assert run_module.main([*flags, "--steps", "2"]) == 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     metrics = json.loads(last_line)

@@ -34,7 +34,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from encoders import ImageEncoderConfig
 from mm_llama.model import ModelConfig
-from mm_llama.training.datamodule import ImageDataModule
+from mm_llama.training.datamodule import ImageDataModule, ModelInputs
+from mm_llama.training.encoder_pretrain import EncoderPretrainConfig, pretrain_image_encoder
 from mm_llama.training.module import DEFAULT_LM, AdapterModule, normalise_answer
 from mm_llama.training.optim import OptimConfig
 from mm_llama.training.report import (
@@ -49,7 +50,7 @@ from mm_llama.training.report import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 250
+DEFAULT_STEPS = 200
 """Optimizer steps of the default run."""
 
 
@@ -111,6 +112,10 @@ class RunConfig:
         progress: show progress bars.
         model: full model configuration (overrides ``encoder``); ``None``: defaults.
         optim: full optimizer configuration (``lr``/``steps`` still apply); ``None``: defaults.
+        encoder_pretrain_steps: steps of stage 1, the image encoder's caption pre-training
+            (:mod:`mm_llama.training.encoder_pretrain`); 0 skips it. Skipped on ``--resume``
+            (the encoder's weights are in the checkpoint).
+        encoder_pretrain: the rest of stage 1's settings; ``None``: defaults.
     """
 
     modality: str = "image"
@@ -131,6 +136,8 @@ class RunConfig:
     progress: bool = True
     model: ModelConfig | None = None
     optim: OptimConfig | None = None
+    encoder_pretrain_steps: int = EncoderPretrainConfig().steps
+    encoder_pretrain: EncoderPretrainConfig | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -144,6 +151,13 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name} must be None or >= 1, got {value}")
         if self.num_workers < 0:
             raise ValueError(f"RunConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.encoder_pretrain_steps < 0:
+            raise ValueError(f"RunConfig.encoder_pretrain_steps must be >= 0, got {self.encoder_pretrain_steps}")
+
+    @property
+    def pretrain(self) -> EncoderPretrainConfig:
+        """Stage 1's settings, ``steps`` from :attr:`encoder_pretrain_steps`."""
+        return dataclasses.replace(self.encoder_pretrain or EncoderPretrainConfig(), steps=self.encoder_pretrain_steps)
 
     @property
     def spec(self) -> Modality:
@@ -166,10 +180,10 @@ def _image_model_config(cfg: RunConfig) -> ModelConfig:
     return ModelConfig(image_encoder=dataclasses.replace(ImageEncoderConfig(), backbone=cfg.encoder))
 
 
-def _image_datamodule(cfg: RunConfig) -> ImageDataModule:
+def _image_datamodule(cfg: RunConfig, batch_size: int | None = None) -> ImageDataModule:
     return ImageDataModule(
         data_dir=cfg.data_dir or cfg.spec.data_dir,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size or cfg.batch_size,
         num_workers=cfg.num_workers,
         seed=cfg.seed,
         val_samples=cfg.val_samples,
@@ -183,13 +197,14 @@ class Modality:
 
     Attributes:
         model_config: ``RunConfig -> ModelConfig``.
-        datamodule: ``RunConfig -> LightningDataModule`` (with a ``skipped()`` method).
+        datamodule: ``(RunConfig, batch_size=None) -> LightningDataModule`` (with a
+            ``skipped()`` method); ``batch_size`` overrides the run's (stage 1 uses its own).
         data_dir: default directory of the built-in shards.
         out: default output directory.
     """
 
     model_config: Callable[[RunConfig], ModelConfig]
-    datamodule: Callable[[RunConfig], L.LightningDataModule]
+    datamodule: Callable[..., L.LightningDataModule]
     data_dir: str
     out: str
 
@@ -222,6 +237,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     )
     datamodule = cfg.spec.datamodule(cfg)
     datamodule.prepare_data()  # shards before the LM, so a missing-data error comes first
+    stage1 = None
+    if cfg.pretrain.steps and resume_from is None:
+        model_cfg, stage1 = _pretrain_encoder(cfg, model_cfg, out)
+    elif cfg.pretrain.steps and cfg.pretrain.freeze_encoder:
+        model_cfg = _freeze_encoder(model_cfg, checkpoint=None)  # its weights come from last.ckpt
     log.info("loading the frozen LM %s", cfg.lm)
     module = AdapterModule(lm=cfg.lm, model=model_cfg, optim=optim, eval_max_new_tokens=cfg.eval_max_new_tokens)
 
@@ -265,7 +285,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "test_samples": int(test["metrics"]["n"]),
         "val_exact_match": history.val[-1][1].get("exact_match") if history.val else None,
         "train_loss": _tail_mean([loss for _, loss in history.train_loss]),
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(train_seconds + (stage1["seconds"] if stage1 else 0.0), 2),
+        "adapter_train_seconds": round(train_seconds, 2),
+        "encoder_pretrain": stage1,
         "steps": trainer.global_step,
         "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -283,6 +305,36 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     plot_samples(samples, out / "samples.png", judge=lambda p, r: normalise_answer(p) == normalise_answer(r))
     write_metrics(metrics, out / "metrics.json")
     return metrics
+
+
+def _freeze_encoder(model_cfg: ModelConfig, checkpoint: str | None) -> ModelConfig:
+    encoder = model_cfg.image_encoder
+    if checkpoint is not None:
+        encoder = dataclasses.replace(encoder, checkpoint=checkpoint)
+    trainable = tuple(g for g in model_cfg.trainable if g != "image_encoder")
+    return dataclasses.replace(model_cfg, image_encoder=encoder, trainable=trainable)
+
+
+def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Stage 1 on a fresh encoder; returns stage 2's model config (loading it) and stage 1's summary."""
+    from encoders import ImageEncoder
+    from mm_llama import load_language_model
+    from mm_llama.model import MEDIA_TOKENS
+
+    pre = cfg.pretrain
+    datamodule = cfg.spec.datamodule(cfg, batch_size=pre.batch_size)
+    lm = load_language_model(cfg.lm)  # for its tokenizer and vocabulary size; freed before stage 2
+    inputs = ModelInputs(tokenizer=lm.tokenizer, media_token_id=lm.cfg.vocab_size + MEDIA_TOKENS.index("image"),
+                         image_size=model_cfg.image_encoder.image_size, system_prompt=datamodule.hparams.system_prompt)
+    del lm
+    encoder = ImageEncoder(model_cfg.image_encoder)
+    stage1 = pretrain_image_encoder(encoder, inputs, datamodule, pre, out,
+                                    trainer_defaults=trainer_defaults(), progress=cfg.progress)
+    log.info("encoder pre-training: %s", stage1)
+    if pre.freeze_encoder:
+        return _freeze_encoder(model_cfg, stage1["checkpoint"]), stage1
+    encoder_cfg = dataclasses.replace(model_cfg.image_encoder, checkpoint=stage1["checkpoint"])
+    return dataclasses.replace(model_cfg, image_encoder=encoder_cfg), stage1
 
 
 def _resume_checkpoint(cfg: RunConfig) -> Path | None:
@@ -389,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-samples", type=int, default=d.val_samples,
                    help="validation samples per evaluation (default: %(default)s)")
     p.add_argument("--test-samples", type=int, default=None, help="test samples (default: the whole test split)")
+    p.add_argument("--encoder-pretrain-steps", type=int, default=d.encoder_pretrain_steps,
+                   help="steps of the image encoder's caption pre-training before the adapters; 0: none "
+                        "(default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 

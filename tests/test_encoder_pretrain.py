@@ -1,0 +1,128 @@
+"""Stage 1, the image encoder's caption pre-training: its pieces on a tiny encoder, and
+``train_adapter.py`` running it before the adapters, freezing the result and skipping it
+on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from encoders import ImageEncoder, ImageEncoderConfig
+from mm_llama.training.encoder_pretrain import (
+    UNK,
+    CaptionDecoder,
+    EncoderPretrainConfig,
+    EncoderPretrainModule,
+    compact_vocabulary,
+)
+from mm_llama.training.datamodule import ModelInputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+
+TINY_ENCODER = ImageEncoderConfig(
+        backbone="timm:vit_tiny_patch16_224", image_size=16, patch_size=8, depth=2, width=32, heads=2,
+        intermediate_layers=(0,))
+
+
+def test_compact_vocabulary_numbers_seen_ids_and_sends_the_rest_to_unk():
+    batches = [{"input_ids": torch.tensor([[5, 9, 5]])}, {"input_ids": torch.tensor([[2, 9]])}]
+    lookup = compact_vocabulary(batches)
+    assert lookup[[2, 5, 9]].tolist() == [1, 2, 3]
+    assert lookup[[0, 1, 3, 4, 6]].tolist() == [UNK] * 5
+    assert len(lookup) == 11 and lookup[-1] == UNK  # callers clamp larger ids onto this row
+    with pytest.raises(ValueError, match="training split empty"):
+        compact_vocabulary([])
+
+
+def test_caption_decoder_is_causal_and_reads_the_media():
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(vocab_size=12, media_dim=24, width=16, depth=2, heads=2, max_len=8).eval()
+    ids, media, mask = torch.randint(0, 12, (2, 6)), torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool)
+    logits = decoder(ids, media, mask)
+    assert logits.shape == (2, 6, 12)
+    later = ids.clone()
+    later[:, 4:] = (later[:, 4:] + 1) % 12
+    assert torch.allclose(decoder(later, media, mask)[:, :4], logits[:, :4], atol=1e-6)
+    assert not torch.allclose(decoder(ids, torch.randn(2, 5, 24), mask), logits, atol=1e-3)
+    with pytest.raises(ValueError, match="at most 8 tokens"):
+        decoder(torch.zeros(1, 9, dtype=torch.long), media[:1], mask[:1])
+
+
+@pytest.mark.parametrize("field, value", [("steps", -1), ("batch_size", 0), ("lr", 0.0), ("heads", 5)])
+def test_bad_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=field if field != "heads" else "multiple of heads"):
+        EncoderPretrainConfig(**{field: value})
+
+
+def test_the_loss_uses_response_tokens_only_and_trains_the_encoder():
+    torch.manual_seed(0)
+    encoder = ImageEncoder(TINY_ENCODER)
+    lookup = torch.arange(12)  # identity: ids 0..11 are their own compact ids
+    inputs = ModelInputs(tokenizer=None, media_token_id=11, image_size=16, system_prompt="")
+    module = EncoderPretrainModule(encoder, inputs, lookup, EncoderPretrainConfig(width=16, heads=2, depth=1))
+    ids = torch.tensor([[1, 11, 3, 4, 5, 6], [1, 11, 2, 7, 8, 9]])
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:] = ids[:, 4:]
+    batch = {"images": torch.randn(2, 3, 16, 16), "input_ids": ids, "labels": labels}
+    loss = module.loss(batch)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters() if p.requires_grad)
+    # Unlabeled positions do not count: changing a prompt label that is -100 anyway changes nothing,
+    # changing a response token does.
+    same = dict(batch, labels=labels.clone())
+    assert torch.equal(module.loss(same), loss.detach())
+    other = dict(batch, labels=labels.clone())
+    other["labels"][:, 5] = 10
+    assert not torch.allclose(module.loss(other), loss.detach())
+
+
+def test_train_adapter_pretrains_freezes_and_skips_the_stage_on_resume(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    from mm_llama.data.scenes import make_default_shards
+    from mm_llama.model import CrossAttentionConfig, ModelConfig
+    from mm_llama.training import run as run_module
+
+    shapes = tmp_path / "shapes"
+    make_default_shards(shapes, image_size=16, n_train=32, n_val=4, n_test=4, samples_per_shard=16,
+                        min_shards=2, progress=False)
+    spec = run_module.MODALITIES["image"]
+    tiny = ModelConfig(image_encoder=TINY_ENCODER, cross_attention=CrossAttentionConfig(every=2))
+    monkeypatch.setitem(run_module.MODALITIES, "image",
+                        run_module.Modality(lambda cfg: tiny, spec.datamodule, spec.data_dir, spec.out))
+    out = tmp_path / "run"
+    flags = ["--lm", str(tiny_lm_dir), "--data-dir", str(shapes), "--out", str(out), "--batch-size", "4",
+             "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--no-progress",
+             "--encoder-pretrain-steps", "2"]
+    assert run_module.main([*flags, "--steps", "2"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stage1 = metrics["encoder_pretrain"]
+    assert stage1["steps"] == 2 and stage1["loss"] > 0
+    assert metrics["train_seconds"] == pytest.approx(metrics["adapter_train_seconds"] + stage1["seconds"], abs=0.02)
+
+    # Stage 2 loaded the pre-trained backbone and left it untouched (frozen), and the
+    # adapter checkpoint carries it, so inference does not need the stage-1 file.
+    saved = safetensors.torch.load_file(out / "image_encoder.safetensors")
+    state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    prefix = "model.image_encoder.backbone.model."
+    assert saved and all(torch.equal(state[prefix + k], v) for k, v in saved.items())
+    initial = ImageEncoder(TINY_ENCODER).backbone.model.state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in saved.items())  # stage 1 did train it
+    encoder_params = sum(p.numel() for p in ImageEncoder(TINY_ENCODER).parameters())
+    all_groups = sum(v.numel() for k, v in state.items() if not k.startswith("model.image_encoder."))
+    assert metrics["trainable_params"] <= all_groups < metrics["trainable_params"] + encoder_params
+
+    from mm_llama.inference import Assistant
+
+    (out / "image_encoder.safetensors").rename(tmp_path / "moved.safetensors")
+    assistant = Assistant.from_checkpoint(out / "adapter.ckpt")
+    loaded = assistant.model.image_encoder.backbone.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+
+    # --resume: no second stage 1; the frozen encoder comes back from last.ckpt
+    assert run_module.main([*flags, "--steps", "3", "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["steps"] == 3 and resumed["encoder_pretrain"] is None
+    state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(state[prefix + k], v) for k, v in saved.items())
