@@ -48,7 +48,7 @@ import torch
 import webdataset as wds
 from webdataset.gopen import Pipe
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from mm_llama.data.collate import collate
 from mm_llama.data.examples import (
@@ -58,6 +58,7 @@ from mm_llama.data.examples import (
     ExampleTooLong,
     encode_example,
 )
+from mm_llama.data.resumable import ResumableLoader
 
 logger = logging.getLogger(__name__)
 
@@ -536,16 +537,17 @@ def build_dataset(
     return dataset
 
 
-def build_loader(dataset: IterableDataset, cfg: DataConfig, pad_id: int, pin_memory: bool = False) -> DataLoader:
+def build_loader(dataset: IterableDataset, cfg: DataConfig, pad_id: int, pin_memory: bool = False) -> ResumableLoader:
     """A DataLoader that batches in the workers and collates with :func:`collate`.
 
     Batching is the DataLoader's (``batch_size=cfg.batch_size``): each worker
     fills its own batches, so a worker's last batch may be partial unless
     ``epoch_length`` is set (then every batch is full). Workers are persistent
     so that a validation loop does not restart them each time; the shared epoch
-    reaches them anyway.
+    reaches them anyway. It is a :class:`~mm_llama.data.resumable.ResumableLoader`, so a
+    pass can start after its first batches (mid-epoch resume).
     """
-    return DataLoader(
+    return ResumableLoader(
         dataset,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
