@@ -280,3 +280,24 @@ def test_loader_with_persistent_workers(shards, corrupt_shard):
     assert batch["images"].shape == (b, 3, 32, 32) and batch["attention_mask"].dtype == torch.bool
     assert (batch["labels"][~batch["attention_mask"]] == IGNORE_INDEX).all()
     assert (batch["input_ids"][~batch["attention_mask"]] == tok.pad_id).all()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_skips_batches_once_for_a_mid_epoch_resume(shards, workers):
+    """``skip_next_pass(n)``: the next pass starts at batch n of the same epoch order; later passes are whole.
+    With two workers the batches interleave (one shard pair each), and the skip still drops exactly n."""
+    cfg = DataConfig(shards, image_size=32, batch_size=5, num_workers=workers, shuffle_buffer=16)
+    tok = chat_tokenizer()
+    dataset = build_dataset(shards, tok, None, tok.vocab_size, train=True, cfg=cfg)
+    loader = build_loader(dataset, cfg, pad_id=tok.pad_id)
+
+    def batch_keys() -> list[list[str]]:
+        return [[m["__key__"] for m in b["meta"]] for b in loader]
+
+    dataset.set_epoch(1)
+    whole = batch_keys()
+    loader.skip_next_pass(3)
+    assert batch_keys() == whole[3:] and loader.pending_skip == 0
+    assert batch_keys() == whole
+    loader.skip_next_pass(len(whole) + 5)  # more than the pass holds: an empty pass, no error
+    assert batch_keys() == [] and batch_keys() == whole

@@ -5,6 +5,7 @@ checkpoint is refused with an error naming it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,8 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mm_llama.checkpoint_files import CorruptCheckpointError, atomic_write
 from mm_llama.training import report
 from mm_llama.training.checkpoint_io import AtomicCheckpointIO
-from mm_llama.training.optim import OptimConfig
 from mm_llama.training.datamodule import ImageDataModule
+from mm_llama.training.optim import OptimConfig
 from tests.test_training import make_module, shapes_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
@@ -172,20 +173,17 @@ def test_checkpoint_io_never_moves_a_file_across_file_systems(tmp_path, monkeypa
     file systems (rename -> EXDEV) that is a copy, and a kill during the copy leaves a truncated
     last.ckpt (seen with lightning 2.6.6: a 100-byte file). Here every rename is cross-device and
     every copy dies part-way: the atomic save does neither, so it still completes."""
-    import errno
-    import shutil
 
     def rename_crosses_devices(src, dst, *args, **kwargs):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    def copy_dies(fsrc, fdst, *args, **kwargs):
-        fdst.write(fsrc.read(100))
+    def copy_dies(src, dst, *args, **kwargs):  # shutil.move -> copy2 -> copyfile, on EXDEV
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
         raise Interrupted("killed during the copy")
 
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 1}, path)
     monkeypatch.setattr(os, "rename", rename_crosses_devices)
-    monkeypatch.setattr(shutil, "copyfileobj", copy_dies)
     monkeypatch.setattr(shutil, "copyfile", copy_dies)
     io.save_checkpoint({"global_step": 2, "w": torch.ones(1000)}, path)
     monkeypatch.undo()
