@@ -17,8 +17,9 @@ answers a prompt about an image with a checkpoint, ``mm-llama demo`` serves the 
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from mm_llama.checkpoint_files import check_checkpoint_file
+from mm_llama.training import checkpoint_io
 from mm_llama.training.datamodule import ImageDataModule
 from mm_llama.training.module import AdapterModule
 from mm_llama.training.run import trainer_defaults
@@ -49,6 +52,18 @@ class AdapterCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Training examples and evaluation prompts must use the same system message.
         parser.link_arguments("model.system_prompt", "data.system_prompt")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then refuse a truncated ``--ckpt_path`` with an error naming it.
+
+        LightningCLI unpickles ``--ckpt_path`` for its hyper-parameters before any trainer
+        (and so before :class:`~mm_llama.training.checkpoint_io.AtomicCheckpointIO`) exists.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and os.path.isfile(ckpt_path):  # not "last" / "best", which Lightning resolves
+            check_checkpoint_file(ckpt_path)
 
 
 class SaveConfigBesideCheckpoints(SaveConfigCallback):
@@ -106,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     AdapterCLI(
         AdapterModule,
         ImageDataModule,
-        trainer_defaults=trainer_defaults(),
+        # Atomic checkpoint writes and a clear error for a corrupt --ckpt_path (checkpoint_io.py).
+        trainer_defaults={**trainer_defaults(), "plugins": [{"class_path": checkpoint_io.CLASS_PATH}]},
         save_config_callback=SaveConfigBesideCheckpoints,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "mm-llama"},

@@ -27,6 +27,7 @@ import PIL.Image
 import torch
 
 from encoders.preprocess import image_transform
+from mm_llama.checkpoint_files import checkpoint_read_errors
 from mm_llama.data.examples import encode_prompt
 from mm_llama.generation import check_settings, generate
 from mm_llama.inputs import InputError, check_media_kind, check_prompt, load_image
@@ -88,6 +89,7 @@ class Assistant:
 
         Raises:
             FileNotFoundError: no such checkpoint.
+            CorruptCheckpointError: the file is truncated or otherwise unreadable (a ``ValueError``).
             ValueError: the checkpoint does not fit the LM or the model config.
         """
         from mm_llama.training.module import AdapterModule  # Lightning is needed only to read its checkpoints
@@ -96,7 +98,9 @@ class Assistant:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist (train one with train_adapter.py)")
         overrides: dict[str, object] = {"lm": lm} if lm is not None else {}
-        model_cfg = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("model")
+        with checkpoint_read_errors(path):
+            hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+        model_cfg = hparams.get("model")
         if getattr(getattr(model_cfg, "image_encoder", None), "checkpoint", None) is not None:
             # The encoder's weights are in the checkpoint itself (a pre-trained, frozen encoder
             # included): do not read the stage-1 file it was built from, which may have moved.
@@ -106,7 +110,8 @@ class Assistant:
             # The frozen LM is deliberately absent from checkpoints; AdapterModule.on_load_checkpoint
             # checks the LM's sha256 and the exact set of trained keys instead.
             warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-            module = AdapterModule.load_from_checkpoint(path, map_location=device, **overrides)
+            with checkpoint_read_errors(path):
+                module = AdapterModule.load_from_checkpoint(path, map_location=device, **overrides)
         return cls(module.model.to(device), module.tokenizer, module.system_prompt)
 
     # --- inputs ------------------------------------------------------------------------

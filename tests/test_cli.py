@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from mm_llama.checkpoint_files import CorruptCheckpointError
 from mm_llama.cli import main
 from mm_llama.data.pipeline import resolve_urls
 
@@ -111,3 +112,9 @@ def test_tiny_fit_test_predict(tiny_lm_dir, tmp_path):
     assert saved["model"]["system_prompt"] == "Answer briefly." and "system_prompt" not in saved["data"]
     assert main(["test", "--config", str(path), "--ckpt_path", str(last)]) == 0
     assert main(["predict", "--config", str(path), "--ckpt_path", str(last)]) == 0
+    # checkpoints go through AtomicCheckpointIO: a truncated one is refused, named
+    assert saved["trainer"]["plugins"] == [{"class_path": "mm_llama.training.checkpoint_io.AtomicCheckpointIO"}]
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(CorruptCheckpointError, match=f"checkpoint {cut} cannot be read"):
+        main(["test", "--config", str(path), "--ckpt_path", str(cut)])

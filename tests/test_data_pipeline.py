@@ -3,8 +3,12 @@ splits, epoch-seeded shuffling, corrupt samples, missing shards, batching."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import logging
+import os
+import threading
 
 import pytest
 import torch
@@ -172,6 +176,65 @@ def test_missing_shard_raises_before_training(shards, tmp_path):
     assert resolve_urls(f"file://{shards.replace('{000000..000003}', '000001')}")
 
 
+@pytest.fixture(scope="module")
+def http_root(shards):
+    """``http://127.0.0.1:PORT`` serving the directory of ``shards`` from a thread; shut down after."""
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format, *args):  # the 404 below is expected; keep the test log clean
+            pass
+
+    handler = functools.partial(QuietHandler, directory=os.path.dirname(shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # port 0: an ephemeral port
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def samples_of(urls: str, train: bool) -> list[dict]:
+    dataset = make_dataset(urls, train=train)
+    dataset.set_epoch(1)
+    samples = list(dataset)
+    assert dataset.counter.total == 0
+    return samples
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("train", [False, True])
+def test_remote_urls_read_the_same_samples_as_local_paths(shards, http_root, train):
+    """``http://`` (webdataset streams it through curl) and ``pipe:cat`` give the local samples, in the
+    same order (shard and sample shuffles are seeded, not tied to the URL strings)."""
+    local = samples_of(shards, train)
+    name = os.path.basename(shards)
+    for urls in (f"{http_root}/{name}", f"pipe:cat {shards}"):
+        remote = samples_of(urls, train)
+        assert [s["meta"]["__key__"] for s in remote] == [s["meta"]["__key__"] for s in local], urls
+        assert len(remote) == len(KEYS)
+        for a, b in zip(remote, local):
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["image"], b["image"])
+            assert a["meta"]["__url__"] != b["meta"]["__url__"]  # really read through the remote URL
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_missing_remote_shard_is_skipped_counted_and_named(shards, http_root, caplog):
+    """A 404 is found only when the shard is read (no request is made up front), so it is treated
+    like an unreadable local shard: skipped, counted as ``read_error``, logged with its URL."""
+    name = os.path.basename(shards)
+    missing_http = f"{http_root}/train-000099.tar"
+    missing_pipe = f"pipe:cat {os.path.dirname(shards)}/train-000098.tar"
+    dataset = make_dataset(f"{http_root}/{name}::{missing_http}::{missing_pipe}", train=False)
+    with caplog.at_level(logging.WARNING, logger="mm_llama.data.pipeline"):
+        assert sorted(keys(dataset)) == sorted(KEYS)
+    assert dataset.counter.counts()["read_error"] == 2 and dataset.counter.total == 2
+    (http_line,) = [r.getMessage() for r in caplog.records if missing_http in r.getMessage()]
+    assert "curl failed (exit status 22 (HTTP error, e.g. 404 Not Found))" in http_line
+    (pipe_line,) = [r.getMessage() for r in caplog.records if missing_pipe in r.getMessage()]
+    assert "cat failed (exit status 1)" in pipe_line and "Pipe object" not in pipe_line
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         DataConfig("a.tar", batch_size=0)
@@ -217,3 +280,24 @@ def test_loader_with_persistent_workers(shards, corrupt_shard):
     assert batch["images"].shape == (b, 3, 32, 32) and batch["attention_mask"].dtype == torch.bool
     assert (batch["labels"][~batch["attention_mask"]] == IGNORE_INDEX).all()
     assert (batch["input_ids"][~batch["attention_mask"]] == tok.pad_id).all()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_skips_batches_once_for_a_mid_epoch_resume(shards, workers):
+    """``skip_next_pass(n)``: the next pass starts at batch n of the same epoch order; later passes are whole.
+    With two workers the batches interleave (one shard pair each), and the skip still drops exactly n."""
+    cfg = DataConfig(shards, image_size=32, batch_size=5, num_workers=workers, shuffle_buffer=16)
+    tok = chat_tokenizer()
+    dataset = build_dataset(shards, tok, None, tok.vocab_size, train=True, cfg=cfg)
+    loader = build_loader(dataset, cfg, pad_id=tok.pad_id)
+
+    def batch_keys() -> list[list[str]]:
+        return [[m["__key__"] for m in b["meta"]] for b in loader]
+
+    dataset.set_epoch(1)
+    whole = batch_keys()
+    loader.skip_next_pass(3)
+    assert batch_keys() == whole[3:] and loader.pending_skip == 0
+    assert batch_keys() == whole
+    loader.skip_next_pass(len(whole) + 5)  # more than the pass holds: an empty pass, no error
+    assert batch_keys() == [] and batch_keys() == whole

@@ -9,6 +9,7 @@ import json
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from encoders import ImageEncoderConfig
 from mm_llama.data.scenes import make_default_shards
@@ -194,6 +195,10 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
         assert (out / name).is_file(), name
     adapter = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)
     assert "optimizer_states" not in adapter and "lm_identity" in adapter
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temporary file
+    from mm_llama.training.checkpoint_io import CLASS_PATH
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["plugins"] == [{"class_path": CLASS_PATH}]
 
     # the resolved config is a valid LightningCLI config
     from mm_llama.cli import main as cli_main

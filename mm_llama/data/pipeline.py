@@ -17,7 +17,11 @@ reproducible). The splitters are explicit, so the 1.0.2 pitfall of the default
 
 Corrupt samples are skipped, counted by kind in a :class:`SkipCounter` and
 logged (rate-limited); they never stop a run. Missing local shards and empty URL
-lists raise before the first step.
+lists raise before the first step. Remote shards (``http(s)://``, fetched by
+webdataset with ``curl -f``; ``pipe:<command>``, whose stdout is the tar) are not
+probed up front: one that cannot be read (404, failing command) is skipped and
+counted as ``read_error`` like an unreadable local shard, logged with its URL and
+the command's exit status.
 
 Epochs: call ``dataset.set_epoch(epoch)`` before iterating (Lightning does not
 do this for an ``IterableDataset``; ``mm_llama``'s data module must). The epoch
@@ -34,6 +38,7 @@ import multiprocessing
 import os
 import random
 import re
+import subprocess
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Callable, Iterator, Sequence
@@ -41,8 +46,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.gopen import Pipe
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from mm_llama.data.collate import collate
 from mm_llama.data.examples import (
@@ -52,6 +58,7 @@ from mm_llama.data.examples import (
     ExampleTooLong,
     encode_example,
 )
+from mm_llama.data.resumable import ResumableLoader
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +172,15 @@ class SkipCounter:
             logger.warning("skipped sample %s [%s, #%d]: %s", key, kind, n, reason)
 
     def handler(self, exn: Exception) -> bool:
-        """WebDataset exception handler for shard-level errors: count, log, continue."""
+        """WebDataset exception handler for shard-level errors: count, log, continue.
+
+        A remote shard that cannot be fetched (``http(s)://`` through ``curl``, or a
+        ``pipe:`` command that fails) lands here, logged with its URL and the command's
+        exit status: it is skipped like an unreadable local shard.
+        """
         # webdataset appends (stream, url) to the exception's args.
         url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
-        self.record("read_error", url, f"{type(exn).__name__}: {str(exn)[:300]}")
+        self.record("read_error", url, shard_error_reason(exn))
         return True
 
     def counts(self) -> dict[str, int]:
@@ -185,6 +197,34 @@ class SkipCounter:
 
     def __repr__(self) -> str:
         return f"SkipCounter({ {k: v for k, v in self.counts().items() if v} })"
+
+
+_PIPE_EXIT_WAIT_S = 5.0
+_CURL_HTTP_ERROR = 22  # curl -f: the server answered with an HTTP status >= 400 (e.g. 404)
+
+
+def shard_error_reason(exn: Exception) -> str:
+    """One line saying why a shard could not be read (the URL is logged beside it).
+
+    For a shard streamed through a subprocess (``pipe:`` URLs, and ``http(s)://``,
+    which webdataset fetches with ``curl -f``), the command's exit status is the
+    useful part, not the ``Pipe`` object's repr.
+    """
+    message = next((a for a in exn.args if isinstance(a, str)), str(exn))
+    pipe = next((a for a in exn.args if isinstance(a, Pipe)), None)
+    if pipe is None:
+        return f"{type(exn).__name__}: {message[:300]}"
+    status = pipe.status
+    if status is None:  # the stream ended (or broke); the command is exiting
+        try:
+            status = pipe.proc.wait(timeout=_PIPE_EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            status = None
+    command = pipe.proc.args if isinstance(pipe.proc.args, str) else " ".join(map(str, pipe.proc.args))
+    name = command.split(maxsplit=1)[0] if command else "?"
+    hint = " (HTTP error, e.g. 404 Not Found)" if name == "curl" and status == _CURL_HTTP_ERROR else ""
+    exit_text = "still running" if status is None else f"exit status {status}{hint}"
+    return f"{type(exn).__name__}: {name} failed ({exit_text}); command: {command[:200]}"
 
 
 class SharedEpoch:
@@ -497,16 +537,17 @@ def build_dataset(
     return dataset
 
 
-def build_loader(dataset: IterableDataset, cfg: DataConfig, pad_id: int, pin_memory: bool = False) -> DataLoader:
+def build_loader(dataset: IterableDataset, cfg: DataConfig, pad_id: int, pin_memory: bool = False) -> ResumableLoader:
     """A DataLoader that batches in the workers and collates with :func:`collate`.
 
     Batching is the DataLoader's (``batch_size=cfg.batch_size``): each worker
     fills its own batches, so a worker's last batch may be partial unless
     ``epoch_length`` is set (then every batch is full). Workers are persistent
     so that a validation loop does not restart them each time; the shared epoch
-    reaches them anyway.
+    reaches them anyway. It is a :class:`~mm_llama.data.resumable.ResumableLoader`, so a
+    pass can start after its first batches (mid-epoch resume).
     """
-    return DataLoader(
+    return ResumableLoader(
         dataset,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,

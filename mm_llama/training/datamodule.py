@@ -9,6 +9,12 @@ Lightning does not tell an ``IterableDataset`` which epoch it is in (it only
 calls ``sampler.set_epoch``), so the module adds a small callback to the
 trainer that sets the shared epoch of the training shards before each epoch
 and logs the skipped-sample counts after each epoch.
+
+Mid-epoch resume: the same callback counts the training batches consumed in the
+current epoch and stores ``(epoch, batches)`` in every checkpoint. Restoring it
+(Lightning restores callbacks before it asks for the training loader) makes the
+next training loader start at that epoch, after those batches: the data order of
+a resumed run is the uninterrupted run's, batch for batch (tested).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch.utils.data import DataLoader
 from encoders.preprocess import image_transform
 from mm_llama.data.examples import ChatTokenizer
 from mm_llama.data.pipeline import DataConfig, ShardDataset, SkipCounter, build_dataset, build_loader
+from mm_llama.data.resumable import ResumableLoader
 from mm_llama.data.scenes import GENERATOR_VERSION, MANIFEST, SPLITS, brace_url, make_default_shards
 
 log = logging.getLogger(__name__)
@@ -64,7 +71,10 @@ class _AdapterModuleLike(Protocol):
 
 
 def model_inputs(module: _AdapterModuleLike) -> ModelInputs:
-    """:class:`ModelInputs` of an :class:`~mm_llama.training.module.AdapterModule`."""
+    """:class:`ModelInputs` of an :class:`~mm_llama.training.module.AdapterModule`, or the
+    ``inputs`` a module carries itself (the encoder pre-training stage, which has no LM)."""
+    if isinstance(getattr(module, "inputs", None), ModelInputs):
+        return module.inputs
     return ModelInputs(
         tokenizer=module.tokenizer,
         media_token_id=module.model.media_token_id("image"),
@@ -166,6 +176,7 @@ class ImageDataModule(L.LightningDataModule):
         self.inputs: ModelInputs | None = None
         self.datasets: dict[str, ShardDataset] = {}
         self._epoch_hooks = _DataEpochHooks(self)
+        self._resume_at: TrainPosition | None = None
 
     def _config(self, train_urls: str, image_size: int, system_prompt: str | None) -> DataConfig:
         hp = self.hparams
@@ -254,15 +265,27 @@ class ImageDataModule(L.LightningDataModule):
             dataset.append(wds.slice(math.ceil(cap / (world_size * max(1, cfg.num_workers)))))
         return dataset
 
-    def _loader(self, split: str) -> DataLoader:
+    def _loader(self, split: str) -> ResumableLoader:
         if split not in self.datasets:
             raise RuntimeError(f"the {split} dataset was not built: call setup() for its stage first")
         assert self.inputs is not None
         return build_loader(self.datasets[split], self.config, self.inputs.tokenizer.pad_id,
                             pin_memory=torch.cuda.is_available())
 
+    def resume_at(self, position: TrainPosition) -> None:
+        """Make the next training loader start at ``position`` (a restored checkpoint's)."""
+        self._resume_at = position
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        loader = self._loader("train")
+        if self._resume_at is not None:
+            # Lightning builds the iterator right after this call, before any epoch hook runs.
+            self.datasets["train"].set_epoch(self._resume_at.epoch)
+            loader.skip_next_pass(self._resume_at.batches)
+            log.info("resuming the training data at epoch %d after %d batch(es)",
+                     self._resume_at.epoch, self._resume_at.batches)
+            self._resume_at = None
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -292,19 +315,48 @@ class ImageDataModule(L.LightningDataModule):
                 {k: v for k, v in counts.items() if k != "total"})
 
 
+@dataclass(frozen=True)
+class TrainPosition:
+    """Where training is in the data: ``batches`` consumed so far in epoch ``epoch``."""
+
+    epoch: int
+    batches: int
+
+
 class _DataEpochHooks(L.Callback):
-    """Sets the training shards' epoch and logs skip counts; added to the trainer by
-    :meth:`ImageDataModule.setup` (a data module gets no epoch hooks of its own)."""
+    """Sets the training shards' epoch, logs skip counts and checkpoints the position in the
+    training data; added to the trainer by :meth:`ImageDataModule.setup` (a data module gets
+    no epoch hooks of its own)."""
 
     def __init__(self, datamodule: ImageDataModule) -> None:
         self.datamodule = datamodule
+        self.position = TrainPosition(epoch=0, batches=0)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Runs before the epoch's DataLoader iterator is created; with persistent workers
-        # the shared-memory epoch reaches them on the iterator reset.
+        # Runs before the epoch's DataLoader iterator is created (not on a mid-epoch restart:
+        # then the restored position has set the epoch); with persistent workers the
+        # shared-memory epoch reaches them on the iterator reset.
+        self.position = TrainPosition(trainer.current_epoch, 0)
         dataset = self.datamodule.datasets.get("train")
         if dataset is not None:
             dataset.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Counted at the start, so a checkpoint written at this batch's end includes it. After the
+        # epoch's last batch (Lightning's prefetch already knows it is the last), the position is the
+        # start of the next epoch: a resume from there must not replay or skip into this one.
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self.position = TrainPosition(trainer.current_epoch + 1, 0)
+        else:
+            self.position = TrainPosition(trainer.current_epoch, self.position.batches + 1)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.position.epoch, "batches": self.position.batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.position = TrainPosition(state_dict["epoch"], state_dict["batches"])
+        self.datamodule.resume_at(self.position)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(pl_module, "train")

@@ -227,7 +227,7 @@ def pretrain_image_encoder(
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    trainer.fit(module, datamodule=datamodule)  # the data module's callback sets each epoch's shuffle
     seconds = time.perf_counter() - start
     path = out / "image_encoder.safetensors"
     state = {k: v.detach().contiguous() for k, v in encoder.backbone.model.state_dict().items()}

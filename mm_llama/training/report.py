@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from encoders.preprocess import CLIP_MEAN, CLIP_STD  # noqa: E402
+from mm_llama.checkpoint_files import atomic_write  # noqa: E402
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 
@@ -185,7 +186,9 @@ def json_safe(value: Any) -> Any:
 
 
 def write_metrics(metrics: dict[str, Any], path: str | Path) -> str:
-    """Write ``metrics`` as strict JSON to ``path``; returns the one-line JSON string."""
+    """Write ``metrics`` as strict JSON to ``path`` (atomically: the previous file stays whole
+    until the new one is complete); returns the one-line JSON string."""
     line = json.dumps(json_safe(metrics), sort_keys=True, allow_nan=False)
-    Path(path).write_text(json.dumps(json.loads(line), indent=2, sort_keys=True) + "\n")
+    with atomic_write(path, "w") as file:
+        file.write(json.dumps(json.loads(line), indent=2, sort_keys=True) + "\n")
     return line

@@ -34,6 +34,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from encoders import ImageEncoderConfig
 from mm_llama.model import ModelConfig
+from mm_llama.checkpoint_files import atomic_write
+from mm_llama.training import checkpoint_io
+from mm_llama.training.checkpoint_io import AtomicCheckpointIO
 from mm_llama.training.datamodule import ImageDataModule, ModelInputs
 from mm_llama.training.encoder_pretrain import EncoderPretrainConfig, pretrain_image_encoder
 from mm_llama.training.module import DEFAULT_LM, AdapterModule, normalise_answer
@@ -263,6 +266,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         **trainer_cfg,
         callbacks=[ModelCheckpoint(**checkpoint_cfg), history, test_samples],
         logger=CSVLogger(**logger_cfg),
+        plugins=[AtomicCheckpointIO()],  # last.ckpt / adapter.ckpt are never left half-written
         enable_progress_bar=cfg.progress,
         enable_model_summary=cfg.progress,
     )
@@ -383,6 +387,7 @@ def resolved_config(
             **trainer_cfg,
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint_cfg}],
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": logger_cfg},
+            "plugins": [{"class_path": checkpoint_io.CLASS_PATH}],
         },
         "model": {
             "lm": module.hparams.lm,
@@ -401,7 +406,8 @@ def _write_config(path: Path, cfg: RunConfig, *args: Any) -> None:
         "# Resolved configuration of a train_adapter.py run; `mm-llama fit --config <this file>` repeats it.\n"
         f"# train_adapter.py arguments: {json.dumps(run_args)}\n"
     )
-    path.write_text(header + yaml.safe_dump(resolved_config(cfg, *args), sort_keys=False))
+    with atomic_write(path, "w") as file:
+        file.write(header + yaml.safe_dump(resolved_config(cfg, *args), sort_keys=False))
 
 
 # ---------------------------------------------------------------- command line
