@@ -36,10 +36,12 @@ class ImageEncoderConfig:
     """Shape and source of the image encoder.
 
     The defaults are a CPU-sized hybrid ViT (the ViT paper's "R+ViT": a ResNet stem,
-    a 7x7 stride-2 convolution and a stride-2 max-pool, then 4x4 patches of its
-    stride-4 feature map, 4 blocks of width 192): a 64x64 image gives 16 tokens of
-    576 dims. On the built-in scenes it learns far faster than a plain ViT with
-    8x8-pixel patches (README, "Learning dynamics"). The paper's encoder is
+    a 7x7 stride-2 convolution and a stride-2 max-pool, then 8x8 patches of its
+    stride-4 feature map, i.e. 32x32 pixels, 4 blocks of width 192): a 64x64 image
+    gives 4 tokens of 576 dims, one per cell of the built-in 2x2 scenes; ``patch_size=4``
+    (16 tokens) suits finer layouts such as ``make-shards --grid 3``. On the built-in
+    scenes it learns far faster than a plain ViT with 8x8-pixel patches (README,
+    "Learning dynamics"). The paper's encoder is
     ``backbone="open_clip:ViT-H-14"``, ``image_size=224`` with every override
     ``None``, ``intermediate_layers=(3, 7, 15, 23, 30)``, ``n_global_layers=8``.
 
@@ -77,7 +79,7 @@ class ImageEncoderConfig:
 
     backbone: str = "timm:vit_tiny_r_s16_p8_224"
     image_size: int = 64
-    patch_size: int | None = 4
+    patch_size: int | None = 8
     depth: int | None = 4
     width: int | None = 192
     heads: int | None = 3

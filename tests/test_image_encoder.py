@@ -267,14 +267,16 @@ def test_preprocess_output_feeds_encoder() -> None:
     assert encoder(batch).tokens.shape == (3, 16, encoder.out_dim)
 
 
-def test_default_encoder_is_a_hybrid_vit_with_16_tokens() -> None:
-    encoder = ImageEncoder(ImageEncoderConfig())
+@pytest.mark.parametrize("patch_size, tokens", [(None, 4), (4, 16)])
+def test_default_encoder_is_a_hybrid_vit(patch_size: int | None, tokens: int) -> None:
+    overrides = {} if patch_size is None else {"patch_size": patch_size}
+    encoder = ImageEncoder(ImageEncoderConfig(**overrides))
     model = encoder.backbone.model
-    assert type(model.patch_embed).__name__ == "HybridEmbed"  # ResNet stem, then 4x4 patches of its stride-4 map
+    assert type(model.patch_embed).__name__ == "HybridEmbed"  # ResNet stem, then patches of its stride-4 map
     images = torch.randn(2, 3, 64, 64)
     out = encoder(images)
-    assert out.tokens.shape == (2, 16, 3 * 192) and encoder.num_tokens == 16
-    final = library_final_patch_tokens(encoder, images)  # [b, 16, 192]
+    assert out.tokens.shape == (2, tokens, 3 * 192) and encoder.num_tokens == tokens
+    final = library_final_patch_tokens(encoder, images)  # [b, tokens, 192]
     assert any(torch.allclose(out.tokens[..., i * 192:(i + 1) * 192], final, atol=1e-5) for i in range(3))
 
 
