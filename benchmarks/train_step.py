@@ -41,10 +41,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=40, help="tokens per sample (the built-in data averages ~32-45)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--train-encoder", action="store_true",
+                        help="train the image encoder too (default: frozen, as in stage 2 of the default run)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = MultimodalLlama(load_language_model(args.lm), ModelConfig()).train()
+    groups = ModelConfig().trainable
+    trainable = groups if args.train_encoder else tuple(g for g in groups if g != "image_encoder")
+    model = MultimodalLlama(load_language_model(args.lm), ModelConfig(trainable=trainable)).train()
     size = model.cfg.image_encoder.image_size
     b, s = args.batch_size, args.seq_len
     ids = torch.randint(0, model.lm.cfg.vocab_size, (b, s))

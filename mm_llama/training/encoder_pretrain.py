@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -227,7 +228,10 @@ def pretrain_image_encoder(
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)  # the data module's callback sets each epoch's shuffle
+    with warnings.catch_warnings():
+        # The data module offers its validation split too; stage 1 has no validation.
+        warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+        trainer.fit(module, datamodule=datamodule)  # the data module's callback sets each epoch's shuffle
     seconds = time.perf_counter() - start
     path = out / "image_encoder.safetensors"
     state = {k: v.detach().contiguous() for k, v in encoder.backbone.model.state_dict().items()}
