@@ -55,7 +55,7 @@ class EncoderPretrainConfig:
             than fine-tuning it with the adapters: README).
     """
 
-    steps: int = 300
+    steps: int = 250
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 10
