@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from encoders import ImageEncoder
 from mm_llama.training.datamodule import ModelInputs
 from mm_llama.training.optim import OptimConfig, build_optimizer
+from mm_llama.training.report import TrainingHistory
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +170,6 @@ class EncoderPretrainModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class _LossHistory(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 def pretrain_image_encoder(
     encoder: ImageEncoder,
     inputs: ModelInputs,
@@ -214,7 +207,7 @@ def pretrain_image_encoder(
     log.info("encoder pre-training: %d steps x %d samples, %d output tokens",
              cfg.steps, cfg.batch_size, int(lookup.max()))
     module = EncoderPretrainModule(encoder, inputs, lookup, cfg)
-    history = _LossHistory()
+    history = TrainingHistory()
     trainer = L.Trainer(
         **{k: v for k, v in trainer_defaults.items() if k != "log_every_n_steps"},
         max_steps=cfg.steps,
@@ -238,7 +231,7 @@ def pretrain_image_encoder(
     tmp = path.with_suffix(".tmp")
     safetensors.torch.save_file(state, str(tmp))
     tmp.replace(path)
-    tail = history.losses[-20:]
+    tail = [loss for _, loss in history.train_loss[-20:]]
     return {
         "steps": trainer.global_step,
         "seconds": round(seconds, 2),
