@@ -58,6 +58,7 @@ from mm_llama.data.examples import (
     ExampleTooLong,
     encode_example,
 )
+from mm_llama.data.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from mm_llama.data.resumable import ResumableLoader
 
 logger = logging.getLogger(__name__)
@@ -66,9 +67,10 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 SKIP_KINDS: dict[str, str] = {
     "read_error": "shard could not be opened or read (truncated tar, I/O error)",
     "missing_image": "sample has no png/jpg/jpeg/webp entry",
-    "bad_image": "image bytes could not be decoded",
+    "bad_image": "image bytes could not be decoded (empty, truncated, not an image)",
+    "image_too_large": "image has more than DataConfig.max_image_pixels pixels (refused before decoding)",
     "missing_text": "sample has neither json nor txt",
-    "bad_json": "json is not valid JSON or not an object",
+    "bad_json": "json is not valid JSON, not an object, or prompt/response is not a string",
     "bad_encoding": "json/txt is not UTF-8",
     "empty_text": "prompt or response missing or empty",
     "bad_text": "text cannot be encoded (e.g. contains the media placeholder)",
@@ -100,6 +102,8 @@ class DataConfig:
         image_size: side of the square image tensor.
         system_prompt: system message for every example; ``None`` keeps the
             chat template's default.
+        max_image_pixels: images with more pixels (width x height) are skipped and
+            counted as ``image_too_large`` from their header, never decoded.
     """
 
     train_urls: str
@@ -114,6 +118,7 @@ class DataConfig:
     seed: int = 0
     image_size: int = 64
     system_prompt: str | None = None
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if not isinstance(self.train_urls, str) or not self.train_urls.strip():
@@ -136,6 +141,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.max_len must be >= 2, got {self.max_len}")
         if self.image_size < 1:
             raise ValueError(f"DataConfig.image_size must be >= 1, got {self.image_size}")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"DataConfig.max_image_pixels must be >= 1, got {self.max_image_pixels}")
 
 
 # ---------------------------------------------------------------- shared state
@@ -161,6 +168,7 @@ class SkipCounter:
         self._counts = multiprocessing.Array("q", len(self._kinds))
         self.log_first = log_first
         self.log_every = log_every
+        self._reported_streams: set[str] = set()  # shards already counted, awaiting webdataset's second report
 
     def record(self, kind: str, key: str, reason: str) -> None:
         """Count one skipped sample and log it (rate-limited)."""
@@ -178,7 +186,18 @@ class SkipCounter:
         ``pipe:`` command that fails) lands here, logged with its URL and the command's
         exit status: it is skipped like an unreadable local shard.
         """
-        # webdataset appends (stream, url) to the exception's args.
+        # webdataset reports a shard that breaks inside a member twice: first from the member
+        # read, with " @ <stream>" appended to the message, then from the tar stream, with
+        # (stream, url) appended to the args. Count the shard once.
+        message = str(exn.args[0]) if exn.args else ""
+        if " @ " in message and not any(isinstance(a, str) and a != exn.args[0] for a in exn.args[1:]):
+            self._reported_streams.add(message.rsplit(" @ ", 1)[1])
+            self.record("read_error", message.rsplit(" @ ", 1)[1], shard_error_reason(exn))
+            return True
+        stream = str(exn.args[-2]) if len(exn.args) >= 2 else None
+        if stream in self._reported_streams:
+            self._reported_streams.discard(stream)
+            return True
         url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
         self.record("read_error", url, shard_error_reason(exn))
         return True
@@ -325,20 +344,19 @@ class _EpochSampleShuffle:
         return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
 
 
-def decode_image(sample: dict[str, Any]) -> Image.Image:
-    """The sample's first image entry as an RGB PIL image.
+def decode_image(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The sample's first image entry as an 8-bit RGB PIL image (:func:`~mm_llama.data.image_io.decode_rgb`).
 
     Raises:
-        CorruptSample: ``missing_image`` or ``bad_image``.
+        CorruptSample: ``missing_image``, ``bad_image`` or ``image_too_large``.
     """
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         raise CorruptSample("missing_image", f"entries {sorted(k for k in sample if not k.startswith('__'))}")
     try:
-        with Image.open(BytesIO(sample[ext])) as image:
-            return image.convert("RGB")  # convert() forces the full decode
-    except Exception as exn:  # PIL raises many types on corrupt bytes; all mean "bad image"
-        raise CorruptSample("bad_image", f"{ext}: {type(exn).__name__}: {exn}") from exn
+        return decode_rgb(sample[ext], max_pixels)
+    except ImageDecodeError as exn:
+        raise CorruptSample(exn.kind, f"{ext}: {exn.reason}") from exn
 
 
 def _utf8(sample: dict[str, Any], ext: str) -> str:
@@ -367,7 +385,9 @@ def decode_text(sample: dict[str, Any]) -> dict[str, Any]:
         raise CorruptSample("missing_text", "no json or txt entry")
     for field in ("prompt", "response"):
         value = meta.get(field)
-        if not isinstance(value, str) or not value.strip():
+        if value is not None and not isinstance(value, str):
+            raise CorruptSample("bad_json", f"{field!r} must be a string, got {type(value).__name__} {value!r}")
+        if not value or not value.strip():
             raise CorruptSample("empty_text", f"{field}={value!r}")
         meta[field] = value.strip()
     return meta
@@ -401,12 +421,14 @@ class _DecodeAndEncode:
         max_len: int,
         system_prompt: str | None,
         counter: SkipCounter,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.tokenizer, self.transform, self.media_token_id = tokenizer, transform, media_token_id
         self.max_len, self.system_prompt, self.counter = max_len, system_prompt, counter
+        self.max_pixels = max_pixels
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image = decode_image(sample)
+        image = decode_image(sample, self.max_pixels)
         meta = decode_text(sample)
         try:
             encoded = encode_example(
@@ -513,6 +535,7 @@ def build_dataset(
         cfg.max_len,
         cfg.system_prompt,
         counter,
+        cfg.max_image_pixels,
     )
     stages: list[Any]
     if train and cfg.resampled:

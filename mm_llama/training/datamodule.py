@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from encoders.preprocess import image_transform
 from mm_llama.data.examples import ChatTokenizer
+from mm_llama.data.image_io import DEFAULT_MAX_PIXELS
 from mm_llama.data.pipeline import DataConfig, ShardDataset, SkipCounter, build_dataset, build_loader
 from mm_llama.data.resumable import ResumableLoader
 from mm_llama.data.scenes import GENERATOR_VERSION, MANIFEST, SPLITS, brace_url, make_default_shards
@@ -139,6 +140,8 @@ class ImageDataModule(L.LightningDataModule):
         val_samples: at most this many validation samples per evaluation (the same,
             first ones each time), to keep validation with generation cheap; ``None`` = all.
         test_samples: the same cap for test / predict; ``None`` = the whole split.
+        max_image_pixels: larger images (width x height, read from the header) are skipped
+            and counted as ``image_too_large`` without being decoded.
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class ImageDataModule(L.LightningDataModule):
         system_prompt: str | None = "",
         val_samples: int | None = 128,
         test_samples: int | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -191,6 +195,7 @@ class ImageDataModule(L.LightningDataModule):
             seed=hp.seed,
             image_size=image_size,
             system_prompt=system_prompt,
+            max_image_pixels=hp.max_image_pixels,
         )
 
     # --- wiring to the model ----------------------------------------------------------
