@@ -160,6 +160,10 @@ class TiledImages:
                 f"aspect_ratio_mask must be [b, m, t] = {(b, m, t)}, got {tuple(self.aspect_ratio_mask.shape)}"
             )
 
+    def __len__(self) -> int:
+        """``b``, as ``len`` of an image tensor."""
+        return self.pixel_values.shape[0]
+
     def to(self, *args, **kwargs) -> TiledImages:
         """Move the pixels (dtype and device) and the ids/mask (device only)."""
         pixels = self.pixel_values.to(*args, **kwargs)

@@ -116,7 +116,8 @@ class ModelConfig:
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.fusion_rows < len(MEDIA_TOKENS):
-            raise ValueError(f"fusion_rows must be >= {len(MEDIA_TOKENS)} (one per media token), got {self.fusion_rows}")
+            raise ValueError(f"fusion_rows must be >= {len(MEDIA_TOKENS)} (one per media token), "
+                             f"got {self.fusion_rows}")
         unknown = set(self.trainable) - set(TRAINABLE_GROUPS)
         if unknown:
             raise ValueError(f"unknown trainable group(s) {sorted(unknown)}; known: {sorted(TRAINABLE_GROUPS)}")

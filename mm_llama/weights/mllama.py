@@ -154,7 +154,9 @@ class TextLayout:
 
     def __post_init__(self) -> None:
         if any(not 0 <= j < self.n_layers for j in self.cross) or len(set(self.cross)) != len(self.cross):
-            raise ValueError(f"cross_attention_layers {list(self.cross)} must be distinct indices in [0, {self.n_layers})")
+            raise ValueError(
+                f"cross_attention_layers {list(self.cross)} must be distinct indices in [0, {self.n_layers})"
+            )
         object.__setattr__(self, "cross", tuple(sorted(self.cross)))
         positions = self.positions
         n_self = self.n_layers - len(self.cross)
@@ -266,7 +268,8 @@ def vision_config_from_hf(vision: dict) -> MllamaVisionEncoderConfig:
     )
     if vision.get("vision_output_dim", cfg.out_dim) != cfg.out_dim:
         raise ValueError(
-            f"vision_output_dim {vision['vision_output_dim']} != hidden_size * (1 + intermediate layers) = {cfg.out_dim}"
+            f"vision_output_dim {vision['vision_output_dim']} != "
+            f"hidden_size * (1 + intermediate layers) = {cfg.out_dim}"
         )
     return cfg
 
@@ -389,7 +392,8 @@ def _split_embedding(weight: torch.Tensor, vocab_size: int) -> dict[str, torch.T
     rows = weight.shape[0] - vocab_size
     if rows != MLLAMA_SPECIAL_ROWS:
         raise ValueError(
-            f"Mllama embedding has {weight.shape[0]} rows = vocab {vocab_size} + {rows}; expected + {MLLAMA_SPECIAL_ROWS}"
+            f"Mllama embedding has {weight.shape[0]} rows = vocab {vocab_size} + {rows}; "
+            f"expected + {MLLAMA_SPECIAL_ROWS}"
         )
     return {"lm.embed_tokens.weight": weight[:vocab_size], "fusion_embed.new.weight": weight[vocab_size:]}
 
