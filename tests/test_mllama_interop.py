@@ -192,3 +192,36 @@ def test_greedy_generation_matches_transformers(hf_dir, imported):
                                 eos_token_id=None, pad_token_id=0)[:, 6:]
     got = generate(imported["mlp_only"], ids.tolist(), images, max_new_tokens=6)
     assert got == expected.tolist()
+
+
+def test_published_11b_config_translates():
+    """The config.json of Llama-3.2-11B-Vision as published (``rope_scaling`` spelling, no weights needed)."""
+    from mm_llama.weights.mllama import text_config_from_hf, vision_config_from_hf
+
+    hf = {
+        "model_type": "mllama", "image_token_index": 128256,
+        "text_config": {
+            "vocab_size": 128256, "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "intermediate_size": 14336, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192},
+            "max_position_embeddings": 131072, "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38],
+            "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+            "pad_token_id": 128004,
+        },
+        "vision_config": {
+            "hidden_size": 1280, "hidden_act": "gelu", "num_hidden_layers": 32, "num_global_layers": 8,
+            "attention_heads": 16, "num_channels": 3, "intermediate_size": 5120, "vision_output_dim": 7680,
+            "image_size": 560, "patch_size": 14, "norm_eps": 1e-5, "max_num_tiles": 4,
+            "intermediate_layers_indices": [3, 7, 15, 23, 30],
+            "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+        },
+    }
+    lm, layout = text_config_from_hf(hf)
+    assert (lm.n_layers, lm.dim, lm.n_kv_heads, lm.vocab_size, lm.tie_embeddings) == (32, 4096, 8, 128256, False)
+    assert lm.rope_scaling is not None and lm.rope_scaling.factor == 8.0 and lm.rope_theta == 500000.0
+    assert layout.positions == (3, 7, 11, 15, 19, 23, 27, 31)
+    vision = vision_config_from_hf(hf["vision_config"])
+    assert vision.out_dim == 7680 and vision.tokens_per_tile == 1601 and vision.n_aspect_ratio_ids == 9
+    with pytest.raises(ValueError, match="image_token_index 5"):
+        text_config_from_hf({**hf, "image_token_index": 5})
