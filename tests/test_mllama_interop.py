@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from encoders.tiling import collate_tiled, tile_image  # noqa: E402
-from mm_llama.weights.mllama import TextLayout, load_mllama, save_mllama  # noqa: E402
+from mm_llama.weights.mllama import load_mllama, save_mllama  # noqa: E402
+from mm_llama.weights.mllama_keys import TextLayout  # noqa: E402
 
 VOCAB, IMAGE = 101, 101
 TILE, MAX_TILES = 16, 4
