@@ -188,8 +188,6 @@ class TextLayout:
         return cls(n_self + len(positions), tuple(k + i for i, k in enumerate(positions)))
 
 
-
-
 def detect_layout(keys: list[str]) -> str:
     """The name in :data:`LAYOUTS` whose text prefix the checkpoint ``keys`` use."""
     for name, prefixes in LAYOUTS.items():
