@@ -14,6 +14,9 @@ from torch import nn
 
 from mm_llama.layers import RMSNorm, SwiGLU
 
+ROW_MASK_MODES: tuple[str, ...] = ("both", "mlp_only")
+"""How text rows that see no media are treated (see :class:`GatedCrossAttention`)."""
+
 
 class GatedCrossAttention(nn.Module):
     """One gated cross-attention block, inserted between two frozen decoder blocks.
@@ -27,6 +30,13 @@ class GatedCrossAttention(nn.Module):
     RMS at this depth, an adapter output of unit size moves the frozen LM as much
     in layer 27 as in layer 3 (see README, "Learning dynamics"). The gates start at
     ``gate_init`` (0 by default), so at initialisation the block is the identity.
+
+    ``row_mask_mode`` decides what happens to text rows that see no media (before the
+    sample's first media token, or in a sample without media): ``"both"`` (default; Meta's
+    reference and torchtune) zeroes the attention and the MLP output of such rows, so they
+    pass through unchanged. ``"mlp_only"`` reproduces ``transformers``' Mllama: only the
+    MLP output is zeroed, and the attention branch of such a row attends, unmasked, over
+    all of its sample's media tokens (padding included) and is added through the gate.
     """
 
     def __init__(
@@ -40,10 +50,14 @@ class GatedCrossAttention(nn.Module):
         norm_eps: float = 1e-5,
         gate_init: float = 0.0,
         output_scale: float = 1.0,
+        row_mask_mode: str = "both",
     ) -> None:
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if row_mask_mode not in ROW_MASK_MODES:
+            raise ValueError(f"row_mask_mode must be one of {ROW_MASK_MODES}, got {row_mask_mode!r}")
+        self.row_mask_mode = row_mask_mode
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.attn_norm = RMSNorm(dim, norm_eps)
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
@@ -83,7 +97,8 @@ class GatedCrossAttention(nn.Module):
             media_mask: ``[b, s_e]`` bool, True for real (non-padding) media tokens.
             row_mask: ``[b, s]`` bool, True for text rows that may see media (at or
                 after the sample's media token). Other rows pass through unchanged,
-                in both the attention and the MLP branch.
+                in both the attention and the MLP branch (``row_mask_mode="both"``), or
+                get only the unmasked attention branch (``"mlp_only"``, see the class docstring).
 
         Returns:
             ``[b, s, d]``.
@@ -95,13 +110,19 @@ class GatedCrossAttention(nn.Module):
         # A row with no real media key would softmax over nothing (NaN); such rows are
         # zeroed by row_mask below, so letting them see all keys is harmless.
         keys_ok = media_mask | ~media_mask.any(dim=1, keepdim=True)  # [b, s_e]
+        if self.row_mask_mode == "both":
+            attn_mask = keys_ok[:, None, None, :]  # [b, 1, 1, s_e]
+        else:  # a row seeing no real media token attends to every media token, unmasked
+            row_mask = row_mask & media_mask.any(dim=1, keepdim=True)  # [b, s]
+            attn_mask = (keys_ok[:, None, :] | ~row_mask[:, :, None])[:, None]  # [b, 1, s, s_e]
         attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keys_ok[:, None, None, :], enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_heads != self.n_heads
         )  # [b, h, s, h_d]
         attn = self.o_proj(attn.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))  # [b, s, d]
         rows = row_mask[..., None].to(hidden.dtype)  # [b, s, 1]
+        attn_rows = rows if self.row_mask_mode == "both" else 1.0
         scale = self.output_scale.to(hidden.dtype)
-        hidden = hidden + torch.tanh(self.attn_gate) * scale * attn * rows
+        hidden = hidden + torch.tanh(self.attn_gate) * scale * attn * attn_rows
         return hidden + torch.tanh(self.mlp_gate) * scale * self.mlp(self.mlp_norm(hidden)) * rows
 
 

@@ -10,7 +10,9 @@ from encoders.image import (
     TimmViT,
     ViTBackbone,
 )
+from encoders.mllama_vision import MllamaVisionEncoder, MllamaVisionEncoderConfig, TiledImages
 from encoders.preprocess import CLIP_MEAN, CLIP_STD, image_transform
+from encoders.tiling import TiledImage, collate_tiled, tile_image
 
 __all__ = [
     "BACKBONES",
@@ -21,8 +23,14 @@ __all__ = [
     "ImageEncoder",
     "ImageEncoderConfig",
     "MediaEncoder",
+    "MllamaVisionEncoder",
+    "MllamaVisionEncoderConfig",
     "OpenClipViT",
+    "TiledImage",
+    "TiledImages",
     "TimmViT",
     "ViTBackbone",
+    "collate_tiled",
     "image_transform",
+    "tile_image",
 ]

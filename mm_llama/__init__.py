@@ -13,6 +13,8 @@ _LAZY = {
     "Assistant": "mm_llama.inference",
     "GenerationSettings": "mm_llama.inference",
     "MultimodalLlama": "mm_llama.model",
+    "load_mllama": "mm_llama.weights.mllama",
+    "save_mllama": "mm_llama.weights.mllama",
 }
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from encoders.mllama_vision import TiledImages
 from mm_llama.llama import KVCache
 from mm_llama.model import MediaContext, MultimodalLlama
 
@@ -51,7 +52,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
 def generate(
     model: MultimodalLlama,
     prompts: Sequence[Sequence[int]],
-    images: torch.Tensor | None = None,
+    images: torch.Tensor | TiledImages | None = None,
     *,
     max_new_tokens: int = 32,
     stop_ids: Sequence[int] = (),
@@ -68,7 +69,8 @@ def generate(
     Args:
         model: the fused model (its LM provides the KV cache layout).
         prompts: ``b`` token-id lists (each containing the media placeholder when ``images`` is given).
-        images: ``[b, 3, H, W]`` or ``None`` for the text-only path.
+        images: ``[b, 3, H, W]`` (:class:`~encoders.mllama_vision.TiledImages` for the tiled
+            encoder) or ``None`` for the text-only path.
         max_new_tokens: generation budget per prompt (>= 0).
         stop_ids: a sequence ends at the first of these (not included in the output).
         pad_id: id used for left padding (never attended).
@@ -90,8 +92,8 @@ def generate(
     check_settings(max_new_tokens, temperature, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
-    if images is not None and images.shape[0] != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {images.shape[0]} images")
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
     device = model.lm.embed_tokens.weight.device
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)

@@ -27,8 +27,9 @@ if not getattr(_adapters, "__mm_llama__", False):  # AdapterHub's `adapters` sha
     )
 
 from adapters import FusionEmbedding, GatedCrossAttention, MediaProjection, default_layer_positions  # noqa: E402
-from adapters.cross_attention import init_cross_attention_  # noqa: E402
-from encoders import ImageEncoder, ImageEncoderConfig  # noqa: E402
+from adapters.cross_attention import ROW_MASK_MODES, init_cross_attention_  # noqa: E402
+from encoders import ImageEncoder, ImageEncoderConfig, MediaEncoder  # noqa: E402
+from encoders.mllama_vision import MllamaVisionEncoder, MllamaVisionEncoderConfig, TiledImages  # noqa: E402
 from mm_llama.llama import KVCache, LlamaLM  # noqa: E402
 from mm_llama.lm import freeze  # noqa: E402
 
@@ -43,6 +44,15 @@ TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 """Parameter-name prefixes of each trainable group. The LM (``lm.``) is in none of them."""
 
+IMAGE_ENCODERS: dict[type, type[MediaEncoder]] = {
+    ImageEncoderConfig: ImageEncoder,
+    MllamaVisionEncoderConfig: MllamaVisionEncoder,
+}
+"""Image encoder class by the type of :attr:`ModelConfig.image_encoder`."""
+
+PROJECTIONS: tuple[str, ...] = ("linear_norm", "linear")
+"""``linear_norm``: Linear + RMSNorm (default); ``linear``: Linear + bias only (Llama 3.2 Vision)."""
+
 
 @dataclass
 class CrossAttentionConfig:
@@ -56,6 +66,9 @@ class CrossAttentionConfig:
         output_scale: ``"residual_rms"`` multiplies each block's output by the frozen LM's
             typical residual-stream RMS at that depth (measured once at build time);
             ``"none"`` leaves it at 1.
+        row_mask_mode: text rows that see no media: ``"both"`` zeroes their attention and
+            MLP outputs (Meta's reference, torchtune); ``"mlp_only"`` zeroes only the MLP
+            output, as ``transformers``' Mllama does (see ``GatedCrossAttention``).
     """
 
     every: int = 4
@@ -63,8 +76,11 @@ class CrossAttentionConfig:
     hidden_dim: int | None = None
     gate_init: float = 0.0
     output_scale: str = "residual_rms"
+    row_mask_mode: str = "both"
 
     def __post_init__(self) -> None:
+        if self.row_mask_mode not in ROW_MASK_MODES:
+            raise ValueError(f"row_mask_mode must be one of {ROW_MASK_MODES}, got {self.row_mask_mode!r}")
         if self.output_scale not in ("residual_rms", "none"):
             raise ValueError(f"output_scale must be 'residual_rms' or 'none', got {self.output_scale!r}")
         if self.every <= 0:
@@ -73,13 +89,35 @@ class CrossAttentionConfig:
 
 @dataclass
 class ModelConfig:
-    """What a :class:`MultimodalLlama` is built from (besides the frozen LM itself)."""
+    """What a :class:`MultimodalLlama` is built from (besides the frozen LM itself).
 
-    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    Attributes:
+        image_encoder: the ViT encoder's config, or a :class:`MllamaVisionEncoderConfig`
+            for Llama 3.2 Vision's tiled encoder (input :class:`TiledImages`).
+        cross_attention: placement and behaviour of the gated cross-attention blocks.
+        trainable: the groups of :data:`TRAINABLE_GROUPS` that train.
+        projection: one of :data:`PROJECTIONS`.
+        fusion_rows: rows of the trainable special-token table after the frozen vocabulary
+            (at least one per media token; Llama 3.2 Vision has 8).
+    """
+
+    image_encoder: ImageEncoderConfig | MllamaVisionEncoderConfig = field(default_factory=ImageEncoderConfig)
     cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     trainable: tuple[str, ...] = tuple(TRAINABLE_GROUPS)
+    projection: str = "linear_norm"
+    fusion_rows: int = len(MEDIA_TOKENS)
 
     def __post_init__(self) -> None:
+        if type(self.image_encoder) not in IMAGE_ENCODERS:
+            raise ValueError(
+                f"image_encoder must be one of {[c.__name__ for c in IMAGE_ENCODERS]}, "
+                f"got {type(self.image_encoder).__name__}"
+            )
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if self.fusion_rows < len(MEDIA_TOKENS):
+            raise ValueError(f"fusion_rows must be >= {len(MEDIA_TOKENS)} (one per media token), "
+                             f"got {self.fusion_rows}")
         unknown = set(self.trainable) - set(TRAINABLE_GROUPS)
         if unknown:
             raise ValueError(f"unknown trainable group(s) {sorted(unknown)}; known: {sorted(TRAINABLE_GROUPS)}")
@@ -106,9 +144,10 @@ class MultimodalLlama(nn.Module):
         self.cfg = cfg
         self.lm = freeze(lm)
         lm_cfg = lm.cfg
-        self.image_encoder = ImageEncoder(cfg.image_encoder)
-        self.image_projection = MediaProjection(self.image_encoder.out_dim, lm_cfg.dim, lm_cfg.norm_eps)
-        self.fusion_embed = FusionEmbedding(lm_cfg.vocab_size, len(MEDIA_TOKENS), lm_cfg.dim,
+        self.image_encoder = IMAGE_ENCODERS[type(cfg.image_encoder)](cfg.image_encoder)
+        self.image_projection = MediaProjection(self.image_encoder.out_dim, lm_cfg.dim, lm_cfg.norm_eps,
+                                                norm=cfg.projection == "linear_norm")
+        self.fusion_embed = FusionEmbedding(lm_cfg.vocab_size, cfg.fusion_rows, lm_cfg.dim,
                                             init_std=float(lm.embed_tokens.weight.std()))
         xcfg = cfg.cross_attention
         positions = xcfg.layers if xcfg.layers is not None else default_layer_positions(lm_cfg.n_layers, xcfg.every)
@@ -121,7 +160,7 @@ class MultimodalLlama(nn.Module):
             block = GatedCrossAttention(
                 lm_cfg.dim, lm_cfg.n_heads, lm_cfg.n_kv_heads, lm_cfg.resolved_head_dim,
                 xcfg.hidden_dim or lm_cfg.hidden_dim, norm_eps=lm_cfg.norm_eps,
-                gate_init=xcfg.gate_init, output_scale=scales.get(i, 1.0),
+                gate_init=xcfg.gate_init, output_scale=scales.get(i, 1.0), row_mask_mode=xcfg.row_mask_mode,
             )
             init_cross_attention_(block)
             self.cross_attn[str(i)] = block
@@ -184,12 +223,13 @@ class MultimodalLlama(nn.Module):
         self.lm.decode(self.lm.embed(ids.to(self.lm.embed_tokens.weight.device)), before_layer=record)
         return rms
 
-    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images [b, 3, H, W]`` → media tokens ``[b, s_e, d]`` and mask ``[b, s_e]``."""
+    def encode_images(self, images: torch.Tensor | TiledImages) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images [b, 3, H, W]`` (or :class:`TiledImages` for the tiled encoder) → media
+        tokens ``[b, s_e, d]`` and mask ``[b, s_e]``."""
         out = self.image_encoder(images)
         return self.image_projection(out.tokens), out.mask
 
-    def media_context(self, images: torch.Tensor) -> MediaContext:
+    def media_context(self, images: torch.Tensor | TiledImages) -> MediaContext:
         """Encode media once and compute every cross-attention block's K/V."""
         return self.media_kv(*self.encode_images(images))
 
@@ -230,7 +270,7 @@ class MultimodalLlama(nn.Module):
         is_media = input_ids >= self.lm.cfg.vocab_size
         return is_media.long().cumsum(dim=1) > 0
 
-    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | TiledImages | None = None) -> torch.Tensor:
         """``input_ids [b, s]``, ``images [b, 3, H, W]`` → logits ``[b, s, v]`` (all positions)."""
         media = self.media_context(images) if images is not None else None
         return self.lm.logits(self.hidden_states(input_ids, media))

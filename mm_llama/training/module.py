@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from encoders import ImageEncoderConfig
+from encoders import ImageEncoderConfig, MllamaVisionEncoderConfig
 from mm_llama.data.examples import encode_prompt
 from mm_llama.generation import generate
 from mm_llama.lm import load_language_model
@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 # Checkpoints carry the hyper-parameters, i.e. these plain config dataclasses; Lightning restores
 # with torch.load(weights_only=True), whose unpickler must be allowed to rebuild them.
-torch.serialization.add_safe_globals([ModelConfig, ImageEncoderConfig, CrossAttentionConfig, OptimConfig])
+torch.serialization.add_safe_globals(
+    [ModelConfig, ImageEncoderConfig, MllamaVisionEncoderConfig, CrossAttentionConfig, OptimConfig]
+)
 
 DEFAULT_LM = "smollm2-135m-instruct"
 

@@ -50,7 +50,8 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     )
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of an HF directory: the shards its index names, or ``model.safetensors``."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -70,7 +71,7 @@ def load_hf_state_dict(directory: str | Path, dtype: torch.dtype = torch.float32
     """Read every tensor of an HF Llama directory under native names."""
     directory = Path(directory)
     state: dict[str, torch.Tensor] = {}
-    for file in _weight_files(directory):
+    for file in weight_files(directory):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 if HF_IGNORED.fullmatch(key):
