@@ -2,22 +2,26 @@
 
 Two modes::
 
-    python tests/ddp_fit.py ddp --lm DIR --shards URLS --out DIR --devices 2 --batch-size 2 --epoch-length 16
-    python tests/ddp_fit.py reference --lm DIR --shards URLS --out DIR --ranks-from DDP_OUT
+    python tests/ddp_fit.py parallel --lm DIR --shards URLS --out DIR --devices 2 --batch-size 2 --epoch-length 16
+    python tests/ddp_fit.py parallel --strategy fsdp --lm-dtype bfloat16 ...
+    python tests/ddp_fit.py reference --lm DIR --shards URLS --out DIR --ranks-from PARALLEL_OUT
 
-``ddp`` trains through :class:`ImageDataModule` with Lightning's DDP strategy (gloo on CPU); Lightning
-relaunches this script once per extra rank. ``reference`` is one process whose step ``k`` trains on the
-union of every rank's step-``k`` samples (the global batch, read back from the same shards by key).
+``parallel`` trains through :class:`ImageDataModule` with Lightning's DDP strategy, or with
+:class:`~mm_llama.training.scale.AdapterFSDPStrategy` (both over gloo on CPU); Lightning relaunches this
+script once per extra rank. ``reference`` is one process whose step ``k`` trains on the union of every
+rank's step-``k`` samples (the global batch, read back from the same shards by key).
 
 Each rank writes ``rank<r>.json`` into ``--out`` (the shards it opened, the sample keys and loss of every
-step, its step count); rank 0 also writes ``init.pt`` and ``weights.pt``, the trainable weights before and
-after training. It is a script and not a pytest-run function so that pytest itself is never forked.
+step, its step count); ``init.pt`` holds the trainable weights before training and ``final.ckpt`` is the
+checkpoint saved after it (through the strategy: under FSDP, gathered from the shards). It is a script
+and not a pytest-run function so that pytest itself is never forked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from mm_llama.data.collate import collate
 from mm_llama.training.datamodule import ImageDataModule, model_inputs
 from mm_llama.training.module import AdapterModule
 from mm_llama.training.optim import OptimConfig
+from mm_llama.training.scale import AdapterFSDPStrategy
 from tests.test_training import TINY_MODEL
 
 LR = 1e-2
@@ -42,10 +47,6 @@ class RecordSteps(L.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
         self.steps: list[dict[str, Any]] = []
-
-    def on_train_start(self, trainer, pl_module):
-        if trainer.global_rank == 0:
-            torch.save(pl_module.model.trainable_state_dict(), self.out / "init.pt")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps.append({
@@ -59,13 +60,20 @@ class RecordSteps(L.Callback):
         record = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
                   "steps": self.steps}
         (self.out / f"rank{rank}.json").write_text(json.dumps(record))
-        if rank == 0:
-            torch.save(pl_module.model.trainable_state_dict(), self.out / "weights.pt")
 
 
-def make_module(lm: str, steps: int) -> AdapterModule:
+def make_module(args: argparse.Namespace, steps: int) -> AdapterModule:
     L.seed_everything(0)  # the same initial weights on every rank and in the reference
-    return AdapterModule(lm=lm, model=TINY_MODEL, optim=OptimConfig(lr=LR, warmup_steps=0, total_steps=steps))
+    module = AdapterModule(lm=args.lm, model=TINY_MODEL, optim=OptimConfig(lr=LR, warmup_steps=0, total_steps=steps),
+                           lm_dtype=args.lm_dtype)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # the launching process; Lightning sets LOCAL_RANK for the others
+        torch.save(module.model.trainable_state_dict(), args.out / "init.pt")
+    return module
+
+
+def fit_and_save(trainer: L.Trainer, module: AdapterModule, out: Path, **fit_kwargs: Any) -> None:
+    trainer.fit(module, **fit_kwargs)
+    trainer.save_checkpoint(out / "final.ckpt")  # every rank takes part (FSDP gathers the shards)
 
 
 def make_trainer(out: Path, record: RecordSteps, **kwargs: Any) -> L.Trainer:
@@ -76,23 +84,27 @@ def make_trainer(out: Path, record: RecordSteps, **kwargs: Any) -> L.Trainer:
     )  # fmt: skip
 
 
-def run_ddp(args: argparse.Namespace) -> None:
+def run_parallel(args: argparse.Namespace) -> None:
     datamodule = ImageDataModule(train_urls=args.shards, val_urls=args.shards, test_urls=args.shards,
                                  batch_size=args.batch_size, num_workers=0, shuffle_buffer=4,
                                  epoch_length=args.epoch_length)
     # Steps per rank follow from epoch_length; the schedule length only shapes the cosine decay.
-    module = make_module(args.lm, steps=args.epoch_length // (args.batch_size * args.devices))
+    module = make_module(args, steps=args.epoch_length // (args.batch_size * args.devices))
     record = RecordSteps(args.out)
     # A hang (ranks with different step counts) fails after the timeout instead of after 30 minutes.
-    strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=args.timeout))
+    timeout = timedelta(seconds=args.timeout)
+    if args.strategy == "ddp":
+        strategy = DDPStrategy(process_group_backend="gloo", timeout=timeout)
+    else:
+        strategy = AdapterFSDPStrategy(process_group_backend="gloo", timeout=timeout)
     trainer = make_trainer(args.out, record, strategy=strategy, devices=args.devices)
-    trainer.fit(module, datamodule=datamodule)
+    fit_and_save(trainer, module, args.out, datamodule=datamodule)
 
 
 def run_reference(args: argparse.Namespace) -> None:
     ranks = sorted((json.loads(p.read_text()) for p in args.ranks_from.glob("rank*.json")), key=lambda r: r["rank"])
     global_batches = [sum((r["steps"][k]["keys"] for r in ranks), []) for k in range(len(ranks[0]["steps"]))]
-    module = make_module(args.lm, steps=len(global_batches))
+    module = make_module(args, steps=len(global_batches))
     # Read every sample once, in order, through the evaluation pipeline (the same decoding and
     # tokenization as training: training adds only shuffling, splitting and repetition).
     reader = ImageDataModule(train_urls=args.shards, val_urls=args.shards, test_urls=args.shards, num_workers=0,
@@ -104,12 +116,15 @@ def run_reference(args: argparse.Namespace) -> None:
     batches = [collate([samples[key] for key in keys], pad_id) for keys in global_batches]
     record = RecordSteps(args.out)
     trainer = make_trainer(args.out, record, devices=1)
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
+    fit_and_save(trainer, module, args.out,
+                 train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("ddp", "reference"))
+    parser.add_argument("mode", choices=("parallel", "reference"))
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--lm", required=True)
     parser.add_argument("--shards", required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -121,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny matmuls: two ranks on two cores
     args.out.mkdir(parents=True, exist_ok=True)
-    (run_ddp if args.mode == "ddp" else run_reference)(args)
+    (run_parallel if args.mode == "parallel" else run_reference)(args)
 
 
 if __name__ == "__main__":

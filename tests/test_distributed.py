@@ -1,10 +1,12 @@
 """Two-process Lightning DDP on CPU (gloo) over real WebDataset shards, against one process.
 
-The DDP run (``tests/ddp_fit.py ddp``, its own process tree, so pytest is never forked) must show
+The DDP run (``tests/ddp_fit.py parallel``, its own process tree, so pytest is never forked) must show
 that each rank reads its own shards, that both ranks take the same number of optimizer steps
 although the shards hold different numbers of samples (``epoch_length``; unequal counts would
 hang DDP, DESIGN §9), and that it trains exactly what one process trains on the same global
-batches (``tests/ddp_fit.py reference``).
+batches (``tests/ddp_fit.py reference``). The same run sharded with
+:class:`~mm_llama.training.scale.AdapterFSDPStrategy` (FSDP runs on CPU over gloo too) must train
+what DDP trains, and save a checkpoint of the full, unsharded trainable weights only.
 
 Why the two runs may be compared at all: DDP averages the ranks' gradients, each the gradient of
 a mean over that rank's labelled tokens, while one process takes the mean over all labelled tokens
@@ -70,16 +72,21 @@ def write_equal_label_shards(root: Path, lm_dir: Path) -> list[Path]:
     return paths
 
 
-def run_script(*args: str) -> None:
+def run_scripts(*runs: list[str]) -> None:
+    """Run ``tests/ddp_fit.py`` once per argument list, all at once; fail naming any that fails or hangs."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a fresh job, whatever launched pytest
-    try:
-        done = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT_S, cwd=REPO)
-    except subprocess.TimeoutExpired as exn:
-        pytest.fail(f"{SCRIPT.name} {args[0]} did not finish in {TIMEOUT_S} s (ranks out of step?)\n{exn.stderr}")
-    assert done.returncode == 0, f"{SCRIPT.name} {args[0]} failed:\n{done.stderr[-4000:]}"
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, cwd=REPO, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for args in runs]
+    for args, proc in zip(runs, procs):
+        try:
+            _, stderr = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{SCRIPT.name} {' '.join(args)} did not finish in {TIMEOUT_S} s (ranks out of step?)")
+        assert proc.returncode == 0, f"{SCRIPT.name} {' '.join(args)} failed:\n{stderr[-4000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +95,18 @@ def runs(tiny_lm_dir, tmp_path_factory) -> dict[str, Path]:
     shards = write_equal_label_shards(root, tiny_lm_dir)
     urls = "::".join(map(str, shards))
     common = ["--lm", str(tiny_lm_dir), "--shards", urls]
-    run_script("ddp", *common, "--out", str(root / "ddp"), "--devices", str(WORLD), "--batch-size", str(BATCH),
-               "--epoch-length", str(EPOCH_LENGTH))
-    run_script("reference", *common, "--out", str(root / "ref"), "--ranks-from", str(root / "ddp"))
-    return {"ddp": root / "ddp", "ref": root / "ref", "shards": shards}
+    parallel = [*common, "--devices", str(WORLD), "--batch-size", str(BATCH), "--epoch-length", str(EPOCH_LENGTH)]
+    run_scripts(["parallel", *parallel, "--out", str(root / "ddp")])
+    # the reference needs the DDP run's batches; FSDP runs beside it
+    run_scripts(["reference", *common, "--out", str(root / "ref"), "--ranks-from", str(root / "ddp")],
+                ["parallel", *parallel, "--out", str(root / "fsdp"), "--strategy", "fsdp"])
+    return {"ddp": root / "ddp", "ref": root / "ref", "fsdp": root / "fsdp", "shards": shards}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights in the checkpoint a run saved after training, by parameter name."""
+    state = torch.load(out / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items()}
 
 
 def ranks(out: Path) -> list[dict]:
@@ -130,9 +145,23 @@ def test_ddp_trains_what_one_process_trains_on_the_global_batch(runs):
     torch.testing.assert_close(global_loss, mean_of_ranks, rtol=LOSS_RTOL, atol=0)
 
     init = torch.load(runs["ddp"] / "init.pt")
-    trained, reference = torch.load(runs["ddp"] / "weights.pt"), torch.load(runs["ref"] / "weights.pt")
+    trained, reference = final_weights(runs["ddp"]), final_weights(runs["ref"])
     assert set(trained) == set(reference) == set(init)
     moved = max((trained[k].float() - init[k].float()).abs().max().item() for k in init)
     diff = max((trained[k].float() - reference[k].float()).abs().max().item() for k in init)
     assert moved > 1e-3, f"training barely moved the weights (max change {moved:.2e}): the comparison is void"
     assert diff <= WEIGHT_ATOL, f"DDP and one process differ by {diff:.2e} (> {WEIGHT_ATOL}); weights moved {moved:.2e}"
+
+
+def test_fsdp_trains_what_ddp_trains_and_saves_whole_trainable_weights(runs):
+    ddp, fsdp = ranks(runs["ddp"]), ranks(runs["fsdp"])
+    # the same data module on the same ranks: the same samples, step by step
+    assert [[s["keys"] for s in r["steps"]] for r in fsdp] == [[s["keys"] for s in r["steps"]] for r in ddp]
+    for a, b in zip(ddp, fsdp):
+        torch.testing.assert_close(torch.tensor([s["loss"] for s in b["steps"]]),
+                                   torch.tensor([s["loss"] for s in a["steps"]]), rtol=LOSS_RTOL, atol=0)
+    init, sharded, replicated = torch.load(runs["fsdp"] / "init.pt"), final_weights(runs["fsdp"]), final_weights(runs["ddp"])
+    assert set(sharded) == set(init)  # only what trains, nothing of the frozen LM
+    assert all(sharded[k].shape == init[k].shape for k in init)  # gathered, not 1-D shards
+    diff = max((sharded[k].float() - replicated[k].float()).abs().max().item() for k in init)
+    assert diff <= WEIGHT_ATOL, f"FSDP and DDP differ by {diff:.2e} (> {WEIGHT_ATOL})"
