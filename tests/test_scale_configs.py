@@ -221,7 +221,8 @@ def test_bf16_lm_keeps_what_trains_fp32_and_trains_like_fp32(tiny_lm_dir, bf16_m
     loss16, grad16 = loss_and_grads(bf16_module, batch)
     assert grad16.dtype == torch.float32 and grad16.shape == grad32.shape
     # bf16 keeps 8 bits of mantissa (relative rounding 2^-9): the loss moves by well under 1 %
-    # (measured 4e-4 relative) and the gradient keeps its direction (measured cosine > 0.999).
+    # (measured 1e-4 to 4e-4 relative on two batches) and the gradient keeps its direction (measured
+    # cosine 0.99999 over all trainable gradients).
     assert abs(loss16 - loss32) <= 1e-2 * abs(loss32)
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
 
