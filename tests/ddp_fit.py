@@ -39,6 +39,9 @@ from mm_llama.training.scale import AdapterFSDPStrategy
 from tests.test_training import TINY_MODEL
 
 LR = 1e-2
+VAL_BATCHES = 3
+"""Validation batches per rank with ``--validate``: under FSDP every rank must run as many (each forward
+gathers weights from all ranks), so at most the fewest any rank has (the tests' shards: 3 and 4)."""
 
 
 class RecordSteps(L.Callback):
@@ -58,14 +61,14 @@ class RecordSteps(L.Callback):
     def on_train_end(self, trainer, pl_module):
         rank = trainer.global_rank
         record = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
-                  "steps": self.steps}
+                  "steps": self.steps, "val": getattr(pl_module, "last_eval", {}).get("metrics")}
         (self.out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def make_module(args: argparse.Namespace, steps: int) -> AdapterModule:
     L.seed_everything(0)  # the same initial weights on every rank and in the reference
     module = AdapterModule(lm=args.lm, model=TINY_MODEL, optim=OptimConfig(lr=LR, warmup_steps=0, total_steps=steps),
-                           lm_dtype=args.lm_dtype)
+                           lm_dtype=args.lm_dtype, eval_max_new_tokens=3)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # the launching process; Lightning sets LOCAL_RANK for the others
         torch.save(module.model.trainable_state_dict(), args.out / "init.pt")
     return module
@@ -76,9 +79,11 @@ def fit_and_save(trainer: L.Trainer, module: AdapterModule, out: Path, **fit_kwa
     trainer.save_checkpoint(out / "final.ckpt")  # every rank takes part (FSDP gathers the shards)
 
 
-def make_trainer(out: Path, record: RecordSteps, **kwargs: Any) -> L.Trainer:
+def make_trainer(out: Path, record: RecordSteps, validate: bool = False, **kwargs: Any) -> L.Trainer:
+    """A CPU trainer for one epoch; ``validate``: one validation at the epoch's end (generation included)."""
     return L.Trainer(
-        accelerator="cpu", max_epochs=1, gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu", max_epochs=1, gradient_clip_val=1.0, limit_val_batches=VAL_BATCHES if validate else 0,
+        num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(out), callbacks=[record], **kwargs,
     )  # fmt: skip
@@ -97,7 +102,7 @@ def run_parallel(args: argparse.Namespace) -> None:
         strategy = DDPStrategy(process_group_backend="gloo", timeout=timeout)
     else:
         strategy = AdapterFSDPStrategy(process_group_backend="gloo", timeout=timeout)
-    trainer = make_trainer(args.out, record, strategy=strategy, devices=args.devices)
+    trainer = make_trainer(args.out, record, validate=args.validate, strategy=strategy, devices=args.devices)
     fit_and_save(trainer, module, args.out, datamodule=datamodule)
 
 
@@ -132,6 +137,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--epoch-length", type=int, default=16)
     parser.add_argument("--ranks-from", type=Path)
+    parser.add_argument("--validate", action="store_true", help="validate at the end of the epoch (parallel mode)")
     parser.add_argument("--timeout", type=int, default=60, help="process-group timeout in seconds")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny matmuls: two ranks on two cores

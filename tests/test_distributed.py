@@ -31,6 +31,7 @@ from mm_llama.data import scenes
 from mm_llama.data.examples import IGNORE_INDEX, encode_example
 from mm_llama.data.pipeline import DataConfig, train_batches_per_rank
 from mm_llama.tokenizer import Tokenizer
+from tests.ddp_fit import VAL_BATCHES
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "ddp_fit.py"
@@ -95,7 +96,8 @@ def runs(tiny_lm_dir, tmp_path_factory) -> dict[str, Path]:
     shards = write_equal_label_shards(root, tiny_lm_dir)
     urls = "::".join(map(str, shards))
     common = ["--lm", str(tiny_lm_dir), "--shards", urls]
-    parallel = [*common, "--devices", str(WORLD), "--batch-size", str(BATCH), "--epoch-length", str(EPOCH_LENGTH)]
+    parallel = [*common, "--devices", str(WORLD), "--batch-size", str(BATCH), "--epoch-length", str(EPOCH_LENGTH),
+                "--validate"]
     run_scripts(["parallel", *parallel, "--out", str(root / "ddp")])
     # the reference needs the DDP run's batches; FSDP runs beside it
     run_scripts(["reference", *common, "--out", str(root / "ref"), "--ranks-from", str(root / "ddp")],
@@ -165,3 +167,15 @@ def test_fsdp_trains_what_ddp_trains_and_saves_whole_trainable_weights(runs):
     assert all(sharded[k].shape == init[k].shape for k in init)  # gathered, not 1-D shards
     diff = max((sharded[k].float() - replicated[k].float()).abs().max().item() for k in init)
     assert diff <= WEIGHT_ATOL, f"FSDP and DDP differ by {diff:.2e} (> {WEIGHT_ATOL})"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_validation_summarises_every_rank_on_every_rank(runs, strategy):
+    """Each rank validates its own shards (at most VAL_BATCHES batches); the metrics cover all of them.
+
+    Under FSDP this also shows that validation, generation included, keeps the ranks in step.
+    """
+    per_rank = [min(sum(SHARD_SIZES[r::WORLD]), VAL_BATCHES * BATCH) for r in range(WORLD)]  # shards in order
+    assert per_rank[0] != per_rank[1]
+    metrics = [r["val"] for r in ranks(runs[strategy])]
+    assert metrics[0] == metrics[1] and metrics[0]["n"] == sum(per_rank)

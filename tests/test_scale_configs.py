@@ -278,3 +278,29 @@ def test_compiled_blocks_compute_what_plain_blocks_compute(tiny_lm_dir, shapes_d
     compiled_loss, compiled_grads = loss_and_grads(module, batch)
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(compiled_grads, grads, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- generation under FSDP
+
+
+def test_generation_can_run_every_step_for_sharded_models(tiny_lm_dir, monkeypatch):
+    """Under FSDP every rank must run the same forwards: ``stop_early=False`` (what AdapterModule passes
+    when the trainer shards) runs all steps, with the same output."""
+    from mm_llama.generation import generate
+
+    torch.manual_seed(0)
+    module = AdapterModule(lm=str(tiny_lm_dir), model=TINY_MODEL)
+    model, tok = module.model, module.tokenizer
+    forwards = []
+    hidden_states = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda *a, **k: forwards.append(1) or hidden_states(*a, **k))
+    prompt = [tok.encode("Describe the image.")]
+    every_id_stops = list(range(model.lm.cfg.vocab_size))  # every row stops at its first token
+    outputs = {}
+    for stop_early in (True, False):
+        forwards.clear()
+        outputs[stop_early] = generate(model, prompt, None, max_new_tokens=5, stop_ids=every_id_stops,
+                                       pad_id=tok.pad_id, stop_early=stop_early)
+        outputs[stop_early, "forwards"] = len(forwards)
+    assert outputs[True] == outputs[False] == [[]]
+    assert outputs[True, "forwards"] == 1 and outputs[False, "forwards"] == 5  # prefill + 4 decode steps

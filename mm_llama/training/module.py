@@ -20,7 +20,7 @@ from mm_llama.generation import generate
 from mm_llama.lm import load_language_model
 from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
 from mm_llama.training.optim import OptimConfig, build_optimizer
-from mm_llama.training.scale import clip_grad_norm, compile_blocks_
+from mm_llama.training.scale import clip_grad_norm, compile_blocks_, gather_to_all, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ class AdapterModule(L.LightningModule):
             for p in prompts
         ]
         out = generate(self.model, ids, images, max_new_tokens=self.eval_max_new_tokens,
-                       stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id)
+                       stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id,
+                       stop_early=not is_sharded(self._trainer))
         return [self.tokenizer.decode(o) for o in out]
 
     def validation_step(self, batch, batch_idx):
@@ -148,7 +149,8 @@ class AdapterModule(L.LightningModule):
         ]
 
     def _finish(self, stage: str) -> None:
-        results = self._eval.pop(stage, [])
+        # Every rank evaluated its own shards: summarise all of them, the same on every rank.
+        results = gather_to_all(self._eval.pop(stage, []), self._trainer)
         if not results:
             return
         metrics = summarise(results)

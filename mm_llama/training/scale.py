@@ -165,6 +165,21 @@ class AdapterFSDPStrategy(FSDPStrategy):
         return wrapped
 
 
+def is_sharded(trainer: L.Trainer | None) -> bool:
+    """Whether ``trainer`` shards the model with FSDP (then every rank must run the same forwards)."""
+    return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+
+
+def gather_to_all(items: list, trainer: L.Trainer | None) -> list:
+    """``items`` of every rank, concatenated in rank order, on every rank (``items`` alone without a
+    process group). Every rank must call it."""
+    if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return items
+    gathered: list[list | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in (part or [])]
+
+
 def clip_grad_norm(trainer: L.Trainer, max_norm: float) -> bool:
     """Clip gradients by their global norm through the FSDP root when ``trainer`` shards with FSDP.
 
