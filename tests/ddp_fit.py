@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--epoch-length", type=int, default=16)
     parser.add_argument("--ranks-from", type=Path)
     parser.add_argument("--validate", action="store_true", help="validate at the end of the epoch (parallel mode)")
-    parser.add_argument("--timeout", type=int, default=60, help="process-group timeout in seconds")
+    parser.add_argument("--timeout", type=int, default=120, help="process-group timeout in seconds")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny matmuls: two ranks on two cores
     args.out.mkdir(parents=True, exist_ok=True)

@@ -107,10 +107,9 @@ class AdapterModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, except by norm under FSDP: through the FSDP root, over all shards."""
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and clip_grad_norm(self.trainer,
-                                                                                               gradient_clip_val):
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        if not (by_norm and clip_grad_norm(self.trainer, gradient_clip_val)):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # --- evaluation ----------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:

@@ -113,8 +113,6 @@ class AdapterFSDPStrategy(FSDPStrategy):
         sharding_strategy: ``FULL_SHARD`` (ZeRO-3, for 70B), ``SHARD_GRAD_OP``, ``HYBRID_SHARD``
             (shard within a node, replicate across nodes) or ``NO_SHARD``.
         cpu_offload: keep the sharded parameters in CPU memory between uses.
-        state_dict_type: ``full`` (a single file from rank 0; mm-llama keeps only what trains) or
-            ``sharded`` (one file per rank, everything, frozen LM included).
         process_group_backend: ``nccl`` on GPUs by default; ``gloo`` on CPUs.
         timeout: collective timeout.
     """
@@ -124,7 +122,6 @@ class AdapterFSDPStrategy(FSDPStrategy):
         activation_checkpointing: bool = True,
         sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD",
         cpu_offload: bool = False,
-        state_dict_type: Literal["full", "sharded"] = "full",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -134,7 +131,8 @@ class AdapterFSDPStrategy(FSDPStrategy):
             activation_checkpointing_policy=set(CHECKPOINTED_BLOCKS) if activation_checkpointing else None,
             sharding_strategy=sharding_strategy,
             cpu_offload=cpu_offload,
-            state_dict_type=state_dict_type,
+            # One checkpoint file, written by rank 0, of which AdapterModule keeps only what trains.
+            state_dict_type="full",
             process_group_backend=process_group_backend,
             timeout=timeout,
             # No casting of parameters or buffers; gradients reduced in fp32 (module docstring).
