@@ -15,14 +15,21 @@ Lightning's :class:`~lightning.pytorch.strategies.FSDPStrategy` with what this m
 * **Activation checkpointing** of the same decoder and cross-attention blocks. Gradients must flow
   through the frozen blocks to the adapters below them, so the frozen LM's activations are what
   dominates memory.
-* **Frozen parameters.** ``use_orig_params=True`` (FSDP requires it for units mixing trainable and
-  frozen parameters, and keeps the original parameter objects and names for the optimizer).
+* **Frozen parameters and the optimizer.** ``use_orig_params=True``: FSDP keeps the original
+  parameter objects (frozen ones get no gradient and no optimizer state), which the optimizer is
+  built from, and allows a unit to mix frozen and trainable parameters. They become 1-D shards, so
+  :class:`~mm_llama.training.module.AdapterModule` records names and shapes when it is built (weight
+  decay must still find the matrices).
 * **Dtypes.** No FSDP parameter casting: the LM is already in ``lm_dtype`` (bf16) and the adapters
   keep fp32 master weights; bf16 compute comes from ``precision: bf16-mixed`` (autocast). Buffers
   stay as they are (Lightning's default FSDP mixed precision would cast the RoPE frequencies to
   bf16), and gradients are reduced in fp32.
 * **Gradient clipping** by norm goes through the FSDP root (:func:`clip_grad_norm`), which takes the
   norm over all shards; Lightning's FSDP precision plugin refuses norm clipping otherwise.
+* **Validation.** Every forward gathers weights from all ranks together, so all ranks must run the
+  same forwards: generation runs every step (:func:`is_sharded`), and every rank needs at least
+  ``trainer.limit_val_batches`` validation batches. Answers are gathered from all ranks before
+  exact match is computed (:func:`gather_to_all`, under DDP too).
 
 The same blocks are what :func:`compile_blocks_` compiles (``AdapterModule(compile_blocks=True)``).
 """
