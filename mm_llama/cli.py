@@ -118,18 +118,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in LIGHTNING_SUBCOMMANDS:
         print(f"mm-llama: unknown subcommand {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    AdapterCLI(
-        AdapterModule,
-        ImageDataModule,
+    AdapterCLI(**cli_kwargs(), args=None if from_sys else argv)  # None: LightningCLI reads sys.argv itself
+    return 0
+
+
+def cli_kwargs() -> dict[str, Any]:
+    """What ``mm-llama`` passes to :class:`AdapterCLI` besides ``args``. ``AdapterCLI(**cli_kwargs(),
+    run=False, args=["--config", path])`` builds a config's model, data module and trainer without
+    running anything (no subcommand then)."""
+    return dict(
+        model_class=AdapterModule,
+        datamodule_class=ImageDataModule,
         # Atomic checkpoint writes and a clear error for a corrupt --ckpt_path (checkpoint_io.py).
         trainer_defaults={**trainer_defaults(), "plugins": [{"class_path": checkpoint_io.CLASS_PATH}]},
         save_config_callback=SaveConfigBesideCheckpoints,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "mm-llama"},
         auto_configure_optimizers=False,  # AdapterModule's `optim` owns the optimizer and schedule
-        args=None if from_sys else argv,  # None: LightningCLI reads sys.argv itself
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def generate(
     on_token: Callable[[torch.Tensor], None] | None = None,
     on_logits: Callable[[torch.Tensor], None] | None = None,
     cache_media_kv: bool = True,
+    stop_early: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt; media are encoded once and their K/V reused at every step.
 
@@ -82,6 +83,9 @@ def generate(
         cache_media_kv: ``False`` recomputes every cross-attention block's media K/V from the
             encoded media tokens at every forward (prefill and each decode step); the result is
             the same, only slower. It exists to measure what the cache saves.
+        stop_early: stop as soon as every row has stopped. ``False`` runs all ``max_new_tokens``
+            steps anyway (same output): a model sharded with FSDP gathers its weights at every
+            forward, together on every rank, so all ranks must run the same number of forwards.
 
     Returns:
         The generated ids of each prompt, without the prompt and the stop token.
@@ -130,7 +134,7 @@ def generate(
         out = torch.cat([out, nxt[:, None]], dim=1)
         if on_token is not None:
             on_token(nxt)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if (stop_early and bool(done.all())) or step == max_new_tokens - 1:
             break  # no forward for a token nobody will read
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
         hidden = model.hidden_states(nxt[:, None], media_for_step(), row_mask=seen_media, positions=next_pos,

@@ -260,7 +260,9 @@ class MultimodalLlama(nn.Module):
 
             def hook(i: int, h: torch.Tensor) -> torch.Tensor:
                 blk = self.cross_attn[str(i)] if str(i) in self.cross_attn else None
-                return h if blk is None else blk(h, media.kv[i], media.mask, row_mask)
+                # The block computes in its own dtype (fp32 adapters); the frozen LM's residual
+                # stream stays in the LM's (bf16 with AdapterModule(lm_dtype="bfloat16")).
+                return h if blk is None else blk(h, media.kv[i], media.mask, row_mask).to(h.dtype)
 
         return self.lm.decode(hidden, positions=positions, key_padding_mask=key_padding_mask,
                               cache=cache, before_layer=hook)

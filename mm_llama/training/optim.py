@@ -58,8 +58,13 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(named: list[tuple[str, nn.Parameter]], group_of, cfg: OptimConfig) -> list[dict]:
+def param_groups(
+    named: list[tuple[str, nn.Parameter]], group_of, cfg: OptimConfig, ndims: dict[str, int] | None = None
+) -> list[dict]:
     """AdamW groups keyed by (trainable group, kind); ``group_of(name) -> group name``.
+
+    ``ndims`` gives parameters' dimensions by name where ``p.ndim`` no longer tells them (FSDP
+    turns every parameter into a 1-D shard); by default ``p.ndim``.
 
     ``kind`` is ``decay`` (matrices), ``no_decay`` (norms, biases, embeddings) or
     ``gate`` (the scalar tanh gates: no decay, lr times ``cfg.gate_lr_multiplier``).
@@ -72,7 +77,8 @@ def param_groups(named: list[tuple[str, nn.Parameter]], group_of, cfg: OptimConf
         if name.endswith("_gate"):
             kind = "gate"
         else:
-            kind = "decay" if p.ndim >= 2 and "embed" not in name else "no_decay"
+            ndim = p.ndim if ndims is None else ndims[name]
+            kind = "decay" if ndim >= 2 and "embed" not in name else "no_decay"
         groups.setdefault((group_of(name), kind), []).append(p)
     return [
         {
@@ -85,8 +91,8 @@ def param_groups(named: list[tuple[str, nn.Parameter]], group_of, cfg: OptimConf
     ]
 
 
-def build_optimizer(named, group_of, cfg: OptimConfig):
-    """AdamW over ``named`` trainable parameters plus its LambdaLR schedule."""
-    opt = torch.optim.AdamW(param_groups(named, group_of, cfg), betas=cfg.betas)
+def build_optimizer(named, group_of, cfg: OptimConfig, ndims: dict[str, int] | None = None):
+    """AdamW over ``named`` trainable parameters plus its LambdaLR schedule (``ndims``: see :func:`param_groups`)."""
+    opt = torch.optim.AdamW(param_groups(named, group_of, cfg, ndims), betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     return opt, sched

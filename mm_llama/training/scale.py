@@ -1,0 +1,210 @@
+"""Scaling out: FSDP sharding of a large frozen LM, and ``torch.compile`` of its blocks.
+
+DDP needs nothing from here (``trainer.strategy: ddp``). A Llama 3.1 70B LM does not fit one
+GPU even in bf16 (141 GB), so it is sharded with FSDP; :class:`AdapterFSDPStrategy` is
+Lightning's :class:`~lightning.pytorch.strategies.FSDPStrategy` with what this model needs:
+
+* **Units.** Every decoder block and every gated cross-attention block is an FSDP unit, and so
+  are the image encoder, the projection and the fusion embedding (:func:`fsdp_units`). FSDP
+  (v1) flattens a unit's parameters into one tensor of one dtype, so the bf16 frozen LM and the
+  fp32 adapters must never share a unit: what is left in the root is the LM's embedding, final
+  norm and output head, all frozen and in ``lm_dtype`` (checked, :func:`check_unit_dtypes`).
+* **K/V projections.** A unit's parameters are gathered only while its ``forward`` runs, but
+  :meth:`~adapters.cross_attention.GatedCrossAttention.media_kv` (computed once per batch, outside
+  the block's ``forward``) uses ``k_proj``, ``v_proj`` and ``k_norm``: each is a small unit of its own.
+* **Activation checkpointing** of the same decoder and cross-attention blocks. Gradients must flow
+  through the frozen blocks to the adapters below them, so the frozen LM's activations are what
+  dominates memory.
+* **Frozen parameters and the optimizer.** ``use_orig_params=True``: FSDP keeps the original
+  parameter objects (frozen ones get no gradient and no optimizer state), which the optimizer is
+  built from, and allows a unit to mix frozen and trainable parameters. They become 1-D shards, so
+  :class:`~mm_llama.training.module.AdapterModule` records names and shapes when it is built (weight
+  decay must still find the matrices).
+* **Dtypes.** No FSDP parameter casting: the LM is already in ``lm_dtype`` (bf16) and the adapters
+  keep fp32 master weights; bf16 compute comes from ``precision: bf16-mixed`` (autocast). Buffers
+  stay as they are (Lightning's default FSDP mixed precision would cast the RoPE frequencies to
+  bf16), and gradients are reduced in fp32.
+* **Gradient clipping** by norm goes through the FSDP root (:func:`clip_grad_norm`), which takes the
+  norm over all shards; Lightning's FSDP precision plugin refuses norm clipping otherwise.
+* **Validation.** Every forward gathers weights from all ranks together, so all ranks must run the
+  same forwards: generation runs every step (:func:`is_sharded`), and every rank needs at least
+  ``trainer.limit_val_batches`` validation batches. Answers are gathered from all ranks before
+  exact match is computed (:func:`gather_to_all`, under DDP too).
+
+The same blocks are what :func:`compile_blocks_` compiles (``AdapterModule(compile_blocks=True)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+
+from adapters import FusionEmbedding, GatedCrossAttention, MediaProjection
+from encoders import ImageEncoder
+from mm_llama.llama import DecoderLayer
+
+if TYPE_CHECKING:
+    import lightning as L
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+CHECKPOINTED_BLOCKS: tuple[type[nn.Module], ...] = (DecoderLayer, GatedCrossAttention)
+"""Blocks whose activations are recomputed in backward, and what :func:`compile_blocks_` compiles."""
+
+FSDP_UNIT_CLASSES: tuple[type[nn.Module], ...] = (*CHECKPOINTED_BLOCKS, ImageEncoder, MediaProjection, FusionEmbedding)
+"""Modules that are an FSDP unit of their own (besides the K/V modules of :data:`MEDIA_KV_MODULES`)."""
+
+MEDIA_KV_MODULES: tuple[str, ...] = ("k_proj", "v_proj", "k_norm")
+"""Submodules of a :class:`GatedCrossAttention` used by ``media_kv``, outside the block's ``forward``."""
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that :class:`AdapterFSDPStrategy` makes FSDP units, outermost first."""
+    units: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, FSDP_UNIT_CLASSES):
+            units.append(module)
+        if isinstance(module, GatedCrossAttention):
+            units += [getattr(module, name) for name in MEDIA_KV_MODULES]
+    return units
+
+
+def fsdp_wrap_policy(model: nn.Module) -> CustomPolicy:
+    """An FSDP ``auto_wrap_policy`` wrapping exactly :func:`fsdp_units` of ``model``."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    chosen = {id(m) for m in fsdp_units(model)}
+    return CustomPolicy(lambda module: id(module) in chosen)
+
+
+def unit_dtypes(model: nn.Module, units: Iterable[nn.Module]) -> dict[str, set[torch.dtype]]:
+    """Parameter dtypes of each FSDP unit (``""`` is the root), counting only what the unit itself
+    holds (a nested unit's parameters are its own)."""
+    units = list(units)
+    owner: dict[int, str] = {}
+    names = {id(m): name for name, m in model.named_modules()}
+    for module in units:  # outermost first: nested units overwrite their parameters' owner
+        for p in module.parameters():
+            owner[id(p)] = names[id(module)]
+    dtypes: dict[str, set[torch.dtype]] = {}
+    for p in model.parameters():
+        dtypes.setdefault(owner.get(id(p), ""), set()).add(p.dtype)
+    return dtypes
+
+
+def check_unit_dtypes(model: nn.Module, units: Iterable[nn.Module]) -> None:
+    """Raise ``ValueError`` naming every FSDP unit whose parameters have more than one dtype."""
+    mixed = {name or "<root>": sorted(map(str, d)) for name, d in unit_dtypes(model, units).items() if len(d) > 1}
+    if mixed:
+        raise ValueError(
+            f"FSDP flattens each unit's parameters into one tensor of one dtype, but these units mix dtypes: "
+            f"{mixed}. Keep every trainable module in its own unit (mm_llama.training.scale.FSDP_UNIT_CLASSES)."
+        )
+
+
+class AdapterFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP with the units, checkpointing and dtype handling of a frozen-LM adapter model.
+
+    See the module docstring for why each setting is what it is. Use it from a config as
+    ``trainer.strategy: {class_path: mm_llama.training.scale.AdapterFSDPStrategy, init_args: {...}}``.
+
+    Args:
+        activation_checkpointing: recompute the activations of decoder and cross-attention blocks
+            (:data:`CHECKPOINTED_BLOCKS`) in backward.
+        sharding_strategy: ``FULL_SHARD`` (ZeRO-3, for 70B), ``SHARD_GRAD_OP``, ``HYBRID_SHARD``
+            (shard within a node, replicate across nodes) or ``NO_SHARD``.
+        cpu_offload: keep the sharded parameters in CPU memory between uses.
+        process_group_backend: ``nccl`` on GPUs by default; ``gloo`` on CPUs.
+        timeout: collective timeout.
+    """
+
+    def __init__(
+        self,
+        activation_checkpointing: bool = True,
+        sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD",
+        cpu_offload: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        from torch.distributed.fsdp import MixedPrecision
+
+        super().__init__(
+            activation_checkpointing_policy=set(CHECKPOINTED_BLOCKS) if activation_checkpointing else None,
+            sharding_strategy=sharding_strategy,
+            cpu_offload=cpu_offload,
+            # One checkpoint file, written by rank 0, of which AdapterModule keeps only what trains.
+            state_dict_type="full",
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            # No casting of parameters or buffers; gradients reduced in fp32 (module docstring).
+            mixed_precision=MixedPrecision(reduce_dtype=torch.float32),
+            use_orig_params=True,
+        )
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        """Wrap ``model`` (the LightningModule) in FSDP with :func:`fsdp_units` as units.
+
+        Lightning's own ``_setup_model`` passes ``device_id=None`` on a CPU, which FSDP refuses; this
+        one passes the root device, so a CPU run (gloo) shards the same way (used by the tests).
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        units = fsdp_units(model)
+        check_unit_dtypes(model, units)
+        wrapped = FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=self.root_device,
+            **{**self.kwargs, "auto_wrap_policy": fsdp_wrap_policy(model)},
+        )
+        # After wrapping, as Lightning does: the checkpoint wrappers go inside the FSDP units.
+        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        return wrapped
+
+
+def is_sharded(trainer: L.Trainer | None) -> bool:
+    """Whether ``trainer`` shards the model with FSDP (then every rank must run the same forwards)."""
+    return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+
+
+def gather_to_all(items: list, trainer: L.Trainer | None) -> list:
+    """``items`` of every rank, concatenated in rank order, on every rank (``items`` alone without a
+    process group). Every rank must call it."""
+    if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return items
+    gathered: list[list | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in (part or [])]
+
+
+def clip_grad_norm(trainer: L.Trainer, max_norm: float) -> bool:
+    """Clip gradients by their global norm through the FSDP root when ``trainer`` shards with FSDP.
+
+    Returns ``False`` (and does nothing) under any other strategy, where Lightning's own clipping
+    is right.
+    """
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return False
+    trainer.strategy.model.clip_grad_norm_(max_norm)
+    return True
+
+
+def compile_blocks_(model: nn.Module, **compile_kwargs) -> list[nn.Module]:
+    """``torch.compile`` every :data:`CHECKPOINTED_BLOCKS` module of ``model`` in place.
+
+    Block by block (``nn.Module.compile``) rather than the whole model: parameter names do not
+    change (checkpoints load as before), FSDP units and activation-checkpoint wrappers stay around
+    single blocks, and one compiled graph serves all blocks of a shape. Returns the compiled modules.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, CHECKPOINTED_BLOCKS)]
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return blocks

@@ -1,0 +1,149 @@
+"""A tiny :class:`AdapterModule` fit on CPU in its own process: the worker of ``tests/test_distributed.py``.
+
+Two modes::
+
+    python tests/ddp_fit.py parallel --lm DIR --shards URLS --out DIR --devices 2 --batch-size 2 --epoch-length 16
+    python tests/ddp_fit.py parallel --strategy fsdp --lm-dtype bfloat16 ...
+    python tests/ddp_fit.py reference --lm DIR --shards URLS --out DIR --ranks-from PARALLEL_OUT
+
+``parallel`` trains through :class:`ImageDataModule` with Lightning's DDP strategy, or with
+:class:`~mm_llama.training.scale.AdapterFSDPStrategy` (both over gloo on CPU); Lightning relaunches this
+script once per extra rank. ``reference`` is one process whose step ``k`` trains on the union of every
+rank's step-``k`` samples (the global batch, read back from the same shards by key).
+
+Each rank writes ``rank<r>.json`` into ``--out`` (the shards it opened, the sample keys and loss of every
+step, its step count); ``init.pt`` holds the trainable weights before training and ``final.ckpt`` is the
+checkpoint saved after it (through the strategy: under FSDP, gathered from the shards). It is a script
+and not a pytest-run function so that pytest itself is never forked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader
+
+from mm_llama.data.collate import collate
+from mm_llama.training.datamodule import ImageDataModule, model_inputs
+from mm_llama.training.module import AdapterModule
+from mm_llama.training.optim import OptimConfig
+from mm_llama.training.scale import AdapterFSDPStrategy
+from tests.test_training import TINY_MODEL
+
+LR = 1e-2
+VAL_BATCHES = 3
+"""Validation batches per rank with ``--validate``: under FSDP every rank must run as many (each forward
+gathers weights from all ranks), so at most the fewest any rank has (the tests' shards: 3 and 4)."""
+
+
+class RecordSteps(L.Callback):
+    """Per optimizer step: the batch's sample keys and shards, and the loss; written at the end of fit."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.steps: list[dict[str, Any]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({
+            "keys": [m["__key__"] for m in batch["meta"]],
+            "urls": [m["__url__"] for m in batch["meta"]],
+            "loss": outputs["loss"].item(),
+        })
+
+    def on_train_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        record = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
+                  "steps": self.steps, "val": getattr(pl_module, "last_eval", {}).get("metrics")}
+        (self.out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def make_module(args: argparse.Namespace, steps: int) -> AdapterModule:
+    L.seed_everything(0)  # the same initial weights on every rank and in the reference
+    module = AdapterModule(lm=args.lm, model=TINY_MODEL, optim=OptimConfig(lr=LR, warmup_steps=0, total_steps=steps),
+                           lm_dtype=args.lm_dtype, eval_max_new_tokens=3)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # the launching process; Lightning sets LOCAL_RANK for the others
+        torch.save(module.model.trainable_state_dict(), args.out / "init.pt")
+    return module
+
+
+def fit_and_save(trainer: L.Trainer, module: AdapterModule, out: Path, **fit_kwargs: Any) -> None:
+    trainer.fit(module, **fit_kwargs)
+    trainer.save_checkpoint(out / "final.ckpt")  # every rank takes part (FSDP gathers the shards)
+
+
+def make_trainer(out: Path, record: RecordSteps, validate: bool = False, **kwargs: Any) -> L.Trainer:
+    """A CPU trainer for one epoch; ``validate``: one validation at the epoch's end (generation included)."""
+    return L.Trainer(
+        accelerator="cpu", max_epochs=1, gradient_clip_val=1.0, limit_val_batches=VAL_BATCHES if validate else 0,
+        num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(out), callbacks=[record], **kwargs,
+    )  # fmt: skip
+
+
+def run_parallel(args: argparse.Namespace) -> None:
+    datamodule = ImageDataModule(train_urls=args.shards, val_urls=args.shards, test_urls=args.shards,
+                                 batch_size=args.batch_size, num_workers=0, shuffle_buffer=4,
+                                 epoch_length=args.epoch_length)
+    # Steps per rank follow from epoch_length; the schedule length only shapes the cosine decay.
+    module = make_module(args, steps=args.epoch_length // (args.batch_size * args.devices))
+    record = RecordSteps(args.out)
+    # A hang (ranks with different step counts) fails after the timeout instead of after 30 minutes.
+    timeout = timedelta(seconds=args.timeout)
+    if args.strategy == "ddp":
+        strategy = DDPStrategy(process_group_backend="gloo", timeout=timeout)
+    else:
+        strategy = AdapterFSDPStrategy(process_group_backend="gloo", timeout=timeout)
+    trainer = make_trainer(args.out, record, validate=args.validate, strategy=strategy, devices=args.devices)
+    fit_and_save(trainer, module, args.out, datamodule=datamodule)
+
+
+def run_reference(args: argparse.Namespace) -> None:
+    ranks = sorted((json.loads(p.read_text()) for p in args.ranks_from.glob("rank*.json")), key=lambda r: r["rank"])
+    global_batches = [sum((r["steps"][k]["keys"] for r in ranks), []) for k in range(len(ranks[0]["steps"]))]
+    module = make_module(args, steps=len(global_batches))
+    # Read every sample once, in order, through the evaluation pipeline (the same decoding and
+    # tokenization as training: training adds only shuffling, splitting and repetition).
+    reader = ImageDataModule(train_urls=args.shards, val_urls=args.shards, test_urls=args.shards, num_workers=0,
+                             test_samples=None)
+    reader.connect(model_inputs(module))
+    reader.setup("test")
+    samples = {s["meta"]["__key__"]: s for s in reader.datasets["test"]}
+    pad_id = module.tokenizer.pad_id
+    batches = [collate([samples[key] for key in keys], pad_id) for keys in global_batches]
+    record = RecordSteps(args.out)
+    trainer = make_trainer(args.out, record, devices=1)
+    fit_and_save(trainer, module, args.out,
+                 train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("parallel", "reference"))
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--lm", required=True)
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--epoch-length", type=int, default=16)
+    parser.add_argument("--ranks-from", type=Path)
+    parser.add_argument("--validate", action="store_true", help="validate at the end of the epoch (parallel mode)")
+    parser.add_argument("--timeout", type=int, default=120, help="process-group timeout in seconds")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny matmuls: two ranks on two cores
+    args.out.mkdir(parents=True, exist_ok=True)
+    (run_parallel if args.mode == "parallel" else run_reference)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Two-process Lightning DDP on CPU (gloo) over real WebDataset shards, against one process.
+
+The DDP run (``tests/ddp_fit.py parallel``, its own process tree, so pytest is never forked) must show
+that each rank reads its own shards, that both ranks take the same number of optimizer steps
+although the shards hold different numbers of samples (``epoch_length``; unequal counts would
+hang DDP, DESIGN §9), and that it trains exactly what one process trains on the same global
+batches (``tests/ddp_fit.py reference``). The same run sharded with
+:class:`~mm_llama.training.scale.AdapterFSDPStrategy` (FSDP runs on CPU over gloo too) must train
+what DDP trains, and save a checkpoint of the full, unsharded trainable weights only.
+
+Why the two runs may be compared at all: DDP averages the ranks' gradients, each the gradient of
+a mean over that rank's labelled tokens, while one process takes the mean over all labelled tokens
+of the global batch. The two agree only when every rank has as many labelled tokens per step, so
+every sample here has the same number of labelled tokens (checked when the shards are written).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from mm_llama.data import scenes
+from mm_llama.data.examples import IGNORE_INDEX, encode_example
+from mm_llama.data.pipeline import DataConfig, train_batches_per_rank
+from mm_llama.tokenizer import Tokenizer
+from tests.ddp_fit import VAL_BATCHES
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "ddp_fit.py"
+SHARD_SIZES = (4, 3, 3, 2)  # uneven on purpose: ranks get different numbers of samples
+BATCH, EPOCH_LENGTH, WORLD = 2, 16, 2
+TIMEOUT_S = 600  # a hang fails here (the ranks' process group times out after 120 s)
+
+# Tolerances. fp32 sums in another order (gloo's all-reduce of two rank gradients vs one backward
+# over the global batch) differ by a few ulps of the summands; where samples' gradients nearly cancel
+# that is a larger relative error of the sum, and AdamW, which divides each element by its own
+# running RMS, turns it into an update error of up to ~1e-3 * lr (measured on a busy 2-core CPU: max
+# |diff| 1.25e-5 over all trainable weights after 4 steps at lr 1e-2; loss rel. diff < 1e-6). A real
+# fault (a rank's samples missing from the average, gradients summed not averaged, ranks out of step)
+# changes updates by O(lr) = 1e-2 per step: the bounds sit between the two, lr / 100 for weights.
+LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
+
+
+def write_equal_label_shards(root: Path, lm_dir: Path) -> list[Path]:
+    """Shape-scene shards of :data:`SHARD_SIZES` samples whose examples all have the same number of
+    labelled tokens under the tiny LM's tokenizer (the most common count among the first scenes)."""
+    tok = Tokenizer.from_hf_dir(lm_dir)
+
+    def n_labels(sample: dict) -> int:
+        meta = json.loads(sample["json"])
+        enc = encode_example(tok, meta["prompt"], meta["response"], media_token_id=tok.vocab_size, system="")
+        return int((enc["labels"] != IGNORE_INDEX).sum())
+
+    candidates = [scenes.make_sample(0, "train", i, image_size=16) for i in range(200)]
+    counts = [n_labels(s) for s in candidates]
+    target = collections.Counter(counts).most_common(1)[0][0]
+    chosen = iter([s for s, n in zip(candidates, counts) if n == target])
+    paths = []
+    for shard, size in enumerate(SHARD_SIZES):
+        path = root / f"train-{shard:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for _ in range(size):
+                sink.write(next(chosen))
+        paths.append(path)
+    return paths
+
+
+def run_scripts(*runs: list[str]) -> None:
+    """Run ``tests/ddp_fit.py`` once per argument list, all at once; fail naming any that fails or hangs."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # a fresh job, whatever launched pytest
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, cwd=REPO, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for args in runs]
+    for args, proc in zip(runs, procs):
+        try:
+            _, stderr = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{SCRIPT.name} {' '.join(args)} did not finish in {TIMEOUT_S} s (ranks out of step?)")
+        assert proc.returncode == 0, f"{SCRIPT.name} {' '.join(args)} failed:\n{stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_lm_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    shards = write_equal_label_shards(root, tiny_lm_dir)
+    urls = "::".join(map(str, shards))
+    common = ["--lm", str(tiny_lm_dir), "--shards", urls]
+    parallel = [*common, "--devices", str(WORLD), "--batch-size", str(BATCH), "--epoch-length", str(EPOCH_LENGTH),
+                "--validate"]
+    run_scripts(["parallel", *parallel, "--out", str(root / "ddp")])
+    # the reference needs the DDP run's batches; FSDP runs beside it
+    run_scripts(["reference", *common, "--out", str(root / "ref"), "--ranks-from", str(root / "ddp")],
+                ["parallel", *parallel, "--out", str(root / "fsdp"), "--strategy", "fsdp"])
+    return {"ddp": root / "ddp", "ref": root / "ref", "fsdp": root / "fsdp", "shards": shards}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights in the checkpoint a run saved after training, by parameter name."""
+    state = torch.load(out / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def ranks(out: Path) -> list[dict]:
+    return sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")), key=lambda r: r["rank"])
+
+
+def test_each_rank_reads_its_own_shards(runs):
+    records = ranks(runs["ddp"])
+    assert [r["rank"] for r in records] == [0, 1] and all(r["world_size"] == WORLD for r in records)
+    shards = [{url for step in r["steps"] for url in step["urls"]} for r in records]
+    keys = [{key for step in r["steps"] for key in step["keys"]} for r in records]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    assert shards[0] | shards[1] == {str(p) for p in runs["shards"]}  # every shard has a reader
+    assert not keys[0] & keys[1]
+
+
+def test_both_ranks_take_the_same_number_of_steps(runs):
+    records = ranks(runs["ddp"])
+    samples = [len({key for step in r["steps"] for key in step["keys"]}) for r in records]
+    assert samples[0] != samples[1]  # the shards give the ranks unequal data...
+    expected = train_batches_per_rank(DataConfig(train_urls="x", batch_size=BATCH, epoch_length=EPOCH_LENGTH), WORLD)
+    # ...yet epoch_length gives both the same steps, each a full batch
+    assert [r["global_step"] for r in records] == [expected, expected]
+    assert all(len(r["steps"]) == expected and all(len(s["keys"]) == BATCH for s in r["steps"]) for r in records)
+
+
+def test_ddp_trains_what_one_process_trains_on_the_global_batch(runs):
+    ddp, (ref,) = ranks(runs["ddp"]), ranks(runs["ref"])
+    n_steps = len(ddp[0]["steps"])
+    assert ref["global_step"] == n_steps
+    assert [s["keys"] for s in ref["steps"]] == [ddp[0]["steps"][k]["keys"] + ddp[1]["steps"][k]["keys"]
+                                                 for k in range(n_steps)]
+    mean_of_ranks = torch.tensor([(ddp[0]["steps"][k]["loss"] + ddp[1]["steps"][k]["loss"]) / 2
+                                  for k in range(n_steps)])
+    global_loss = torch.tensor([s["loss"] for s in ref["steps"]], dtype=mean_of_ranks.dtype)
+    torch.testing.assert_close(global_loss, mean_of_ranks, rtol=LOSS_RTOL, atol=0)
+
+    init = torch.load(runs["ddp"] / "init.pt")
+    trained, reference = final_weights(runs["ddp"]), final_weights(runs["ref"])
+    assert set(trained) == set(reference) == set(init)
+    moved = max((trained[k].float() - init[k].float()).abs().max().item() for k in init)
+    diff = max((trained[k].float() - reference[k].float()).abs().max().item() for k in init)
+    assert moved > 1e-3, f"training barely moved the weights (max change {moved:.2e}): the comparison is void"
+    assert diff <= WEIGHT_ATOL, f"DDP and one process differ by {diff:.2e} (> {WEIGHT_ATOL}); weights moved {moved:.2e}"
+
+
+def test_fsdp_trains_what_ddp_trains_and_saves_whole_trainable_weights(runs):
+    ddp, fsdp = ranks(runs["ddp"]), ranks(runs["fsdp"])
+    # the same data module on the same ranks: the same samples, step by step
+    assert [[s["keys"] for s in r["steps"]] for r in fsdp] == [[s["keys"] for s in r["steps"]] for r in ddp]
+    for a, b in zip(ddp, fsdp):
+        torch.testing.assert_close(torch.tensor([s["loss"] for s in b["steps"]]),
+                                   torch.tensor([s["loss"] for s in a["steps"]]), rtol=LOSS_RTOL, atol=0)
+    init = torch.load(runs["fsdp"] / "init.pt")
+    sharded, replicated = final_weights(runs["fsdp"]), final_weights(runs["ddp"])
+    assert set(sharded) == set(init)  # only what trains, nothing of the frozen LM
+    assert all(sharded[k].shape == init[k].shape for k in init)  # gathered, not 1-D shards
+    diff = max((sharded[k].float() - replicated[k].float()).abs().max().item() for k in init)
+    assert diff <= WEIGHT_ATOL, f"FSDP and DDP differ by {diff:.2e} (> {WEIGHT_ATOL})"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_validation_summarises_every_rank_on_every_rank(runs, strategy):
+    """Each rank validates its own shards (at most VAL_BATCHES batches); the metrics cover all of them.
+
+    Under FSDP this also shows that validation, generation included, keeps the ranks in step.
+    """
+    per_rank = [min(sum(SHARD_SIZES[r::WORLD]), VAL_BATCHES * BATCH) for r in range(WORLD)]  # shards in order
+    assert per_rank[0] != per_rank[1]
+    metrics = [r["val"] for r in ranks(runs[strategy])]
+    assert metrics[0] == metrics[1] and metrics[0]["n"] == sum(per_rank)
