@@ -110,7 +110,7 @@ class AdapterModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- evaluation ----------------------------------------------------------------------
-    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> None:
         b = batch["input_ids"].shape[0]
         media = self.media(batch)
         if "videos" in media and self.eval_frame_view != "ordered":
@@ -141,10 +141,10 @@ class AdapterModule(L.LightningModule):
         return [self.tokenizer.decode(o) for o in out]
 
     def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def predict_step(self, batch, batch_idx):
         """Greedy answers: ``[{"__key__", "prompt", "prediction", "response"}, ...]`` per batch."""
