@@ -3,11 +3,12 @@
 Shape legend: ``f`` sampled frames, ``H``/``W`` frame height/width.
 
 Decoding never holds a whole clip: the container is first *demuxed* (packets only,
-nothing decoded) to learn every frame's presentation timestamp, the ``f`` wanted
-frames are chosen from those timestamps, and then frames are decoded in order and
-only the wanted ones are kept, stopping after the last one. A long clip (more than
-``seek_above`` frames) seeks to the keyframe before each wanted frame instead of
-decoding everything in between. Timestamps, not frame indices, make the sampling
+nothing decoded) to learn every frame's presentation timestamp and which frames are
+keyframes, the ``f`` wanted frames are chosen from those timestamps, and then frames
+are decoded in order and only the wanted ones are kept, stopping after the last one.
+Whenever a keyframe lies between the decoder's position and the next wanted frame,
+the decoder seeks to it instead of decoding the frames in between, so a long clip
+costs about ``f`` keyframe intervals of decoding, not its length. Timestamps, not frame indices, make the sampling
 uniform in *time*, so a variable-frame-rate clip is sampled like its constant-rate
 twin (a frame shown for long is the one picked for every instant it covers).
 
@@ -46,6 +47,7 @@ def encode_mp4(
     *,
     timestamps: Sequence[float] | None = None,
     crf: int = 18,
+    keyframe_interval: int | None = None,
 ) -> bytes:
     """H.264 mp4 bytes of RGB ``frames`` (each ``uint8 [H, W, 3]``, all the same size).
 
@@ -55,6 +57,7 @@ def encode_mp4(
         timestamps: presentation time of each frame in seconds (increasing), for a
             variable-frame-rate clip; ``None``: frame ``k`` at ``k / fps``.
         crf: x264 quality (lower is better; 18 keeps the flat colours of the built-in clips).
+        keyframe_interval: frames between keyframes; ``None``: x264's default (250).
 
     Odd widths or heights are written in ``yuv444p`` (4:2:0 needs even sides).
     """
@@ -71,6 +74,8 @@ def encode_mp4(
         stream.pix_fmt = "yuv420p" if w % 2 == 0 and h % 2 == 0 else "yuv444p"
         stream.codec_context.time_base = time_base
         stream.options = {"crf": str(crf), "preset": "veryfast"}
+        if keyframe_interval is not None:
+            stream.codec_context.gop_size = keyframe_interval
         for k, array in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
             seconds = timestamps[k] if timestamps is not None else k / fps
@@ -139,46 +144,41 @@ class DecodedClip:
     duration: float
 
 
-def _pyav_decode(data: bytes, n_samples: int, seek_above: int) -> DecodedClip:
+def _pyav_decode(data: bytes, n_samples: int, seek: bool) -> DecodedClip:
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams})
             raise CorruptSample("missing_video", f"mp4 has no video stream (streams: {kinds or 'none'})")
         stream = container.streams.video[0]
         # Demux only (no decoding): every frame's pts, in presentation order.
-        packets = [(p.pts, p.duration or 0) for p in container.demux(stream) if p.pts is not None and p.size]
+        packets = [(p.pts, p.duration or 0, p.is_keyframe) for p in container.demux(stream)
+                   if p.pts is not None and p.size]
         if not packets:
             raise CorruptSample("bad_video", "video stream has no frames")
         packets.sort()
-        pts = [p for p, _ in packets]
+        keyframes = [p for p, _, key in packets if key]
+        pts = [p for p, _, _ in packets]
         last_duration = packets[-1][1] or (pts[-1] - pts[-2] if len(pts) > 1 else 1)
         picks = sample_frame_indices(pts, n_samples, end=pts[-1] + last_duration)
         wanted: dict[int, list[int]] = {}
         for slot, index in enumerate(picks):
             wanted.setdefault(pts[index], []).append(slot)
         frames: list[PIL.Image.Image | None] = [None] * len(picks)
-        targets = sorted(wanted)
-        if len(pts) > seek_above:
-            for target in targets:
-                container.seek(target, stream=stream, backward=True, any_frame=False)
-                for frame in container.decode(stream):
-                    if frame.pts is not None and frame.pts >= target:
-                        image = frame.to_image()
-                        for slot in wanted[target]:
-                            frames[slot] = image
-                        break
-        else:
-            container.seek(0, stream=stream)
-            remaining = len(targets)
-            for frame in container.decode(stream):
-                slots = wanted.get(frame.pts)
-                if slots:
+        position = None  # pts of the last decoded frame
+        decoded = None
+        for target in sorted(wanted):
+            k = bisect.bisect_right(keyframes, target) - 1
+            keyframe = keyframes[k] if k >= 0 else pts[0]
+            if decoded is None or (seek and position is not None and keyframe > position):
+                container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+                decoded = container.decode(stream)
+            for frame in decoded:
+                position = frame.pts
+                if frame.pts is not None and frame.pts >= target:
                     image = frame.to_image()  # only the wanted frames are converted and kept
-                    for slot in slots:
+                    for slot in wanted[target]:
                         frames[slot] = image
-                    remaining -= 1
-                    if remaining == 0:
-                        break
+                    break
         missing = [picks[i] for i, f in enumerate(frames) if f is None]
         if missing:
             raise CorruptSample("bad_video", f"frames {missing[:4]} of {len(pts)} could not be decoded (truncated?)")
@@ -186,7 +186,7 @@ def _pyav_decode(data: bytes, n_samples: int, seek_above: int) -> DecodedClip:
         return DecodedClip(frames, len(pts), duration)  # type: ignore[arg-type]
 
 
-def _torchcodec_decode(data: bytes, n_samples: int, seek_above: int) -> DecodedClip:
+def _torchcodec_decode(data: bytes, n_samples: int, seek: bool) -> DecodedClip:
     """The same sampling through torchcodec's decoder (exact seek mode scans the timestamps)."""
     from torchcodec.decoders import VideoDecoder
 
@@ -205,7 +205,7 @@ def _torchcodec_decode(data: bytes, n_samples: int, seek_above: int) -> DecodedC
     return DecodedClip(frames, n, float(end - begin))
 
 
-_BACKENDS: dict[str, Callable[[bytes, int, int], DecodedClip]] = {"pyav": _pyav_decode, "torchcodec": _torchcodec_decode}
+_BACKENDS: dict[str, Callable[[bytes, int, bool], DecodedClip]] = {"pyav": _pyav_decode, "torchcodec": _torchcodec_decode}
 
 
 def default_backend() -> str:
@@ -213,15 +213,15 @@ def default_backend() -> str:
     return "torchcodec" if importlib.util.find_spec("torchcodec") is not None else "pyav"
 
 
-def decode_clip(data: bytes, n_samples: int, *, backend: str | None = None, seek_above: int = 256) -> DecodedClip:
+def decode_clip(data: bytes, n_samples: int, *, backend: str | None = None, seek: bool = True) -> DecodedClip:
     """Decode the ``f = n_samples`` uniformly sampled frames of an mp4 clip.
 
     Args:
         data: the mp4 bytes.
         n_samples: frames wanted.
         backend: ``"pyav"`` or ``"torchcodec"``; ``None``: :func:`default_backend`.
-        seek_above: clips with more frames seek to each wanted frame (PyAV) instead of
-            decoding straight through.
+        seek: (PyAV) jump to the keyframe before a wanted frame when one lies ahead of the
+            decoder; ``False`` decodes straight through (the same frames, for comparison).
 
     Raises:
         CorruptSample: ``bad_video`` (empty, truncated or undecodable) or
@@ -233,7 +233,7 @@ def decode_clip(data: bytes, n_samples: int, *, backend: str | None = None, seek
     if not data:
         raise CorruptSample("bad_video", "mp4 is empty (0 bytes)")
     try:
-        return _BACKENDS[backend](data, n_samples, seek_above)
+        return _BACKENDS[backend](data, n_samples, seek)
     except CorruptSample:
         raise
     except (av.FFmpegError, RuntimeError, ValueError, EOFError) as exn:  # what FFmpeg / torchcodec raise on bad bytes
