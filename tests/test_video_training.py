@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from mm_llama.data.clips import ClipSpec, make_default_clip_shards
-from mm_llama.lm import parameters_digest
 from mm_llama.training import run as run_module
 from mm_llama.video_adapter import VIDEO_GROUPS, VideoConfig
 from tests.test_training import TINY_MODEL
@@ -102,7 +102,7 @@ def test_video_stage_config_validates(monkeypatch, capsys):
     from mm_llama.cli import main as cli_main
 
     monkeypatch.setattr("sys.argv", ["mm-llama"])
-    config_path = run_module.Path(__file__).resolve().parents[1] / "configs" / "video.yaml"
+    config_path = Path(__file__).resolve().parents[1] / "configs" / "video.yaml"
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(config_path), "--print_config"])
     assert exit_info.value.code == 0

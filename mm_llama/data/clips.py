@@ -173,8 +173,8 @@ def make_clip_sample(seed: int, split: str, index: int, spec: ClipSpec = ClipSpe
     seconds = rng.uniform(spec.min_seconds, spec.max_seconds)
     fps = rng.randint(spec.min_fps, spec.max_fps)
     n = max(3, round(seconds * fps))
-    # Frame k covers [k/n, (k+1)/n) of the clip; it shows the state at its start, except that
-    # the last frame shows the end state, so a move reaches the far side.
+    # Frame k shows the clip at time k / (n - 1): the first frame its start, the last its end
+    # (a move reaches the far side; every n >= 3 shows all three colours of a colour change).
     frames = [render_frame(event, k / (n - 1), spec.size) for k in range(n)]
     meta = {
         "prompt": VIDEO_PROMPT,
