@@ -64,6 +64,8 @@ def generate(
     on_logits: Callable[[torch.Tensor], None] | None = None,
     cache_media_kv: bool = True,
     stop_early: bool = True,
+    videos: torch.Tensor | None = None,
+    frame_mask: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Continue each prompt; media are encoded once and their K/V reused at every step.
 
@@ -82,10 +84,12 @@ def generate(
         on_logits: called with each step's next-token logits ``[b, v]`` before picking.
         cache_media_kv: ``False`` recomputes every cross-attention block's media K/V from the
             encoded media tokens at every forward (prefill and each decode step); the result is
-            the same, only slower. It exists to measure what the cache saves.
+            the same, only slower. It exists to measure what the cache saves (images only).
         stop_early: stop as soon as every row has stopped. ``False`` runs all ``max_new_tokens``
             steps anyway (same output): a model sharded with FSDP gathers its weights at every
             forward, together on every rank, so all ranks must run the same number of forwards.
+        videos: ``[b, f, 3, H, W]`` clips instead of ``images`` (prompts hold ``<|video|>``).
+        frame_mask: ``[b, f]`` bool, True on real frames; ``None``: all real.
 
     Returns:
         The generated ids of each prompt, without the prompt and the stop token.
@@ -98,6 +102,8 @@ def generate(
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     if images is not None and len(images) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
+    if videos is not None and videos.shape[0] != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {videos.shape[0]} videos")
     device = model.lm.embed_tokens.weight.device
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -106,9 +112,11 @@ def generate(
     if images is not None:
         tokens, media_mask = model.encode_images(images.to(device))  # [b, s_e, d], [b, s_e]
         media = model.media_kv(tokens, media_mask)
+    elif videos is not None:
+        media = model.video_context(videos.to(device), None if frame_mask is None else frame_mask.to(device))
 
     def media_for_step() -> MediaContext | None:
-        if media is None or cache_media_kv:
+        if media is None or cache_media_kv or images is None:
             return media
         return model.media_kv(tokens, media_mask)
 

@@ -101,6 +101,8 @@ class Assistant:
         with checkpoint_read_errors(path):
             hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
         model_cfg = hparams.get("model")
+        if hparams.get("init_from"):
+            overrides["init_from"] = None  # the earlier stage's weights are in this checkpoint already
         if getattr(getattr(model_cfg, "image_encoder", None), "checkpoint", None) is not None:
             # The encoder's weights are in the checkpoint itself (a pre-trained, frozen encoder
             # included): do not read the stage-1 file it was built from, which may have moved.

@@ -32,6 +32,7 @@ from encoders import ImageEncoder, ImageEncoderConfig, MediaEncoder  # noqa: E40
 from encoders.mllama_vision import MllamaVisionEncoder, MllamaVisionEncoderConfig, TiledImages  # noqa: E402
 from mm_llama.llama import KVCache, LlamaLM  # noqa: E402
 from mm_llama.lm import freeze  # noqa: E402
+from mm_llama.video_adapter import VideoAdapter, VideoConfig  # noqa: E402
 
 MEDIA_TOKENS: tuple[str, ...] = ("image", "video", "speech")
 """Placeholder tokens, in fusion-table order: ``<|image|>`` is id ``v``, ``<|video|>`` ``v+1``, ..."""
@@ -41,6 +42,10 @@ TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "projection": ("image_projection.",),
     "cross_attention": ("cross_attn.",),
     "fusion_embedding": ("fusion_embed.",),
+    # The video branch (mm_llama/video_adapter.py); VIDEO_GROUPS lists these three.
+    "temporal_aggregator": ("video.aggregator.",),
+    "video_projection": ("video.projection.",),
+    "video_cross_attention": ("video.cross_attn.",),
 }
 """Parameter-name prefixes of each trainable group. The LM (``lm.``) is in none of them."""
 
@@ -99,6 +104,8 @@ class ModelConfig:
         projection: one of :data:`PROJECTIONS`.
         fusion_rows: rows of the trainable special-token table after the frozen vocabulary
             (at least one per media token; Llama 3.2 Vision has 8).
+        video: the video branch (temporal aggregator + video cross-attention); ``None``: an
+            image-only model.
     """
 
     image_encoder: ImageEncoderConfig | MllamaVisionEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -106,8 +113,10 @@ class ModelConfig:
     trainable: tuple[str, ...] = tuple(TRAINABLE_GROUPS)
     projection: str = "linear_norm"
     fusion_rows: int = len(MEDIA_TOKENS)
+    video: VideoConfig | None = None
 
     def __post_init__(self) -> None:
+        self.trainable = tuple(self.trainable)
         if type(self.image_encoder) not in IMAGE_ENCODERS:
             raise ValueError(
                 f"image_encoder must be one of {[c.__name__ for c in IMAGE_ENCODERS]}, "
@@ -128,11 +137,14 @@ class MediaContext:
     """Media encoded once and turned into every cross-attention block's K/V.
 
     ``kv[i]`` is ``(k, v)``, each ``[b, h_kv, s_e, h_d]``, for the block before decoder layer ``i``;
-    ``mask`` is ``[b, s_e]`` bool.
+    ``mask`` is ``[b, s_e]`` bool. A video adds ``video_kv`` / ``video_mask``, the same for the
+    video blocks over the aggregated tokens (``kv`` then holds every frame's tokens).
     """
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
+    video_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    video_mask: torch.Tensor | None = None
 
 
 class MultimodalLlama(nn.Module):
@@ -164,6 +176,10 @@ class MultimodalLlama(nn.Module):
             )
             init_cross_attention_(block)
             self.cross_attn[str(i)] = block
+        self.video = None
+        if cfg.video is not None:
+            self.video = VideoAdapter(cfg.video, self.image_encoder.out_dim, self.image_encoder.num_tokens,
+                                      lm_cfg, tuple(positions), scales)
         self.apply_trainable()
 
     # --- what trains -------------------------------------------------------------------
@@ -233,6 +249,28 @@ class MultimodalLlama(nn.Module):
         """Encode media once and compute every cross-attention block's K/V."""
         return self.media_kv(*self.encode_images(images))
 
+    def video_context(self, videos: torch.Tensor, frame_mask: torch.Tensor | None = None) -> MediaContext:
+        """Encode clips for both kinds of blocks.
+
+        ``videos [b, f, 3, H, W]``, ``frame_mask [b, f]`` (True = real frame; ``None``: all real).
+        The image blocks get every frame's tokens ``[b, f * s_f, d]`` as one set; the video
+        blocks the aggregated tokens ``[b, g * n_l, d]``.
+        """
+        if self.video is None:
+            raise ValueError("this model has no video branch (ModelConfig.video is None)")
+        b, f = videos.shape[:2]
+        if frame_mask is None:
+            frame_mask = torch.ones(b, f, dtype=torch.bool, device=videos.device)
+        out = self.image_encoder(videos.flatten(0, 1))  # tokens [b * f, s_f, d_e]
+        frames = out.tokens.view(b, f, *out.tokens.shape[1:])  # [b, f, s_f, d_e]
+        s_f = frames.shape[2]
+        image_tokens = self.image_projection(frames.flatten(1, 2))  # [b, f * s_f, d]
+        image_mask = (out.mask.view(b, f, s_f) & frame_mask[:, :, None]).flatten(1)  # [b, f * s_f]
+        video_tokens, video_mask = self.video(frames, frame_mask)  # [b, g * n_l, d], [b, g * n_l]
+        context = self.media_kv(image_tokens, image_mask)
+        context.video_kv, context.video_mask = self.video.media_kv(video_tokens), video_mask
+        return context
+
     def media_kv(self, media: torch.Tensor, mask: torch.Tensor) -> MediaContext:
         """Every cross-attention block's K/V of encoded ``media [b, s_e, d]`` (``mask [b, s_e]``)."""
         return MediaContext({int(i): blk.media_kv(media) for i, blk in self.cross_attn.items()}, mask)
@@ -259,6 +297,8 @@ class MultimodalLlama(nn.Module):
                 row_mask = self.media_rows(input_ids)
 
             def hook(i: int, h: torch.Tensor) -> torch.Tensor:
+                if media.video_kv is not None and i in media.video_kv:  # a video block runs before the image one
+                    h = self.video.cross_attn[str(i)](h, media.video_kv[i], media.video_mask, row_mask).to(h.dtype)
                 blk = self.cross_attn[str(i)] if str(i) in self.cross_attn else None
                 # The block computes in its own dtype (fp32 adapters); the frozen LM's residual
                 # stream stays in the LM's (bf16 with AdapterModule(lm_dtype="bfloat16")).
@@ -272,14 +312,24 @@ class MultimodalLlama(nn.Module):
         is_media = input_ids >= self.lm.cfg.vocab_size
         return is_media.long().cumsum(dim=1) > 0
 
-    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | TiledImages | None = None) -> torch.Tensor:
-        """``input_ids [b, s]``, ``images [b, 3, H, W]`` → logits ``[b, s, v]`` (all positions)."""
-        media = self.media_context(images) if images is not None else None
-        return self.lm.logits(self.hidden_states(input_ids, media))
+    def _context(self, images: torch.Tensor | TiledImages | None, videos: torch.Tensor | None,
+                 frame_mask: torch.Tensor | None) -> MediaContext | None:
+        if images is not None and videos is not None:
+            raise ValueError("give images or videos, not both")
+        if videos is not None:
+            return self.video_context(videos, frame_mask)
+        return self.media_context(images) if images is not None else None
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | TiledImages | None = None, *,
+                videos: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids [b, s]``, ``images [b, 3, H, W]`` or ``videos [b, f, 3, H, W]`` (with
+        ``frame_mask [b, f]``) → logits ``[b, s, v]`` (all positions)."""
+        return self.lm.logits(self.hidden_states(input_ids, self._context(images, videos, frame_mask)))
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None, *,
+             videos: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over labeled positions (``labels [b, s]``, -100 = none)."""
-        media = self.media_context(images) if images is not None else None
+        media = self._context(images, videos, frame_mask)
         hidden = self.hidden_states(input_ids, media)
         return labeled_cross_entropy(hidden, labels, self.lm.output_weight)
 

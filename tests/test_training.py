@@ -217,7 +217,7 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
 
 def test_unimplemented_modality_says_so(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_module.main(["--modality", "video"])
+        run_module.main(["--modality", "speech"])
     assert exit_info.value.code == 2
     assert "not implemented yet" in capsys.readouterr().err
 

@@ -46,10 +46,15 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
     Returns:
         ``input_ids [b, s]``, ``labels [b, s]``, ``attention_mask [b, s]`` (bool),
-        ``images [b, 3, H, W]`` and ``meta`` (list of the samples' json dicts,
+        ``images [b, 3, H, W]`` (video samples: ``videos [b, f, 3, H, W]`` and
+        ``frame_mask [b, f]`` instead) and ``meta`` (list of the samples' json dicts,
         with ``__key__``), for evaluation.
     """
     out: dict[str, Any] = pad_text(batch, pad_id)
-    out["images"] = torch.stack([x["image"] for x in batch])  # [b, 3, H, W]
+    if "video" in batch[0]:  # video samples (mm_llama.data.video.VideoFrames)
+        out["videos"] = torch.stack([x["video"] for x in batch])  # [b, f, 3, H, W]
+        out["frame_mask"] = torch.stack([x["frame_mask"] for x in batch])  # [b, f]
+    else:
+        out["images"] = torch.stack([x["image"] for x in batch])  # [b, 3, H, W]
     out["meta"] = [x["meta"] for x in batch]
     return out

@@ -53,6 +53,7 @@ from torch.utils.data import IterableDataset
 from mm_llama.data.collate import collate
 from mm_llama.data.examples import (
     CAPTION_PROMPT,
+    DEFAULT_MEDIA_PLACEHOLDER,
     BadExample,
     ChatTokenizer,
     ExampleTooLong,
@@ -75,9 +76,14 @@ SKIP_KINDS: dict[str, str] = {
     "empty_text": "prompt or response missing or empty",
     "bad_text": "text cannot be encoded (e.g. contains the media placeholder)",
     "too_long": "encoded example longer than max_len (never truncated)",
+    "missing_video": "sample has no mp4 entry, or its mp4 has no video stream",
+    "bad_video": "mp4 is empty, truncated or cannot be decoded",
 }
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
+MediaDecoder = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+"""Raw tar sample → its media tensors (e.g. ``{"video": ..., "frame_mask": ...}``); raises
+:class:`CorruptSample` for unusable media."""
 
 
 @dataclass
@@ -411,7 +417,8 @@ class ResizeToTensor:
 
 
 class _DecodeAndEncode:
-    """Raw tar sample → ``{input_ids, labels, image, meta}``; corrupt samples are counted."""
+    """Raw tar sample → ``{input_ids, labels, image, meta}`` (or the tensors of ``media``
+    instead of ``image``); corrupt samples are counted."""
 
     def __init__(
         self,
@@ -421,20 +428,26 @@ class _DecodeAndEncode:
         max_len: int,
         system_prompt: str | None,
         counter: SkipCounter,
+        media: MediaDecoder | None = None,
+        media_placeholder: str = DEFAULT_MEDIA_PLACEHOLDER,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.tokenizer, self.transform, self.media_token_id = tokenizer, transform, media_token_id
         self.max_len, self.system_prompt, self.counter = max_len, system_prompt, counter
-        self.max_pixels = max_pixels
+        self.media, self.media_placeholder, self.max_pixels = media, media_placeholder, max_pixels
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image = decode_image(sample, self.max_pixels)
+        if self.media is None:
+            media = {"image": self.transform(decode_image(sample, self.max_pixels))}
+        else:
+            media = self.media(sample)
         meta = decode_text(sample)
         try:
             encoded = encode_example(
                 self.tokenizer,
                 meta["prompt"],
                 meta["response"],
+                media_placeholder=self.media_placeholder,
                 media_token_id=self.media_token_id,
                 system=self.system_prompt,
                 max_len=self.max_len,
@@ -445,7 +458,7 @@ class _DecodeAndEncode:
             raise CorruptSample("bad_text", str(exn)) from exn
         meta["__key__"] = sample["__key__"]
         meta["__url__"] = sample.get("__url__")
-        return {**encoded, "image": self.transform(image), "meta": meta}
+        return {**encoded, **media, "meta": meta}
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:
@@ -500,6 +513,8 @@ def build_dataset(
     train: bool,
     cfg: DataConfig,
     counter: SkipCounter | None = None,
+    media: MediaDecoder | None = None,
+    media_placeholder: str = DEFAULT_MEDIA_PLACEHOLDER,
 ) -> ShardDataset:
     """An ``IterableDataset`` of ``{input_ids [s], labels [s], image [3, H, W], meta}``.
 
@@ -513,6 +528,10 @@ def build_dataset(
             Evaluation reads every shard once, in order.
         cfg: the data configuration.
         counter: where skips are counted; a new one when ``None`` (``dataset.counter``).
+        media: decodes each sample's media instead of the image path (``transform`` is then
+            unused), e.g. :class:`~mm_llama.data.video.VideoFrames` for
+            ``{video [f, 3, H, W], frame_mask [f]}``.
+        media_placeholder: the placeholder string the prompt carries (``<|video|>`` for video).
 
     Without resampling, shards are split across ranks and then workers: with
     ``world_size * num_workers`` larger than the shard count some workers idle,
@@ -535,6 +554,8 @@ def build_dataset(
         cfg.max_len,
         cfg.system_prompt,
         counter,
+        media,
+        media_placeholder,
         cfg.max_image_pixels,
     )
     stages: list[Any]

@@ -201,15 +201,21 @@ def render_scene(objects: Sequence[SceneObject], image_size: int = 64) -> Image.
         margin = cell / 2 - r
         cx = (obj.col + 0.5) * cell + 0.8 * margin * obj.dx
         cy = (obj.row + 0.5) * cell + 0.8 * margin * obj.dy
-        fill = COLOURS[obj.colour]
-        if obj.shape == "square":
-            h = 0.85 * r  # a full-width square looks much bigger than the other shapes
-            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-        elif obj.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon(_polygon(obj.shape, cx, cy, r), fill=fill)
+        draw_shape(draw, obj.shape, COLOURS[obj.colour], cx, cy, r)
     return image.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, fill: tuple[int, int, int], cx: float, cy: float, r: float
+) -> None:
+    """Draw one filled ``shape`` (of :data:`SHAPES`) of half-width ``r`` centred on ``(cx, cy)``."""
+    if shape == "square":
+        h = 0.85 * r  # a full-width square looks much bigger than the other shapes
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
 
 
 def _with_article(phrase: str, capital: bool) -> str:
@@ -373,9 +379,17 @@ def make_default_shards(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mm-llama make-shards --modality image --out data/shapes ...``: print the shard URLs."""
+    """``mm-llama make-shards --modality image --out data/shapes ...``: print the shard URLs
+    (``--modality video`` hands over to :func:`mm_llama.data.clips.main`)."""
+    modality = argparse.ArgumentParser(add_help=False)
+    modality.add_argument("--modality", choices=["image", "video"], default="image")
+    if modality.parse_known_args(argv)[0].modality == "video":
+        from mm_llama.data.clips import main as make_clip_shards
+
+        return make_clip_shards(argv)
     parser = argparse.ArgumentParser(prog="mm-llama make-shards", description=__doc__.split("\n")[0])
-    parser.add_argument("--modality", choices=["image"], default="image")
+    parser.add_argument("--modality", choices=["image", "video"], default="image",
+                        help="video: the clip shards (mm-llama make-shards --modality video --help)")
     parser.add_argument("--out", default="data/shapes", help="output directory (default: %(default)s)")
     parser.add_argument("--n-train", type=int, default=20_000)
     parser.add_argument("--n-val", type=int, default=256)

@@ -19,15 +19,18 @@ from mm_llama.data.examples import encode_prompt
 from mm_llama.generation import generate
 from mm_llama.lm import load_language_model
 from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
+from mm_llama.data.video import frame_view
 from mm_llama.training.optim import OptimConfig, build_optimizer
 from mm_llama.training.scale import clip_grad_norm, compile_blocks_, gather_to_all, is_sharded
+from mm_llama.training.video_stage import VIDEO_GROUPS, check_video_stage_trainable, load_stage_weights
+from mm_llama.video_adapter import VideoConfig
 
 log = logging.getLogger(__name__)
 
 # Checkpoints carry the hyper-parameters, i.e. these plain config dataclasses; Lightning restores
 # with torch.load(weights_only=True), whose unpickler must be allowed to rebuild them.
 torch.serialization.add_safe_globals(
-    [ModelConfig, ImageEncoderConfig, MllamaVisionEncoderConfig, CrossAttentionConfig, OptimConfig]
+    [ModelConfig, ImageEncoderConfig, MllamaVisionEncoderConfig, CrossAttentionConfig, OptimConfig, VideoConfig]
 )
 
 DEFAULT_LM = "smollm2-135m-instruct"
@@ -59,6 +62,14 @@ class AdapterModule(L.LightningModule):
             (see :mod:`mm_llama.training.scale`).
         compile_blocks: ``torch.compile`` every decoder block and cross-attention block
             (each on its own, so FSDP units and activation checkpointing stay per block).
+        init_from: an earlier stage's checkpoint (e.g. the image stage's ``adapter.ckpt``) whose
+            weights start this stage; weights it lacks (a new video branch) keep their
+            initialisation. With ``model.trainable`` equal to the video groups, the trainable
+            set is asserted to be exactly the video branch (video pre-training, Llama 3 §7.4).
+
+    Attributes:
+        eval_frame_view: how evaluation shows clips' frames (``"ordered"``, ``"shuffled"``,
+            ``"single"``; :func:`~mm_llama.data.video.frame_view`), for the temporal ablations.
     """
 
     def __init__(
@@ -70,6 +81,7 @@ class AdapterModule(L.LightningModule):
         system_prompt: str | None = "",
         lm_dtype: Literal["float32", "bfloat16"] = "float32",
         compile_blocks: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if lm_dtype not in LM_DTYPES:
@@ -88,12 +100,24 @@ class AdapterModule(L.LightningModule):
         self._parameter_ndims = {name: p.ndim for name, p in self._named_parameters}
         self.tokenizer = language_model.tokenizer
         self.lm_identity = {"source": language_model.source, "sha256": language_model.source_digest}
+        if init_from is not None:
+            load_stage_weights(self.model, init_from, self.lm_identity["sha256"])
+        if set(self.model.cfg.trainable) == set(VIDEO_GROUPS):
+            check_video_stage_trainable(self.model)
+        self.eval_frame_view = "ordered"
         self.strict_loading = False  # checkpoints deliberately omit the frozen LM; checked below
         self._eval: dict[str, list[tuple[bool, dict]]] = defaultdict(list)
 
     # --- training ------------------------------------------------------------------------
+    @staticmethod
+    def media(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's media as keyword arguments of ``MultimodalLlama.loss`` / ``generate``."""
+        if "videos" in batch:
+            return {"videos": batch["videos"], "frame_mask": batch["frame_mask"]}
+        return {"images": batch["images"]}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(batch["input_ids"], batch["labels"], batch["images"])
+        loss = self.model.loss(batch["input_ids"], batch["labels"], **self.media(batch))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at step {self.global_step} "
@@ -114,36 +138,47 @@ class AdapterModule(L.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # --- evaluation ----------------------------------------------------------------------
-    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> None:
         b = batch["input_ids"].shape[0]
-        loss = self.model.loss(batch["input_ids"], batch["labels"], batch["images"])
+        media = self.media(batch)
+        if "videos" in media and self.eval_frame_view != "ordered":
+            generator = torch.Generator().manual_seed(batch_idx)  # the same shuffle every evaluation
+            media["videos"] = frame_view(media["videos"].cpu(), media["frame_mask"].cpu(), self.eval_frame_view,
+                                         generator).to(media["videos"].device)
+        loss = self.model.loss(batch["input_ids"], batch["labels"], **media)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=b)
-        predictions = self.predict_answers(batch["images"], [m["prompt"] for m in batch["meta"]])
+        predictions = self.predict_answers(media.get("images"), [m["prompt"] for m in batch["meta"]],
+                                           videos=media.get("videos"), frame_mask=media.get("frame_mask"))
         for pred, meta in zip(predictions, batch["meta"]):
             hit = normalise_answer(pred) == normalise_answer(meta["response"])
             self._eval[stage].append((hit, {**meta, "prediction": pred}))
 
-    def predict_answers(self, images: torch.Tensor, prompts: list[str]) -> list[str]:
-        """Greedy answers to ``prompts`` about ``images [b, 3, H, W]``."""
-        media_id = self.model.media_token_id("image")
+    def predict_answers(self, images: torch.Tensor | None, prompts: list[str], *, videos: torch.Tensor | None = None,
+                        frame_mask: torch.Tensor | None = None) -> list[str]:
+        """Greedy answers to ``prompts`` about ``images [b, 3, H, W]`` or ``videos [b, f, 3, H, W]``."""
+        modality = "video" if videos is not None else "image"
+        media_id = self.model.media_token_id(modality)
         ids = [
-            encode_prompt(self.tokenizer, p, media_token_id=media_id, system=self.system_prompt)["input_ids"].tolist()
+            encode_prompt(self.tokenizer, p, media_placeholder=f"<|{modality}|>", media_token_id=media_id,
+                          system=self.system_prompt)["input_ids"].tolist()
             for p in prompts
         ]
         out = generate(self.model, ids, images, max_new_tokens=self.eval_max_new_tokens,
                        stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id,
-                       stop_early=not is_sharded(self._trainer))
+                       stop_early=not is_sharded(self._trainer), videos=videos, frame_mask=frame_mask)
         return [self.tokenizer.decode(o) for o in out]
 
     def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def predict_step(self, batch, batch_idx):
         """Greedy answers: ``[{"__key__", "prompt", "prediction", "response"}, ...]`` per batch."""
-        predictions = self.predict_answers(batch["images"], [m["prompt"] for m in batch["meta"]])
+        media = self.media(batch)
+        predictions = self.predict_answers(media.get("images"), [m["prompt"] for m in batch["meta"]],
+                                           videos=media.get("videos"), frame_mask=media.get("frame_mask"))
         return [
             {"__key__": m.get("__key__"), "prompt": m["prompt"], "prediction": p, "response": m.get("response")}
             for p, m in zip(predictions, batch["meta"])

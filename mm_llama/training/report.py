@@ -66,7 +66,8 @@ class TestSamples(L.Callback):
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        for image, meta in zip(batch["images"], batch["meta"]):
+        images = batch["images"] if "images" in batch else batch["videos"][:, 0]  # a clip: its first frame
+        for image, meta in zip(images, batch["meta"]):
             if len(self.images) >= self.n:
                 return
             self.images[(meta.get("__url__"), meta["__key__"])] = denormalise(image.float().cpu())

@@ -41,6 +41,8 @@ from mm_llama.training.datamodule import ImageDataModule, ModelInputs
 from mm_llama.training.encoder_pretrain import EncoderPretrainConfig, pretrain_image_encoder
 from mm_llama.training.module import DEFAULT_LM, AdapterModule, normalise_answer
 from mm_llama.training.optim import OptimConfig
+from mm_llama.training.video_stage import video_stage_config
+from mm_llama.video_adapter import VideoConfig
 from mm_llama.training.report import (
     TestSamples,
     TrainingHistory,
@@ -120,6 +122,10 @@ class RunConfig:
             (:mod:`mm_llama.training.encoder_pretrain`); 0 skips it. Skipped on ``--resume``
             (the encoder's weights are in the checkpoint).
         encoder_pretrain: the rest of stage 1's settings; ``None``: defaults.
+        image_checkpoint: (video) an image-stage ``adapter.ckpt``: the video stage loads it and
+            trains only the video branch (Llama 3 §7.4). ``None``: no trained image weights, so
+            the default image configuration and the video branch train together on the clips.
+        frames: (video) frames sampled per clip (``VideoConfig.frames``); ``None``: its default.
     """
 
     modality: str = "image"
@@ -142,10 +148,16 @@ class RunConfig:
     optim: OptimConfig | None = None
     encoder_pretrain_steps: int = EncoderPretrainConfig().steps
     encoder_pretrain: EncoderPretrainConfig | None = None
+    image_checkpoint: str | None = None
+    frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
             raise ValueError(f"modality {self.modality!r} is not implemented yet; implemented: {sorted(MODALITIES)}")
+        if self.modality != "video" and (self.image_checkpoint is not None or self.frames is not None):
+            raise ValueError("--image-checkpoint and --frames are options of --modality video")
+        if self.frames is not None and self.frames < 1:
+            raise ValueError(f"RunConfig.frames must be None or >= 1, got {self.frames}")
         for name in ("steps", "batch_size", "val_samples", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RunConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -195,6 +207,51 @@ def _image_datamodule(cfg: RunConfig, batch_size: int | None = None) -> ImageDat
     )
 
 
+def _video_model_config(cfg: RunConfig) -> ModelConfig:
+    if cfg.model is not None:
+        if cfg.model.video is None:
+            raise ValueError("--modality video needs a model configuration with a video branch (model.video)")
+        return cfg.model
+    video = VideoConfig(**({"frames": cfg.frames} if cfg.frames is not None else {}))
+    if cfg.image_checkpoint is not None:
+        return video_stage_config(video, cfg.image_checkpoint)
+    return dataclasses.replace(_image_model_config(cfg), video=video)
+
+
+def _video_datamodule(cfg: RunConfig, batch_size: int | None = None) -> ImageDataModule:
+    return ImageDataModule(
+        data_dir=cfg.data_dir or cfg.spec.data_dir,
+        batch_size=batch_size or cfg.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        val_samples=cfg.val_samples,
+        test_samples=cfg.test_samples,
+        modality="video",
+    )
+
+
+def frame_ablations(trainer: L.Trainer, module: AdapterModule, datamodule: L.LightningDataModule,
+                    verbose: bool = False) -> dict[str, float]:
+    """Test accuracy with each clip's frames shuffled, and with its middle frame repeated.
+
+    The image cross-attention blocks see frames as an unordered set, so only the video
+    branch can use their order: these falling toward chance (while ``accuracy`` stays
+    high) shows the temporal path is what answers.
+    """
+    out = {}
+    for view, name in (("shuffled", "accuracy_shuffled_frames"), ("single", "accuracy_single_frame")):
+        module.eval_frame_view = view
+        try:
+            trainer.test(module, datamodule=datamodule, verbose=verbose)
+        finally:
+            module.eval_frame_view = "ordered"
+        metrics = module.last_eval["metrics"]
+        out[name] = metrics["exact_match"]
+        out.update({f"{name}_{k.removeprefix('exact_match_')}": v for k, v in metrics.items()
+                    if k.startswith("exact_match_")})
+    return out
+
+
 @dataclass(frozen=True)
 class Modality:
     """How one modality is trained by :func:`run`.
@@ -205,20 +262,29 @@ class Modality:
             ``skipped()`` method); ``batch_size`` overrides the run's (stage 1 uses its own).
         data_dir: default directory of the built-in shards.
         out: default output directory.
+        encoder_pretraining: run stage 1 (image-encoder caption pre-training on the shape
+            scenes) when ``encoder_pretrain_steps > 0``.
+        extra_tests: ``(trainer, module, datamodule, verbose) -> metrics`` run after the test,
+            added to ``metrics.json`` (video: :func:`frame_ablations`).
     """
 
     model_config: Callable[[RunConfig], ModelConfig]
     datamodule: Callable[..., L.LightningDataModule]
     data_dir: str
     out: str
+    encoder_pretraining: bool = True
+    extra_tests: Callable[..., dict[str, float]] | None = None
 
 
 MODALITIES: dict[str, Modality] = {
     "image": Modality(_image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image"),
+    # Stage 1 is image-only: the video stage gets its encoder from --image-checkpoint, or trains it.
+    "video": Modality(_video_model_config, _video_datamodule, data_dir="data/clips", out="runs/video",
+                      encoder_pretraining=False, extra_tests=frame_ablations),
 }
-"""Implemented modalities; video and speech are added here when they exist."""
+"""Implemented modalities; speech is added here when it exists."""
 
-PLANNED_MODALITIES = ("video", "speech")
+PLANNED_MODALITIES = ("speech",)
 
 
 # ---------------------------------------------------------------- the run
@@ -242,12 +308,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     datamodule = cfg.spec.datamodule(cfg)
     datamodule.prepare_data()  # shards before the LM, so a missing-data error comes first
     stage1 = None
-    if cfg.pretrain.steps and resume_from is None:
+    pretrain_steps = cfg.pretrain.steps if cfg.spec.encoder_pretraining else 0
+    if pretrain_steps and resume_from is None:
         model_cfg, stage1 = _pretrain_encoder(cfg, model_cfg, out)
-    elif cfg.pretrain.steps and cfg.pretrain.freeze_encoder:
+    elif pretrain_steps and cfg.pretrain.freeze_encoder:
         model_cfg = _freeze_encoder(model_cfg, checkpoint=None)  # its weights come from last.ckpt
     log.info("loading the frozen LM %s", cfg.lm)
-    module = AdapterModule(lm=cfg.lm, model=model_cfg, optim=optim, eval_max_new_tokens=cfg.eval_max_new_tokens)
+    module = AdapterModule(lm=cfg.lm, model=model_cfg, optim=optim, eval_max_new_tokens=cfg.eval_max_new_tokens,
+                           init_from=cfg.image_checkpoint)
 
     history, test_samples = TrainingHistory(), TestSamples(8)
     checkpoint_cfg = {
@@ -284,10 +352,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     trainer.test(module, datamodule=datamodule, verbose=cfg.progress)
     test = module.last_eval
+    extra = cfg.spec.extra_tests(trainer, module, datamodule, cfg.progress) if cfg.spec.extra_tests else {}
     metrics: dict[str, Any] = {
         **{k: v for k, v in test["metrics"].items() if k != "n"},
         "exact_match_heldout_combos": test["metrics"].get("exact_match_heldout_combos", float("nan")),
         "test_samples": int(test["metrics"]["n"]),
+        **({"accuracy": test["metrics"]["exact_match"], **extra} if extra else {}),
         "val_exact_match": history.val[-1][1].get("exact_match") if history.val else None,
         "train_loss": _tail_mean([loss for _, loss in history.train_loss]),
         "train_seconds": round(train_seconds + (stage1["seconds"] if stage1 else 0.0), 2),
@@ -396,6 +466,7 @@ def resolved_config(
             "optim": module.optim_cfg,
             "eval_max_new_tokens": module.eval_max_new_tokens,
             "system_prompt": module.system_prompt,
+            **({"init_from": module.hparams.init_from} if module.hparams.get("init_from") else {}),
         },
         "data": data,
     })
@@ -440,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {OptimConfig().lr})")
     p.add_argument("--out", default=None, help="output directory (default: runs/<modality>)")
     p.add_argument("--data-dir", default=None, help="built-in shards directory, generated if missing "
-                   "(default: data/shapes for image)")
+                   "(default: data/shapes for image, data/clips for video)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt if it exists")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers (default: %(default)s)")
@@ -451,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-pretrain-steps", type=int, default=d.encoder_pretrain_steps,
                    help="steps of the image encoder's caption pre-training before the adapters; 0: none "
                         "(default: %(default)s)")
+    p.add_argument("--image-checkpoint", default=None,
+                   help="(video) image-stage adapter.ckpt to start from; only the video branch then trains "
+                        "(default: none, the image configuration trains with the video branch)")
+    p.add_argument("--frames", type=int, default=None,
+                   help=f"(video) frames sampled per clip (default: {VideoConfig().frames})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 

@@ -1,0 +1,292 @@
+"""Built-in video dataset: short mp4 clips of shapes whose caption needs the frames' order.
+
+``mm-llama make-shards --modality video --out data/clips`` writes
+``{train,val,test}-NNNNNN.tar`` shards of ``{"__key__", "mp4", "json"}`` samples
+(``json``: ``{"prompt": "Describe the video.", "response": <caption>, "task", ...}``).
+Every clip shows one shape (the colours, shapes and drawing of :mod:`mm_llama.data.scenes`)
+doing one of three things, each of which a single frame, or the frames in another
+order, cannot tell apart:
+
+* ``move``:    "The red square moves from left to right." (or right to left, top to
+  bottom, bottom to top; the middle frame shows it in the middle either way);
+* ``colour``:  "The green circle turns blue, then yellow." (three colours, each for a third);
+* ``appear``:  "The white star appears." / "The white star disappears." (at a random
+  instant in the middle of the clip).
+
+Clip lengths and frame rates are drawn uniformly (``ClipSpec``), so clips have from a
+handful to a few dozen frames, some fewer than the model samples (padding + mask).
+Generation is deterministic from the seed, like the image scenes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from mm_llama.data.scenes import BACKGROUND, COLOURS, MANIFEST, SHAPES, SPLITS, brace_url, draw_shape, shard_path
+from mm_llama.data.video import encode_mp4
+
+GENERATOR_VERSION = 1
+VIDEO_PROMPT = "Describe the video."
+VIDEO_PLACEHOLDER = "<|video|>"
+CLIP_TASKS = ("move", "colour", "appear")
+DIRECTIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "from left to right": ((0.0, 0.5), (1.0, 0.5)),
+    "from right to left": ((1.0, 0.5), (0.0, 0.5)),
+    "from top to bottom": ((0.5, 0.0), (0.5, 1.0)),
+    "from bottom to top": ((0.5, 1.0), (0.5, 0.0)),
+}
+"""Caption phrase → (start, end) position of the shape's centre, as fractions of the free range."""
+
+_SUPERSAMPLE = 4  # draw at 4x and box-filter down, as the image scenes do
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Timing and size of the built-in clips.
+
+    Attributes:
+        size: frame side in pixels (square frames).
+        min_seconds: shortest clip.
+        max_seconds: longest clip (durations are uniform in between).
+        min_fps: lowest frame rate.
+        max_fps: highest frame rate (integer rates uniform in between).
+    """
+
+    size: int = 64
+    min_seconds: float = 1.5
+    max_seconds: float = 4.0
+    min_fps: int = 3
+    max_fps: int = 8
+
+    def __post_init__(self) -> None:
+        if self.size < 16 or self.size % 2:
+            raise ValueError(f"size must be even and >= 16, got {self.size}")
+        if not 0 < self.min_seconds <= self.max_seconds:
+            raise ValueError(f"need 0 < min_seconds <= max_seconds, got {self.min_seconds}, {self.max_seconds}")
+        if not 1 <= self.min_fps <= self.max_fps:
+            raise ValueError(f"need 1 <= min_fps <= max_fps, got {self.min_fps}, {self.max_fps}")
+        if self.min_seconds * self.min_fps < 3:
+            raise ValueError(
+                f"the shortest clip has {self.min_seconds * self.min_fps:.1f} frames; at least 3 are needed "
+                "(a colour change shows three colours)"
+            )
+
+
+@dataclass(frozen=True)
+class ClipEvent:
+    """What one clip shows.
+
+    Attributes:
+        task: one of :data:`CLIP_TASKS`.
+        shape: one of :data:`~mm_llama.data.scenes.SHAPES`.
+        colours: one colour (``move``, ``appear``) or three in order (``colour``).
+        direction: key of :data:`DIRECTIONS` (``move``), ``"appears"``/``"disappears"``
+            (``appear``), or ``""``.
+        x: centre, fraction of the free horizontal range (where it does not move).
+        y: centre, fraction of the free vertical range.
+        size: shape width as a fraction of the frame.
+        switch: fraction of the clip at which an ``appear`` event happens.
+    """
+
+    task: str
+    shape: str
+    colours: tuple[str, ...]
+    direction: str
+    x: float
+    y: float
+    size: float
+    switch: float
+
+    @property
+    def caption(self) -> str:
+        if self.task == "move":
+            return f"The {self.colours[0]} {self.shape} moves {self.direction}."
+        if self.task == "colour":
+            first, second, third = self.colours
+            return f"The {first} {self.shape} turns {second}, then {third}."
+        return f"The {self.colours[0]} {self.shape} {self.direction}."
+
+    def state(self, t: float) -> tuple[str | None, float, float]:
+        """Colour (``None``: not shown) and centre (fractions of the free range) at time ``t`` in [0, 1]."""
+        if self.task == "move":
+            (x0, y0), (x1, y1) = DIRECTIONS[self.direction]
+            x = self.x if x0 == x1 else x0 + (x1 - x0) * t
+            y = self.y if y0 == y1 else y0 + (y1 - y0) * t
+            return self.colours[0], x, y
+        if self.task == "colour":
+            return self.colours[min(2, int(t * 3))], self.x, self.y
+        visible = (t >= self.switch) == (self.direction == "appears")
+        return (self.colours[0] if visible else None), self.x, self.y
+
+
+def _clip_rng(seed: int, split: str, index: int) -> random.Random:
+    return random.Random(f"mm-llama-clips/v{GENERATOR_VERSION}/{seed}/{split}/{index}")
+
+
+def sample_event(rng: random.Random) -> ClipEvent:
+    """Draw a task, a shape, its colour(s) and placement."""
+    task = rng.choice(CLIP_TASKS)
+    shape = rng.choice(SHAPES)
+    if task == "colour":
+        colours = tuple(rng.sample(sorted(COLOURS), 3))
+        direction = ""
+    else:
+        colours = (rng.choice(sorted(COLOURS)),)
+        direction = rng.choice(sorted(DIRECTIONS)) if task == "move" else rng.choice(("appears", "disappears"))
+    return ClipEvent(
+        task=task, shape=shape, colours=colours, direction=direction,
+        x=round(rng.uniform(0.2, 0.8), 3), y=round(rng.uniform(0.2, 0.8), 3),
+        size=round(rng.uniform(0.28, 0.36), 3), switch=round(rng.uniform(0.35, 0.65), 3),
+    )  # fmt: skip
+
+
+def render_frame(event: ClipEvent, t: float, size: int = 64) -> np.ndarray:
+    """The frame at time ``t`` (fraction of the clip) as ``uint8 [size, size, 3]``."""
+    side = size * _SUPERSAMPLE
+    image = Image.new("RGB", (side, side), BACKGROUND)
+    colour, x, y = event.state(t)
+    if colour is not None:
+        r = event.size * side / 2
+        free = side - 2 * r
+        draw_shape(ImageDraw.Draw(image), event.shape, COLOURS[colour], r + x * free, r + y * free, r)
+    return np.asarray(image.resize((size, size), Image.Resampling.BOX))
+
+
+def make_clip_sample(seed: int, split: str, index: int, spec: ClipSpec = ClipSpec()) -> dict:
+    """One WebDataset sample: ``{"__key__", "mp4": bytes, "json": bytes}``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = _clip_rng(seed, split, index)
+    event = sample_event(rng)
+    seconds = rng.uniform(spec.min_seconds, spec.max_seconds)
+    fps = rng.randint(spec.min_fps, spec.max_fps)
+    n = max(3, round(seconds * fps))
+    # Frame k shows the clip at time k / (n - 1): the first frame its start, the last its end
+    # (a move reaches the far side; every n >= 3 shows all three colours of a colour change).
+    frames = [render_frame(event, k / (n - 1), spec.size) for k in range(n)]
+    meta = {
+        "prompt": VIDEO_PROMPT,
+        "response": event.caption,
+        "task": event.task,
+        "event": asdict(event),
+        "frames": n,
+        "fps": fps,
+        "split": split,
+    }
+    return {
+        "__key__": f"{index:08d}",
+        "mp4": encode_mp4(frames, fps),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def write_clip_shards(
+    out_dir: str | os.PathLike, split: str, n_samples: int, samples_per_shard: int, seed: int,
+    spec: ClipSpec = ClipSpec(), progress: bool = True,
+) -> list[Path]:
+    """Write ``{split}-000000.tar``, ... (each renamed into place when complete)."""
+    if n_samples < 1 or samples_per_shard < 1:
+        raise ValueError(f"need n_samples >= 1 and samples_per_shard >= 1; got {n_samples}, {samples_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    bar = tqdm(total=n_samples, desc=f"clips {split}", unit="clip", disable=not progress)
+    for shard, start in enumerate(range(0, n_samples, samples_per_shard)):
+        path = shard_path(out, split, shard)
+        tmp = path.with_suffix(".tar.tmp")
+        with wds.TarWriter(str(tmp), mtime=0.0, user="mm-llama", group="mm-llama") as sink:
+            for index in range(start, min(start + samples_per_shard, n_samples)):
+                sink.write(make_clip_sample(seed, split, index, spec))
+                bar.update()
+        os.replace(tmp, path)
+        paths.append(path)
+    bar.close()
+    return paths
+
+
+def make_default_clip_shards(
+    root: str | os.PathLike,
+    n_train: int = 6000,
+    n_val: int = 128,
+    n_test: int = 300,
+    seed: int = 0,
+    samples_per_shard: int = 500,
+    min_shards: int = 4,
+    spec: ClipSpec = ClipSpec(),
+    progress: bool = True,
+) -> dict[str, str]:
+    """Write train/val/test clip shards under ``root`` unless a matching complete set exists.
+
+    Same contract as :func:`mm_llama.data.scenes.make_default_shards`: ``manifest.json`` is
+    written last, and a missing or different manifest regenerates every split.
+
+    Returns:
+        ``{"train": ".../train-{000000..000011}.tar", "val": ..., "test": ...}``.
+    """
+    root = Path(root)
+    plan = {}
+    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
+        size = max(1, min(samples_per_shard, math.ceil(n / min_shards)))
+        plan[split] = {"n_samples": n, "samples_per_shard": size, "n_shards": math.ceil(n / size)}
+    manifest = {
+        "generator": "mm_llama.data.clips",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "clip": asdict(spec),
+        "splits": plan,
+    }
+    urls = {split: brace_url(root, split, plan[split]["n_shards"]) for split in SPLITS}
+    manifest_path = root / MANIFEST
+    if manifest_path.exists() and json.loads(manifest_path.read_text()) == manifest:
+        return urls
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)
+    for split in SPLITS:
+        for stale in [*root.glob(f"{split}-[0-9]*.tar"), *root.glob(f"{split}-[0-9]*.tar.tmp")]:
+            stale.unlink()
+    for split, p in plan.items():
+        write_clip_shards(root, split, p["n_samples"], p["samples_per_shard"], seed, spec, progress)
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, manifest_path)
+    return urls
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mm-llama make-shards --modality video --out data/clips ...``: print the shard URLs."""
+    d = ClipSpec()
+    parser = argparse.ArgumentParser(prog="mm-llama make-shards --modality video",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--modality", choices=["video"], default="video")
+    parser.add_argument("--out", default="data/clips", help="output directory (default: %(default)s)")
+    parser.add_argument("--n-train", type=int, default=6000)
+    parser.add_argument("--n-val", type=int, default=128)
+    parser.add_argument("--n-test", type=int, default=300)
+    parser.add_argument("--samples-per-shard", type=int, default=500)
+    parser.add_argument("--image-size", type=int, default=d.size, help="frame side (default: %(default)s)")
+    parser.add_argument("--min-seconds", type=float, default=d.min_seconds, help="shortest clip (default: %(default)s)")
+    parser.add_argument("--max-seconds", type=float, default=d.max_seconds, help="longest clip (default: %(default)s)")
+    parser.add_argument("--min-fps", type=int, default=d.min_fps, help="lowest frame rate (default: %(default)s)")
+    parser.add_argument("--max-fps", type=int, default=d.max_fps, help="highest frame rate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        spec = ClipSpec(args.image_size, args.min_seconds, args.max_seconds, args.min_fps, args.max_fps)
+    except ValueError as exn:
+        parser.error(str(exn))
+    urls = make_default_clip_shards(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                                    seed=args.seed, samples_per_shard=args.samples_per_shard, spec=spec)
+    print(json.dumps(urls, indent=2))
+    return 0

@@ -1,0 +1,113 @@
+"""``train_adapter.py --modality video`` end to end on a tiny LM and tiny clip shards: the joint
+default, and the video stage on top of an image-stage checkpoint (only the video branch moves)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_llama.data.clips import ClipSpec, make_default_clip_shards
+from mm_llama.training import run as run_module
+from mm_llama.video_adapter import VIDEO_GROUPS, VideoConfig
+from tests.test_training import TINY_MODEL
+
+TINY_VIDEO = VideoConfig(frames=4, frames_per_group=3, depth=1, heads=2, every=1)  # 2 groups, the last padded
+VIDEO_METRICS = {"accuracy", "accuracy_single_frame", "accuracy_shuffled_frames", "train_seconds"}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def clips_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    make_default_clip_shards(root, n_train=16, n_val=4, n_test=6, samples_per_shard=8, min_shards=2,
+                             spec=ClipSpec(size=16), progress=False)
+    return root
+
+
+def flags(lm_dir, clips_dir, out, *extra: str) -> list[str]:
+    return ["--modality", "video", "--lm", str(lm_dir), "--data-dir", str(clips_dir), "--out", str(out),
+            "--batch-size", "4", "--num-workers", "0", "--val-every", "2", "--val-samples", "4", "--no-progress",
+            "--steps", "2", *extra]
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_video_default_trains_everything_and_reports_the_ablations(tiny_lm_dir, clips_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    spec = run_module.MODALITIES["video"]
+    tiny = dataclasses.replace(spec, model_config=lambda cfg: dataclasses.replace(TINY_MODEL, video=TINY_VIDEO))
+    monkeypatch.setitem(run_module.MODALITIES, "video", tiny)
+    out = tmp_path / "video"
+    assert run_module.main(flags(tiny_lm_dir, clips_dir, out)) == 0
+    metrics = last_json(capsys)
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    assert VIDEO_METRICS <= set(metrics) and metrics["modality"] == "video"
+    assert metrics["accuracy"] == metrics["exact_match"] and metrics["test_samples"] == 6
+    for name in ("accuracy", "accuracy_single_frame", "accuracy_shuffled_frames"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert any(k.startswith("accuracy_shuffled_frames_") for k in metrics)  # per task
+    assert metrics["encoder_pretrain"] is None and metrics["skipped"]["train"]["total"] == 0
+    for name in ("adapter.ckpt", "last.ckpt", "config.yaml", "samples.png"):
+        assert (out / name).is_file(), name
+    state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert any(k.startswith("model.video.aggregator.") for k in state)
+
+
+def test_video_stage_on_an_image_checkpoint_moves_only_the_video_branch(tiny_checkpoint, clips_dir, tmp_path,
+                                                                        capsys):
+    lm_dir = tiny_checkpoint.parent / "lm"
+    out = tmp_path / "video-stage"
+    assert run_module.main(flags(lm_dir, clips_dir, out, "--image-checkpoint", str(tiny_checkpoint),
+                                 "--frames", "4")) == 0
+    metrics = last_json(capsys)
+    assert VIDEO_METRICS <= set(metrics)
+    image = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    video = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)
+    assert video["hyper_parameters"]["model"].trainable == VIDEO_GROUPS
+    for key, value in image.items():
+        if key != "model.fusion_embed.new.weight":  # its <|video|> row was copied from <|image|>
+            assert torch.equal(video["state_dict"][key], value), key  # frozen image weights
+    assert metrics["trainable_params"] == sum(
+        v.numel() for k, v in video["state_dict"].items()
+        if k.startswith(("model.video.aggregator.", "model.video.projection.", "model.video.cross_attn."))
+        and not k.endswith("output_scale")
+    )
+
+    # The resolved config repeats the stage through LightningCLI (init_from + video branch).
+    from mm_llama.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(out / "config.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"init_from: {tiny_checkpoint}" in printed and "frames_per_group: 4" in printed
+
+
+def test_video_flags_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        run_module.main(["--modality", "image", "--frames", "4"])
+    assert "options of --modality video" in capsys.readouterr().err
+
+
+def test_video_stage_config_validates(monkeypatch, capsys):
+    import yaml
+
+    from mm_llama.cli import main as cli_main
+
+    monkeypatch.setattr("sys.argv", ["mm-llama"])
+    config_path = Path(__file__).resolve().parents[1] / "configs" / "video.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config_path), "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["data"]["modality"] == "video" and config["model"]["init_from"] == "runs/image/adapter.ckpt"
+    assert tuple(config["model"]["model"]["trainable"]) == VIDEO_GROUPS
+    assert config["model"]["model"]["video"]["frames_per_group"] == 4
+    assert config["model"]["optim"]["total_steps"] == config["trainer"]["max_steps"]
