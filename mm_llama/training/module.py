@@ -14,18 +14,24 @@ from typing import Any
 import lightning as L
 import torch
 
+from adapters.speech_adapter import SpeechAdapterConfig
 from encoders import ImageEncoderConfig
+from encoders.speech import SpeechEncoderConfig
+from encoders.speech_frontend import FrontEndConfig
 from mm_llama.data.examples import encode_prompt
 from mm_llama.generation import generate
 from mm_llama.lm import load_language_model
 from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
+from mm_llama.speech_generation import generate_from_speech
 from mm_llama.training.optim import OptimConfig, build_optimizer
+from mm_llama.training.speech_metrics import speech_metrics
 
 log = logging.getLogger(__name__)
 
 # Checkpoints carry the hyper-parameters, i.e. these plain config dataclasses; Lightning restores
 # with torch.load(weights_only=True), whose unpickler must be allowed to rebuild them.
-torch.serialization.add_safe_globals([ModelConfig, ImageEncoderConfig, CrossAttentionConfig, OptimConfig])
+torch.serialization.add_safe_globals([ModelConfig, ImageEncoderConfig, CrossAttentionConfig, OptimConfig,
+                                      SpeechEncoderConfig, FrontEndConfig, SpeechAdapterConfig])
 
 DEFAULT_LM = "smollm2-135m-instruct"
 
@@ -70,8 +76,14 @@ class AdapterModule(L.LightningModule):
         self._eval: dict[str, list[tuple[bool, dict]]] = defaultdict(list)
 
     # --- training ------------------------------------------------------------------------
+    def batch_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Response-token loss of an image batch (``images``) or a speech batch (``audio``)."""
+        if "audio" in batch:
+            return self.model.speech_loss(batch["input_ids"], batch["labels"], batch["audio"], batch["audio_lengths"])
+        return self.model.loss(batch["input_ids"], batch["labels"], batch["images"])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(batch["input_ids"], batch["labels"], batch["images"])
+        loss = self.batch_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at step {self.global_step} "
@@ -88,12 +100,31 @@ class AdapterModule(L.LightningModule):
     # --- evaluation ----------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         b = batch["input_ids"].shape[0]
-        loss = self.model.loss(batch["input_ids"], batch["labels"], batch["images"])
+        loss = self.batch_loss(batch)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=b)
-        predictions = self.predict_answers(batch["images"], [m["prompt"] for m in batch["meta"]])
+        predictions = self.predict_batch(batch)
         for pred, meta in zip(predictions, batch["meta"]):
             hit = normalise_answer(pred) == normalise_answer(meta["response"])
             self._eval[stage].append((hit, {**meta, "prediction": pred}))
+
+    def predict_batch(self, batch: dict[str, Any]) -> list[str]:
+        """Greedy answers to the prompts of an image or speech batch."""
+        prompts = [m["prompt"] for m in batch["meta"]]
+        if "audio" in batch:
+            return self.predict_speech_answers(batch["audio"], batch["audio_lengths"], prompts)
+        return self.predict_answers(batch["images"], prompts)
+
+    def predict_speech_answers(self, audio: torch.Tensor, lengths: torch.Tensor, prompts: list[str]) -> list[str]:
+        """Greedy answers to ``prompts`` about ``audio [b, n]`` (16 kHz, ``lengths [b]`` samples)."""
+        media_id = self.model.media_token_id("speech")
+        ids = [
+            encode_prompt(self.tokenizer, p, media_placeholder="<|speech|>", media_token_id=media_id,
+                          system=self.system_prompt)["input_ids"].tolist()
+            for p in prompts
+        ]
+        out = generate_from_speech(self.model, ids, audio, lengths, max_new_tokens=self.eval_max_new_tokens,
+                                   stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id)
+        return [self.tokenizer.decode(o) for o in out]
 
     def predict_answers(self, images: torch.Tensor, prompts: list[str]) -> list[str]:
         """Greedy answers to ``prompts`` about ``images [b, 3, H, W]``."""
@@ -114,7 +145,7 @@ class AdapterModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         """Greedy answers: ``[{"__key__", "prompt", "prediction", "response"}, ...]`` per batch."""
-        predictions = self.predict_answers(batch["images"], [m["prompt"] for m in batch["meta"]])
+        predictions = self.predict_batch(batch)
         return [
             {"__key__": m.get("__key__"), "prompt": m["prompt"], "prediction": p, "response": m.get("response")}
             for p, m in zip(predictions, batch["meta"])
@@ -125,6 +156,7 @@ class AdapterModule(L.LightningModule):
         if not results:
             return
         metrics = summarise(results)
+        metrics.update(speech_metrics(results, normalise_answer))  # nothing unless samples are asr / qa
         for k, v in metrics.items():
             self.log(f"{stage}/{k}", v, prog_bar=k == "exact_match", sync_dist=True)
         self.last_eval = {"stage": stage, "metrics": metrics, "samples": [m for _, m in results[:16]]}

@@ -66,6 +66,8 @@ class TestSamples(L.Callback):
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "images" not in batch:  # a speech batch: nothing to draw
+            return
         for image, meta in zip(batch["images"], batch["meta"]):
             if len(self.images) >= self.n:
                 return

@@ -32,8 +32,10 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from adapters.speech_adapter import SPEECH_FUSIONS, SpeechAdapterConfig
 from encoders import ImageEncoderConfig
-from mm_llama.model import ModelConfig
+from encoders.speech import SPEECH_BACKBONES, SpeechEncoderConfig
+from mm_llama.model import CrossAttentionConfig, ModelConfig
 from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training import checkpoint_io
 from mm_llama.training.checkpoint_io import AtomicCheckpointIO
@@ -41,6 +43,7 @@ from mm_llama.training.datamodule import ImageDataModule, ModelInputs
 from mm_llama.training.encoder_pretrain import EncoderPretrainConfig, pretrain_image_encoder
 from mm_llama.training.module import DEFAULT_LM, AdapterModule, normalise_answer
 from mm_llama.training.optim import OptimConfig
+from mm_llama.training.speech_datamodule import SpeechDataModule
 from mm_llama.training.report import (
     TestSamples,
     TrainingHistory,
@@ -120,6 +123,8 @@ class RunConfig:
             (:mod:`mm_llama.training.encoder_pretrain`); 0 skips it. Skipped on ``--resume``
             (the encoder's weights are in the checkpoint).
         encoder_pretrain: the rest of stage 1's settings; ``None``: defaults.
+        fusion: speech only: ``"embedding"`` (speech frames replace ``<|speech|>`` in the LM input,
+            the paper) or ``"cross_attention"`` (they are the K/V of gated cross-attention blocks).
     """
 
     modality: str = "image"
@@ -142,6 +147,7 @@ class RunConfig:
     optim: OptimConfig | None = None
     encoder_pretrain_steps: int = EncoderPretrainConfig().steps
     encoder_pretrain: EncoderPretrainConfig | None = None
+    fusion: str = "embedding"
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -157,11 +163,14 @@ class RunConfig:
             raise ValueError(f"RunConfig.num_workers must be >= 0, got {self.num_workers}")
         if self.encoder_pretrain_steps < 0:
             raise ValueError(f"RunConfig.encoder_pretrain_steps must be >= 0, got {self.encoder_pretrain_steps}")
+        if self.fusion not in SPEECH_FUSIONS:
+            raise ValueError(f"RunConfig.fusion must be one of {SPEECH_FUSIONS}, got {self.fusion!r}")
 
     @property
     def pretrain(self) -> EncoderPretrainConfig:
-        """Stage 1's settings, ``steps`` from :attr:`encoder_pretrain_steps`."""
-        return dataclasses.replace(self.encoder_pretrain or EncoderPretrainConfig(), steps=self.encoder_pretrain_steps)
+        """Stage 1's settings, ``steps`` from :attr:`encoder_pretrain_steps` (0 for a modality without it)."""
+        steps = self.encoder_pretrain_steps if self.spec.encoder_pretrain else 0
+        return dataclasses.replace(self.encoder_pretrain or EncoderPretrainConfig(), steps=steps)
 
     @property
     def spec(self) -> Modality:
@@ -169,7 +178,7 @@ class RunConfig:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out or self.spec.out)
+        return Path(self.out or self.spec.out.format(fusion=self.fusion))
 
     @property
     def validate_every(self) -> int:
@@ -195,6 +204,42 @@ def _image_datamodule(cfg: RunConfig, batch_size: int | None = None) -> ImageDat
     )
 
 
+def _speech_model_config(cfg: RunConfig) -> ModelConfig:
+    """No image branch; the Conformer (``--encoder``: a speech backbone name) and the speech adapter.
+
+    Embedding fusion needs no cross-attention blocks (none are built); cross-attention fusion
+    trains them and leaves the fusion embedding (whose ``<|speech|>`` row it does use) trainable.
+    """
+    if cfg.model is not None:
+        return cfg.model
+    if cfg.encoder is not None and cfg.encoder not in SPEECH_BACKBONES:
+        raise ValueError(f"--encoder {cfg.encoder!r} is not a speech backbone; known: {sorted(SPEECH_BACKBONES)}")
+    encoder = SpeechEncoderConfig(**({"backbone": cfg.encoder} if cfg.encoder else {}))
+    embedding = cfg.fusion == "embedding"
+    return ModelConfig(
+        image_encoder=None,
+        speech_encoder=encoder,
+        speech_adapter=SpeechAdapterConfig(fusion=cfg.fusion),
+        cross_attention=CrossAttentionConfig(layers=()) if embedding else CrossAttentionConfig(),
+        trainable=("speech_encoder", "speech_adapter") + (() if embedding else ("cross_attention", "fusion_embedding")),
+    )
+
+
+def _speech_datamodule(cfg: RunConfig, batch_size: int | None = None) -> SpeechDataModule:
+    return SpeechDataModule(
+        data_dir=cfg.data_dir or cfg.spec.data_dir,
+        batch_size=batch_size or cfg.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        val_samples=cfg.val_samples,
+        test_samples=cfg.test_samples,
+    )
+
+
+def _speech_metrics(cfg: RunConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:
+    return {"fusion": cfg.fusion, "audio_adjusted": datamodule.audio_adjusted()}
+
+
 @dataclass(frozen=True)
 class Modality:
     """How one modality is trained by :func:`run`.
@@ -204,21 +249,27 @@ class Modality:
         datamodule: ``(RunConfig, batch_size=None) -> LightningDataModule`` (with a
             ``skipped()`` method); ``batch_size`` overrides the run's (stage 1 uses its own).
         data_dir: default directory of the built-in shards.
-        out: default output directory.
+        out: default output directory (``{fusion}`` is replaced by the run's fusion mode).
+        encoder_pretrain: the modality has the image encoder's stage 1 (``--encoder-pretrain-steps``).
+        extra_metrics: ``(RunConfig, datamodule) -> dict`` added to ``metrics.json``.
     """
 
     model_config: Callable[[RunConfig], ModelConfig]
     datamodule: Callable[..., L.LightningDataModule]
     data_dir: str
     out: str
+    encoder_pretrain: bool = True
+    extra_metrics: Callable[[RunConfig, L.LightningDataModule], dict[str, Any]] = lambda cfg, dm: {}
 
 
 MODALITIES: dict[str, Modality] = {
     "image": Modality(_image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image"),
+    "speech": Modality(_speech_model_config, _speech_datamodule, data_dir="data/speech", out="runs/speech-{fusion}",
+                       encoder_pretrain=False, extra_metrics=_speech_metrics),
 }
-"""Implemented modalities; video and speech are added here when they exist."""
+"""Implemented modalities; video is added here when it exists."""
 
-PLANNED_MODALITIES = ("video", "speech")
+PLANNED_MODALITIES = ("video",)
 
 
 # ---------------------------------------------------------------- the run
@@ -303,11 +354,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "resumed_from": str(resume_from) if resume_from else None,
         "checkpoint": str(out / "adapter.ckpt"),
+        **cfg.spec.extra_metrics(cfg, datamodule),
     }
     plot_training_curve(history, out / "training_curve.png",
                         title=f"{cfg.modality} adapters on {Path(cfg.lm).name}, {trainer.global_step} steps")
     samples = test_samples.join(test["samples"])
-    plot_samples(samples, out / "samples.png", judge=lambda p, r: normalise_answer(p) == normalise_answer(r))
+    if samples:  # images only
+        plot_samples(samples, out / "samples.png", judge=lambda p, r: normalise_answer(p) == normalise_answer(r))
     write_metrics(metrics, out / "metrics.json")
     return metrics
 
@@ -433,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm", default=d.lm,
                    help="frozen LM: registered name, HF directory or .gguf (default: %(default)s)")
     p.add_argument("--encoder", default=None,
-                   help="encoder backbone '<library>:<name>', e.g. timm:vit_tiny_patch16_224 or open_clip:ViT-B-32 "
-                   f"(default: {ImageEncoderConfig().backbone}); the default CPU-sized depth/width/patch are kept")
+                   help="image: backbone '<library>:<name>', e.g. timm:vit_tiny_patch16_224 or open_clip:ViT-B-32 "
+                   f"(default: {ImageEncoderConfig().backbone}; the CPU-sized depth/width/patch are kept); "
+                   f"speech: one of {', '.join(SPEECH_BACKBONES)} (default: conformer)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {OptimConfig().lr})")
@@ -451,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-pretrain-steps", type=int, default=d.encoder_pretrain_steps,
                    help="steps of the image encoder's caption pre-training before the adapters; 0: none "
                         "(default: %(default)s)")
+    p.add_argument("--fusion", choices=SPEECH_FUSIONS, default=d.fusion,
+                   help="speech: how speech frames reach the LM (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
