@@ -8,10 +8,12 @@ import copy
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 import torchaudio
+import yaml
 
 from adapters.speech_adapter import SpeechAdapterConfig
 from encoders.speech import SpeechEncoderConfig
@@ -71,6 +73,12 @@ def test_train_adapter_speech_writes_metrics_for_each_fusion(tiny_lm_dir, speech
     state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert any(k.startswith("model.speech_encoder.") for k in state) and not any(".lm." in k for k in state)
     assert any(k.startswith("model.cross_attn.") for k in state) == (fusion == "cross_attention")
+    from mm_llama.cli import main as cli_main  # the resolved config is a valid LightningCLI config
+
+    monkeypatch.setattr("sys.argv", ["mm-llama"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(out / "config.yaml"), "--print_config"])
+    assert exit_info.value.code == 0 and "SpeechDataModule" in capsys.readouterr().out
 
 
 def _asr_batch(tok, media_id, n: int = 4):
@@ -136,3 +144,49 @@ def test_speech_metrics_per_voice_and_task():
     assert m["wer_heldout_voice"] == 0.0 and m["wer_seen_voices"] == pytest.approx(1 / 3)
     assert m["spoken_qa_accuracy"] == 0.5 and m["spoken_qa_accuracy_heldout_voice"] == 0.0
     assert speech_metrics([r for r in rows if r[1]["task"] == "qa"], normalise_answer).keys().isdisjoint({"wer"})
+
+
+# ---------------------------------------------------------------- LightningCLI
+
+SPEECH_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "speech.yaml"
+
+
+def _cli_exit(argv: list[str]) -> int:
+    from mm_llama.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code
+
+
+def test_speech_config_validates(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["mm-llama"])
+    assert _cli_exit(["fit", "--config", str(SPEECH_CONFIG), "--print_config"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["data"]["class_path"].endswith("SpeechDataModule")
+    assert config["model"]["model"]["image_encoder"] is None
+    assert config["model"]["model"]["speech_adapter"]["fusion"] == "embedding"
+    assert config["model"]["optim"]["total_steps"] == config["trainer"]["max_steps"]
+
+
+def test_tiny_speech_fit_and_test_through_the_cli(tiny_lm_dir, speech_dir, tmp_path, monkeypatch):
+    from mm_llama.cli import main
+
+    monkeypatch.setattr("sys.argv", ["mm-llama"])
+    config = yaml.safe_load(SPEECH_CONFIG.read_text())
+    run_dir = tmp_path / "run"
+    config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu")
+    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run_dir / "checkpoints")
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(run_dir)
+    config["model"].update(lm=str(tiny_lm_dir), eval_max_new_tokens=3)
+    config["model"]["model"]["speech_encoder"].update(dim=32, depth=1, heads=2, ffn_dim=64)
+    config["model"]["model"]["speech_adapter"].update(dim=32, heads=2, ffn_dim=64)
+    config["model"]["optim"]["total_steps"] = 2
+    config["data"]["init_args"].update(data_dir=str(speech_dir), batch_size=2, val_samples=2)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(path)]) == 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert main(["test", "--config", str(path), "--ckpt_path", str(last)]) == 0

@@ -450,7 +450,7 @@ def resolved_config(
             "eval_max_new_tokens": module.eval_max_new_tokens,
             "system_prompt": module.system_prompt,
         },
-        "data": data,
+        "data": {"class_path": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", "init_args": data},
     })
 
 
