@@ -203,3 +203,15 @@ def test_pipeline_counts_every_broken_clip_and_keeps_every_good_one(tmp_path):
         assert counts[kind] == 1, (kind, counts)
     assert counts["missing_audio"] == 1 and counter.total == len(bad) + 1
     assert adjustments.counts() == {"truncated": 1, "resampled": 2, "downmixed": 1}
+
+
+def test_make_shards_speech_from_the_command_line(tmp_path, capsys):
+    from mm_llama.cli import main
+
+    out = tmp_path / "speech"
+    argv = ["make-shards", "--modality", "speech", "--out", str(out), "--speech-n-train", "2", "--speech-n-val", "2",
+            "--speech-n-test", "2", "--speech-samples-per-shard", "1"]
+    assert main(argv) == 0
+    urls = json.loads(capsys.readouterr().out)
+    assert urls["train"] == str(out / "train-{000000..000001}.tar") and (out / "manifest.json").is_file()
+    assert json.loads((out / "manifest.json").read_text())["generator"] == "mm_llama.data.spoken"
