@@ -24,6 +24,14 @@ from torch import nn
 from mm_llama.rotary_attention import FeedForward, RotarySelfAttention
 
 
+def stack_frames(feats: torch.Tensor, stride: int) -> torch.Tensor:
+    """``[b, t, m]`` → ``[b, ceil(t / stride), stride * m]``, a last partial group completed with zeros."""
+    b, t, m = feats.shape
+    extra = -t % stride
+    feats = F.pad(feats, (0, 0, 0, extra))  # [b, t', m], t' a multiple of stride
+    return feats.reshape(b, (t + extra) // stride, stride * m)
+
+
 class FrameStacking(nn.Module):
     """Stack ``stride`` consecutive frames and project: ``[b, t, m]`` → ``[b, ceil(t / stride), d]``.
 
@@ -43,11 +51,7 @@ class FrameStacking(nn.Module):
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``feats [b, t, m]`` (padded frames zero), ``lengths [b]`` → ``[b, n, d]``, ``[b]``."""
-        b, t, m = feats.shape
-        extra = -t % self.stride
-        feats = F.pad(feats, (0, 0, 0, extra))  # [b, t', m], t' a multiple of stride
-        stacked = feats.reshape(b, (t + extra) // self.stride, self.stride * m)  # [b, n, stride * m]
-        return self.proj(stacked), self.output_lengths(lengths)
+        return self.proj(stack_frames(feats, self.stride)), self.output_lengths(lengths)
 
 
 class ConvModule(nn.Module):
