@@ -55,17 +55,24 @@ def test_train_adapter_speech_writes_metrics_for_each_fusion(tiny_lm_dir, speech
                                                              monkeypatch, fusion):
     spec = run_module.MODALITIES["speech"]
     tiny = run_module.Modality(lambda cfg: tiny_speech_model(cfg.fusion), spec.datamodule, spec.data_dir, spec.out,
-                               encoder_pretrain=False, extra_metrics=spec.extra_metrics)
+                               encoder_pretrain=False, extra_metrics=spec.extra_metrics,
+                               pretrain_stage=spec.pretrain_stage)
     monkeypatch.setitem(run_module.MODALITIES, "speech", tiny)
     monkeypatch.chdir(tmp_path)  # the default output directory, runs/speech-<fusion>, lands here
     flags = ["--modality", "speech", "--fusion", fusion, "--lm", str(tiny_lm_dir), "--data-dir", str(speech_dir),
-             "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--val-samples", "4", "--no-progress"]
+             "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--val-samples", "4", "--no-progress",
+             "--speech-pretrain-steps", "1" if fusion == "embedding" else "0"]  # BEST-RQ stage: once is enough
     assert run_module.main(flags) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     out = tmp_path / "runs" / f"speech-{fusion}"
     assert metrics == json.loads((out / "metrics.json").read_text())
     assert SPEECH_METRICS <= set(metrics) and metrics["fusion"] == fusion
-    assert metrics["test_samples"] == 8 and metrics["steps"] == 2 and metrics["encoder_pretrain"] is None
+    assert metrics["test_samples"] == 8 and metrics["steps"] == 2
+    if fusion == "embedding":  # BEST-RQ ran first and stage 2 loaded its encoder
+        assert metrics["encoder_pretrain"]["steps"] == 1 and (out / "speech_encoder.pt").is_file()
+        assert metrics["train_seconds"] > metrics["adapter_train_seconds"]
+    else:
+        assert metrics["encoder_pretrain"] is None
     assert metrics["skipped"]["train"]["total"] == 0 and metrics["audio_adjusted"]["train"]["resampled"] > 0
     assert any(k.startswith("wer_voice/") for k in metrics) and 0 <= metrics["spoken_qa_accuracy"] <= 1
     for name in ("adapter.ckpt", "last.ckpt", "config.yaml", "training_curve.png"):

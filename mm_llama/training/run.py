@@ -123,6 +123,8 @@ class RunConfig:
             (:mod:`mm_llama.training.encoder_pretrain`); 0 skips it. Skipped on ``--resume``
             (the encoder's weights are in the checkpoint).
         encoder_pretrain: the rest of stage 1's settings; ``None``: defaults.
+        speech_pretrain_steps: speech only: steps of BEST-RQ pre-training of the Conformer on the
+            training audio before the adapters (:mod:`mm_llama.training.best_rq`); 0 skips it.
         fusion: speech only: ``"embedding"`` (speech frames replace ``<|speech|>`` in the LM input,
             the paper) or ``"cross_attention"`` (they are the K/V of gated cross-attention blocks).
     """
@@ -148,6 +150,7 @@ class RunConfig:
     encoder_pretrain_steps: int = EncoderPretrainConfig().steps
     encoder_pretrain: EncoderPretrainConfig | None = None
     fusion: str = "embedding"
+    speech_pretrain_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -163,6 +166,8 @@ class RunConfig:
             raise ValueError(f"RunConfig.num_workers must be >= 0, got {self.num_workers}")
         if self.encoder_pretrain_steps < 0:
             raise ValueError(f"RunConfig.encoder_pretrain_steps must be >= 0, got {self.encoder_pretrain_steps}")
+        if self.speech_pretrain_steps < 0:
+            raise ValueError(f"RunConfig.speech_pretrain_steps must be >= 0, got {self.speech_pretrain_steps}")
         if self.fusion not in SPEECH_FUSIONS:
             raise ValueError(f"RunConfig.fusion must be one of {SPEECH_FUSIONS}, got {self.fusion!r}")
 
@@ -236,6 +241,27 @@ def _speech_datamodule(cfg: RunConfig, batch_size: int | None = None) -> SpeechD
     )
 
 
+def _pretrain_speech_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path
+                             ) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """BEST-RQ on the training audio (``cfg.speech_pretrain_steps``); stage 2 loads its encoder."""
+    if not cfg.speech_pretrain_steps or model_cfg.speech_encoder is None:
+        return model_cfg, None
+    from mm_llama import load_language_model
+    from mm_llama.model import MEDIA_TOKENS
+    from mm_llama.training.best_rq import pretrain_speech_encoder
+
+    datamodule = cfg.spec.datamodule(cfg)
+    lm = load_language_model(cfg.lm)  # for its tokenizer (the data encodes the text too); freed after
+    speech_id = lm.cfg.vocab_size + MEDIA_TOKENS.index("speech")
+    datamodule.connect(ModelInputs(tokenizer=lm.tokenizer, media_token_id=speech_id, image_size=1,
+                                   system_prompt=datamodule.hparams.system_prompt))
+    del lm
+    summary = pretrain_speech_encoder(model_cfg.speech_encoder, datamodule, cfg.speech_pretrain_steps, out,
+                                      trainer_defaults=trainer_defaults(), progress=cfg.progress)
+    encoder = dataclasses.replace(model_cfg.speech_encoder, checkpoint=summary["checkpoint"])
+    return dataclasses.replace(model_cfg, speech_encoder=encoder), summary
+
+
 def _speech_metrics(cfg: RunConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:
     return {"fusion": cfg.fusion, "audio_adjusted": datamodule.audio_adjusted()}
 
@@ -252,6 +278,8 @@ class Modality:
         out: default output directory (``{fusion}`` is replaced by the run's fusion mode).
         encoder_pretrain: the modality has the image encoder's stage 1 (``--encoder-pretrain-steps``).
         extra_metrics: ``(RunConfig, datamodule) -> dict`` added to ``metrics.json``.
+        pretrain_stage: ``(RunConfig, ModelConfig, out) -> (ModelConfig, summary | None)``, a
+            stage run before the adapters on a fresh run (speech: BEST-RQ).
     """
 
     model_config: Callable[[RunConfig], ModelConfig]
@@ -260,12 +288,13 @@ class Modality:
     out: str
     encoder_pretrain: bool = True
     extra_metrics: Callable[[RunConfig, L.LightningDataModule], dict[str, Any]] = lambda cfg, dm: {}
+    pretrain_stage: Callable[[RunConfig, ModelConfig, Path], tuple[ModelConfig, dict[str, Any] | None]] | None = None
 
 
 MODALITIES: dict[str, Modality] = {
     "image": Modality(_image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image"),
     "speech": Modality(_speech_model_config, _speech_datamodule, data_dir="data/speech", out="runs/speech-{fusion}",
-                       encoder_pretrain=False, extra_metrics=_speech_metrics),
+                       encoder_pretrain=False, extra_metrics=_speech_metrics, pretrain_stage=_pretrain_speech_encoder),
 }
 """Implemented modalities; video is added here when it exists."""
 
@@ -293,6 +322,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     datamodule = cfg.spec.datamodule(cfg)
     datamodule.prepare_data()  # shards before the LM, so a missing-data error comes first
     stage1 = None
+    if cfg.spec.pretrain_stage is not None and resume_from is None:
+        model_cfg, stage1 = cfg.spec.pretrain_stage(cfg, model_cfg, out)
     if cfg.pretrain.steps and resume_from is None:
         model_cfg, stage1 = _pretrain_encoder(cfg, model_cfg, out)
     elif cfg.pretrain.steps and cfg.pretrain.freeze_encoder:
@@ -505,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-pretrain-steps", type=int, default=d.encoder_pretrain_steps,
                    help="steps of the image encoder's caption pre-training before the adapters; 0: none "
                         "(default: %(default)s)")
+    p.add_argument("--speech-pretrain-steps", type=int, default=d.speech_pretrain_steps,
+                   help="speech: BEST-RQ steps on the training audio before the adapters; 0: none (default: %(default)s)")
     p.add_argument("--fusion", choices=SPEECH_FUSIONS, default=d.fusion,
                    help="speech: how speech frames reach the LM (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
