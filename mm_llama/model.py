@@ -210,6 +210,8 @@ class MultimodalLlama(nn.Module):
 
     def encode_speech(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``audio [b, n]`` 16 kHz (``lengths [b]``) → speech frames ``[b, s_e, d]`` and mask ``[b, s_e]``."""
+        if self.cfg.speech_encoder is None:
+            raise ValueError("this model has no speech branch: build it with ModelConfig(speech_encoder=...)")
         out = self.speech_encoder(audio, lengths)
         return self.speech_adapter(out.tokens, out.mask)
 
