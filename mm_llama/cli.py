@@ -50,8 +50,12 @@ class AdapterCLI(LightningCLI):
     """LightningCLI whose data module follows the model's system prompt."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The data module is ImageDataModule unless the config names another (``data: class_path:
+        # mm_llama.training.speech_datamodule.SpeechDataModule`` in configs/speech.yaml); a plain
+        # ``data:`` mapping sets the init arguments of the default.
+        parser.set_defaults({"data": {"class_path": f"{ImageDataModule.__module__}.{ImageDataModule.__name__}"}})
         # Training examples and evaluation prompts must use the same system message.
-        parser.link_arguments("model.system_prompt", "data.system_prompt")
+        parser.link_arguments("model.system_prompt", "data.init_args.system_prompt")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then refuse a truncated ``--ckpt_path`` with an error naming it.
@@ -129,6 +133,7 @@ def cli_kwargs() -> dict[str, Any]:
     return dict(
         model_class=AdapterModule,
         datamodule_class=ImageDataModule,
+        subclass_mode_data=True,  # ImageDataModule or a subclass (SpeechDataModule)
         # Atomic checkpoint writes and a clear error for a corrupt --ckpt_path (checkpoint_io.py).
         trainer_defaults={**trainer_defaults(), "plugins": [{"class_path": checkpoint_io.CLASS_PATH}]},
         save_config_callback=SaveConfigBesideCheckpoints,

@@ -28,8 +28,11 @@ if not getattr(_adapters, "__mm_llama__", False):  # AdapterHub's `adapters` sha
 
 from adapters import FusionEmbedding, GatedCrossAttention, MediaProjection, default_layer_positions  # noqa: E402
 from adapters.cross_attention import ROW_MASK_MODES, init_cross_attention_  # noqa: E402
+from adapters.speech_adapter import SpeechAdapter, SpeechAdapterConfig  # noqa: E402
+from adapters.speech_fusion import SplicedInputs, splice_speech  # noqa: E402
 from encoders import ImageEncoder, ImageEncoderConfig, MediaEncoder  # noqa: E402
 from encoders.mllama_vision import MllamaVisionEncoder, MllamaVisionEncoderConfig, TiledImages  # noqa: E402
+from encoders.speech import SpeechEncoder, SpeechEncoderConfig  # noqa: E402
 from mm_llama.llama import KVCache, LlamaLM  # noqa: E402
 from mm_llama.lm import freeze  # noqa: E402
 from mm_llama.video_adapter import VideoAdapter, VideoConfig  # noqa: E402
@@ -46,6 +49,8 @@ TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "temporal_aggregator": ("video.aggregator.",),
     "video_projection": ("video.projection.",),
     "video_cross_attention": ("video.cross_attn.",),
+    "speech_encoder": ("speech_encoder.",),
+    "speech_adapter": ("speech_adapter.",),
 }
 """Parameter-name prefixes of each trainable group. The LM (``lm.``) is in none of them."""
 
@@ -98,7 +103,8 @@ class ModelConfig:
 
     Attributes:
         image_encoder: the ViT encoder's config, or a :class:`MllamaVisionEncoderConfig`
-            for Llama 3.2 Vision's tiled encoder (input :class:`TiledImages`).
+            for Llama 3.2 Vision's tiled encoder (input :class:`TiledImages`); ``None`` builds
+            no image branch.
         cross_attention: placement and behaviour of the gated cross-attention blocks.
         trainable: the groups of :data:`TRAINABLE_GROUPS` that train.
         projection: one of :data:`PROJECTIONS`.
@@ -106,18 +112,24 @@ class ModelConfig:
             (at least one per media token; Llama 3.2 Vision has 8).
         video: the video branch (temporal aggregator + video cross-attention); ``None``: an
             image-only model.
+        speech_encoder: the Conformer; ``None``: no speech branch.
+        speech_adapter: the speech adapter, fused as its ``fusion`` says.
     """
 
-    image_encoder: ImageEncoderConfig | MllamaVisionEncoderConfig = field(default_factory=ImageEncoderConfig)
+    image_encoder: ImageEncoderConfig | MllamaVisionEncoderConfig | None = field(default_factory=ImageEncoderConfig)
     cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     trainable: tuple[str, ...] = tuple(TRAINABLE_GROUPS)
     projection: str = "linear_norm"
     fusion_rows: int = len(MEDIA_TOKENS)
     video: VideoConfig | None = None
+    speech_encoder: SpeechEncoderConfig | None = None
+    speech_adapter: SpeechAdapterConfig = field(default_factory=SpeechAdapterConfig)
 
     def __post_init__(self) -> None:
         self.trainable = tuple(self.trainable)
-        if type(self.image_encoder) not in IMAGE_ENCODERS:
+        if self.video is not None and self.image_encoder is None:
+            raise ValueError("the video branch reads frames through the image encoder: image_encoder must be set")
+        if self.image_encoder is not None and type(self.image_encoder) not in IMAGE_ENCODERS:
             raise ValueError(
                 f"image_encoder must be one of {[c.__name__ for c in IMAGE_ENCODERS]}, "
                 f"got {type(self.image_encoder).__name__}"
@@ -156,9 +168,17 @@ class MultimodalLlama(nn.Module):
         self.cfg = cfg
         self.lm = freeze(lm)
         lm_cfg = lm.cfg
-        self.image_encoder = IMAGE_ENCODERS[type(cfg.image_encoder)](cfg.image_encoder)
-        self.image_projection = MediaProjection(self.image_encoder.out_dim, lm_cfg.dim, lm_cfg.norm_eps,
-                                                norm=cfg.projection == "linear_norm")
+        if cfg.image_encoder is not None:
+            self.image_encoder = IMAGE_ENCODERS[type(cfg.image_encoder)](cfg.image_encoder)
+            self.image_projection = MediaProjection(self.image_encoder.out_dim, lm_cfg.dim, lm_cfg.norm_eps,
+                                                    norm=cfg.projection == "linear_norm")
+        if cfg.speech_encoder is not None:
+            self.speech_encoder = SpeechEncoder(cfg.speech_encoder)
+            # Embedding fusion: frames sit among token embeddings, so start them at the table's scale.
+            embed_rms = float(lm.embed_tokens.weight.pow(2).mean().sqrt())
+            output_rms = embed_rms if cfg.speech_adapter.fusion == "embedding" else 1.0
+            self.speech_adapter = SpeechAdapter(self.speech_encoder.out_dim, lm_cfg.dim, cfg.speech_adapter,
+                                                output_rms=output_rms)
         self.fusion_embed = FusionEmbedding(lm_cfg.vocab_size, cfg.fusion_rows, lm_cfg.dim,
                                             init_std=float(lm.embed_tokens.weight.std()))
         xcfg = cfg.cross_attention
@@ -244,6 +264,43 @@ class MultimodalLlama(nn.Module):
         tokens ``[b, s_e, d]`` and mask ``[b, s_e]``."""
         out = self.image_encoder(images)
         return self.image_projection(out.tokens), out.mask
+
+    def encode_speech(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``audio [b, n]`` 16 kHz (``lengths [b]``) → speech frames ``[b, s_e, d]`` and mask ``[b, s_e]``."""
+        if self.cfg.speech_encoder is None:
+            raise ValueError("this model has no speech branch: build it with ModelConfig(speech_encoder=...)")
+        out = self.speech_encoder(audio, lengths)
+        return self.speech_adapter(out.tokens, out.mask)
+
+    def splice_speech(
+        self,
+        input_ids: torch.Tensor,
+        audio: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        left_pad: bool = False,
+    ) -> SplicedInputs:
+        """Embedding fusion: the LM input with each ``<|speech|>`` replaced by its speech frames."""
+        frames, mask = self.encode_speech(audio, lengths)
+        embeds = self.fusion_embed(input_ids, self.lm.embed_tokens)  # [b, s, d]
+        return splice_speech(embeds, input_ids, self.media_token_id("speech"), frames, mask,
+                             attention_mask=attention_mask, labels=labels, left_pad=left_pad)
+
+    def speech_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, audio: torch.Tensor,
+                    lengths: torch.Tensor) -> torch.Tensor:
+        """Response-token CE with speech fused as ``cfg.speech_adapter.fusion`` says.
+
+        ``input_ids``/``labels`` ``[b, s]`` right-padded, one ``<|speech|>`` each; ``audio [b, n]``.
+        """
+        if self.cfg.speech_adapter.fusion == "embedding":
+            spliced = self.splice_speech(input_ids, audio, lengths, labels=labels)
+            # Right padding: causal attention keeps real positions from seeing pads, no mask needed.
+            hidden = self.lm.decode(spliced.embeds, positions=spliced.positions)
+            return labeled_cross_entropy(hidden, spliced.labels, self.lm.output_weight)
+        media = self.media_kv(*self.encode_speech(audio, lengths))
+        return labeled_cross_entropy(self.hidden_states(input_ids, media), labels, self.lm.output_weight)
 
     def media_context(self, images: torch.Tensor | TiledImages) -> MediaContext:
         """Encode media once and compute every cross-attention block's K/V."""

@@ -70,6 +70,11 @@ SKIP_KINDS: dict[str, str] = {
     "missing_image": "sample has no png/jpg/jpeg/webp entry",
     "bad_image": "image bytes could not be decoded (empty, truncated, not an image)",
     "image_too_large": "image has more than DataConfig.max_image_pixels pixels (refused before decoding)",
+    "missing_audio": "speech sample has no flac/wav entry",
+    "bad_audio": "audio bytes could not be decoded (empty, corrupt flac/wav, not audio)",
+    "bad_audio_values": "audio contains NaN or inf samples",
+    "silent_audio": "audio is all zeros or silent (nothing to transcribe)",
+    "audio_too_short": "audio shorter than the speech data's min_seconds (0.1 s by default)",
     "missing_text": "sample has neither json nor txt",
     "bad_json": "json is not valid JSON, not an object, or prompt/response is not a string",
     "bad_encoding": "json/txt is not UTF-8",
@@ -515,6 +520,7 @@ def build_dataset(
     counter: SkipCounter | None = None,
     media: MediaDecoder | None = None,
     media_placeholder: str = DEFAULT_MEDIA_PLACEHOLDER,
+    decode_stage: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
 ) -> ShardDataset:
     """An ``IterableDataset`` of ``{input_ids [s], labels [s], image [3, H, W], meta}``.
 
@@ -532,6 +538,8 @@ def build_dataset(
             unused), e.g. :class:`~mm_llama.data.video.VideoFrames` for
             ``{video [f, 3, H, W], frame_mask [f]}``.
         media_placeholder: the placeholder string the prompt carries (``<|video|>`` for video).
+        decode_stage: replaces the image decode stage (raw samples → encoded examples), for
+            other media (speech: :mod:`mm_llama.data.speech_pipeline`); it counts into ``counter``.
 
     Without resampling, shards are split across ranks and then workers: with
     ``world_size * num_workers`` larger than the shard count some workers idle,
@@ -574,15 +582,16 @@ def build_dataset(
     stages.append(wds.tarfile_to_samples(handler=counter.handler))
     if train and cfg.shuffle_buffer > 0:
         stages.append(_EpochSampleShuffle(cfg.shuffle_buffer, cfg.seed, epoch))
-    stages.append(decode)
+    stages.append(decode if decode_stage is None else decode_stage)
     dataset = ShardDataset(*stages, urls=shard_urls, epoch=epoch, counter=counter)
     if train and cfg.epoch_length is not None:
         dataset = dataset.with_epoch(samples_per_worker(cfg, world_size))
     return dataset
 
 
-def build_loader(dataset: IterableDataset, cfg: DataConfig, pad_id: int, pin_memory: bool = False) -> ResumableLoader:
-    """A DataLoader that batches in the workers and collates with :func:`collate`.
+def build_loader(dataset: IterableDataset, cfg: DataConfig, pad_id: int, pin_memory: bool = False,
+                 collate_fn: Callable[..., dict[str, Any]] = collate) -> ResumableLoader:
+    """A DataLoader that batches in the workers and collates with ``collate_fn`` (default :func:`collate`).
 
     Batching is the DataLoader's (``batch_size=cfg.batch_size``): each worker
     fills its own batches, so a worker's last batch may be partial unless
@@ -595,7 +604,7 @@ def build_loader(dataset: IterableDataset, cfg: DataConfig, pad_id: int, pin_mem
         dataset,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
-        collate_fn=functools.partial(collate, pad_id=pad_id),
+        collate_fn=functools.partial(collate_fn, pad_id=pad_id),
         persistent_workers=cfg.num_workers > 0,
         pin_memory=pin_memory,
     )

@@ -380,17 +380,18 @@ def make_default_shards(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``mm-llama make-shards --modality image --out data/shapes ...``: print the shard URLs
-    (``--modality video`` hands over to :func:`mm_llama.data.clips.main`)."""
+    (``--modality video`` hands over to :func:`mm_llama.data.clips.main`, ``--modality speech``
+    to :func:`mm_llama.data.spoken.main_speech`)."""
     modality = argparse.ArgumentParser(add_help=False)
-    modality.add_argument("--modality", choices=["image", "video"], default="image")
+    modality.add_argument("--modality", choices=["image", "video", "speech"], default="image")
     if modality.parse_known_args(argv)[0].modality == "video":
         from mm_llama.data.clips import main as make_clip_shards
 
         return make_clip_shards(argv)
     parser = argparse.ArgumentParser(prog="mm-llama make-shards", description=__doc__.split("\n")[0])
-    parser.add_argument("--modality", choices=["image", "video"], default="image",
+    parser.add_argument("--modality", choices=["image", "video", "speech"], default="image",
                         help="video: the clip shards (mm-llama make-shards --modality video --help)")
-    parser.add_argument("--out", default="data/shapes", help="output directory (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="output directory (default: data/shapes, data/speech)")
     parser.add_argument("--n-train", type=int, default=20_000)
     parser.add_argument("--n-val", type=int, default=256)
     parser.add_argument("--n-test", type=int, default=512)
@@ -401,9 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cells per side: 2 = corners, 3 = 3x3 (default: %(default)s)")
     parser.add_argument("--max-objects", type=int, default=SceneSpec.max_objects,
                         help="objects per scene, 1..N (default: %(default)s)")
+    from mm_llama.data import spoken
+
+    spoken.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.modality == "speech":
+        print(json.dumps(spoken.main_speech(args), indent=2))
+        return 0
     urls = make_default_shards(
-        args.out,
+        args.out or "data/shapes",
         image_size=args.image_size,
         n_train=args.n_train,
         n_val=args.n_val,

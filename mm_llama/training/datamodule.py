@@ -254,6 +254,10 @@ class ImageDataModule(L.LightningDataModule):
             self.datasets.clear()  # built for another model
         self.inputs = inputs
 
+    def model_inputs(self, module: _AdapterModuleLike) -> ModelInputs:
+        """What this data module reads from ``module`` (the media placeholder, image size, frames)."""
+        return model_inputs(module, self.modality)
+
     @property
     def config(self) -> DataConfig:
         """The resolved :class:`DataConfig` (after :meth:`connect`)."""
@@ -275,7 +279,7 @@ class ImageDataModule(L.LightningDataModule):
         """Build the datasets ``stage`` needs (``fit``: train + val; ``test``/``predict``: test)."""
         trainer = self.trainer
         if trainer is not None:
-            self.connect(model_inputs(trainer.lightning_module, self.modality))  # the trainer's model wins
+            self.connect(self.model_inputs(trainer.lightning_module))  # the trainer's model wins
             if self._epoch_hooks not in trainer.callbacks:
                 trainer.callbacks.append(self._epoch_hooks)
         if self.inputs is None:

@@ -14,14 +14,19 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from adapters.speech_adapter import SpeechAdapterConfig
 from encoders import ImageEncoderConfig, MllamaVisionEncoderConfig
+from encoders.speech import SpeechEncoderConfig
+from encoders.speech_frontend import FrontEndConfig
 from mm_llama.data.examples import encode_prompt
 from mm_llama.generation import generate
 from mm_llama.lm import load_language_model
 from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
 from mm_llama.data.video import frame_view
+from mm_llama.speech_generation import generate_from_speech
 from mm_llama.training.optim import OptimConfig, build_optimizer
 from mm_llama.training.scale import clip_grad_norm, compile_blocks_, gather_to_all, is_sharded
+from mm_llama.training.speech_metrics import speech_metrics
 from mm_llama.training.video_stage import VIDEO_GROUPS, check_video_stage_trainable, load_stage_weights
 from mm_llama.video_adapter import VideoConfig
 
@@ -29,9 +34,10 @@ log = logging.getLogger(__name__)
 
 # Checkpoints carry the hyper-parameters, i.e. these plain config dataclasses; Lightning restores
 # with torch.load(weights_only=True), whose unpickler must be allowed to rebuild them.
-torch.serialization.add_safe_globals(
-    [ModelConfig, ImageEncoderConfig, MllamaVisionEncoderConfig, CrossAttentionConfig, OptimConfig, VideoConfig]
-)
+torch.serialization.add_safe_globals([
+    ModelConfig, ImageEncoderConfig, MllamaVisionEncoderConfig, CrossAttentionConfig, OptimConfig, VideoConfig,
+    SpeechEncoderConfig, FrontEndConfig, SpeechAdapterConfig,
+])
 
 DEFAULT_LM = "smollm2-135m-instruct"
 
@@ -111,13 +117,21 @@ class AdapterModule(L.LightningModule):
     # --- training ------------------------------------------------------------------------
     @staticmethod
     def media(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The batch's media as keyword arguments of ``MultimodalLlama.loss`` / ``generate``."""
+        """The batch's media as keyword arguments of ``MultimodalLlama.loss`` / ``generate``
+        (images, or videos with their frame mask; speech batches go through :meth:`batch_loss`)."""
         if "videos" in batch:
             return {"videos": batch["videos"], "frame_mask": batch["frame_mask"]}
         return {"images": batch["images"]}
 
+    def batch_loss(self, batch: dict[str, Any], media: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Response-token loss of an image, video or speech (``audio``) batch; ``media``
+        overrides :meth:`media` (e.g. shuffled frames)."""
+        if "audio" in batch:
+            return self.model.speech_loss(batch["input_ids"], batch["labels"], batch["audio"], batch["audio_lengths"])
+        return self.model.loss(batch["input_ids"], batch["labels"], **(media or self.media(batch)))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(batch["input_ids"], batch["labels"], **self.media(batch))
+        loss = self.batch_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at step {self.global_step} "
@@ -140,18 +154,38 @@ class AdapterModule(L.LightningModule):
     # --- evaluation ----------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> None:
         b = batch["input_ids"].shape[0]
-        media = self.media(batch)
-        if "videos" in media and self.eval_frame_view != "ordered":
+        media = None if "audio" in batch else self.media(batch)
+        if media is not None and "videos" in media and self.eval_frame_view != "ordered":
             generator = torch.Generator().manual_seed(batch_idx)  # the same shuffle every evaluation
             media["videos"] = frame_view(media["videos"].cpu(), media["frame_mask"].cpu(), self.eval_frame_view,
                                          generator).to(media["videos"].device)
-        loss = self.model.loss(batch["input_ids"], batch["labels"], **media)
+        loss = self.batch_loss(batch, media)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=b)
-        predictions = self.predict_answers(media.get("images"), [m["prompt"] for m in batch["meta"]],
-                                           videos=media.get("videos"), frame_mask=media.get("frame_mask"))
+        predictions = self.predict_batch(batch, media)
         for pred, meta in zip(predictions, batch["meta"]):
             hit = normalise_answer(pred) == normalise_answer(meta["response"])
             self._eval[stage].append((hit, {**meta, "prediction": pred}))
+
+    def predict_batch(self, batch: dict[str, Any], media: dict[str, torch.Tensor] | None = None) -> list[str]:
+        """Greedy answers to the prompts of an image, video or speech batch."""
+        prompts = [m["prompt"] for m in batch["meta"]]
+        if "audio" in batch:
+            return self.predict_speech_answers(batch["audio"], batch["audio_lengths"], prompts)
+        media = media or self.media(batch)
+        return self.predict_answers(media.get("images"), prompts, videos=media.get("videos"),
+                                    frame_mask=media.get("frame_mask"))
+
+    def predict_speech_answers(self, audio: torch.Tensor, lengths: torch.Tensor, prompts: list[str]) -> list[str]:
+        """Greedy answers to ``prompts`` about ``audio [b, n]`` (16 kHz, ``lengths [b]`` samples)."""
+        media_id = self.model.media_token_id("speech")
+        ids = [
+            encode_prompt(self.tokenizer, p, media_placeholder="<|speech|>", media_token_id=media_id,
+                          system=self.system_prompt)["input_ids"].tolist()
+            for p in prompts
+        ]
+        out = generate_from_speech(self.model, ids, audio, lengths, max_new_tokens=self.eval_max_new_tokens,
+                                   stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id)
+        return [self.tokenizer.decode(o) for o in out]
 
     def predict_answers(self, images: torch.Tensor | None, prompts: list[str], *, videos: torch.Tensor | None = None,
                         frame_mask: torch.Tensor | None = None) -> list[str]:
@@ -176,9 +210,7 @@ class AdapterModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         """Greedy answers: ``[{"__key__", "prompt", "prediction", "response"}, ...]`` per batch."""
-        media = self.media(batch)
-        predictions = self.predict_answers(media.get("images"), [m["prompt"] for m in batch["meta"]],
-                                           videos=media.get("videos"), frame_mask=media.get("frame_mask"))
+        predictions = self.predict_batch(batch)
         return [
             {"__key__": m.get("__key__"), "prompt": m["prompt"], "prediction": p, "response": m.get("response")}
             for p, m in zip(predictions, batch["meta"])
@@ -190,6 +222,7 @@ class AdapterModule(L.LightningModule):
         if not results:
             return
         metrics = summarise(results)
+        metrics.update(speech_metrics(results, normalise_answer))  # nothing unless samples are asr / qa
         for k, v in metrics.items():
             self.log(f"{stage}/{k}", v, prog_bar=k == "exact_match", sync_dist=True)
         self.last_eval = {"stage": stage, "metrics": metrics, "samples": [m for _, m in results[:16]]}

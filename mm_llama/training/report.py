@@ -66,7 +66,12 @@ class TestSamples(L.Callback):
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        images = batch["images"] if "images" in batch else batch["videos"][:, 0]  # a clip: its first frame
+        if "images" in batch:
+            images = batch["images"]
+        elif "videos" in batch:
+            images = batch["videos"][:, 0]  # a clip: its first frame
+        else:  # a speech batch: nothing to draw
+            return
         for image, meta in zip(images, batch["meta"]):
             if len(self.images) >= self.n:
                 return

@@ -32,8 +32,10 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from adapters.speech_adapter import SPEECH_FUSIONS, SpeechAdapterConfig
 from encoders import ImageEncoderConfig
-from mm_llama.model import ModelConfig
+from encoders.speech import SPEECH_BACKBONES, SpeechEncoderConfig
+from mm_llama.model import CrossAttentionConfig, ModelConfig
 from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training import checkpoint_io
 from mm_llama.training.checkpoint_io import AtomicCheckpointIO
@@ -43,6 +45,7 @@ from mm_llama.training.module import DEFAULT_LM, AdapterModule, normalise_answer
 from mm_llama.training.optim import OptimConfig
 from mm_llama.training.video_stage import video_stage_config
 from mm_llama.video_adapter import VideoConfig
+from mm_llama.training.speech_datamodule import SpeechDataModule
 from mm_llama.training.report import (
     TestSamples,
     TrainingHistory,
@@ -126,6 +129,10 @@ class RunConfig:
             trains only the video branch (Llama 3 §7.4). ``None``: no trained image weights, so
             the default image configuration and the video branch train together on the clips.
         frames: (video) frames sampled per clip (``VideoConfig.frames``); ``None``: its default.
+        speech_pretrain_steps: speech only: steps of BEST-RQ pre-training of the Conformer on the
+            training audio before the adapters (:mod:`mm_llama.training.best_rq`); 0 skips it.
+        fusion: speech only: ``"embedding"`` (speech frames replace ``<|speech|>`` in the LM input,
+            the paper) or ``"cross_attention"`` (they are the K/V of gated cross-attention blocks).
     """
 
     modality: str = "image"
@@ -150,6 +157,8 @@ class RunConfig:
     encoder_pretrain: EncoderPretrainConfig | None = None
     image_checkpoint: str | None = None
     frames: int | None = None
+    fusion: str = "embedding"
+    speech_pretrain_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -169,11 +178,16 @@ class RunConfig:
             raise ValueError(f"RunConfig.num_workers must be >= 0, got {self.num_workers}")
         if self.encoder_pretrain_steps < 0:
             raise ValueError(f"RunConfig.encoder_pretrain_steps must be >= 0, got {self.encoder_pretrain_steps}")
+        if self.speech_pretrain_steps < 0:
+            raise ValueError(f"RunConfig.speech_pretrain_steps must be >= 0, got {self.speech_pretrain_steps}")
+        if self.fusion not in SPEECH_FUSIONS:
+            raise ValueError(f"RunConfig.fusion must be one of {SPEECH_FUSIONS}, got {self.fusion!r}")
 
     @property
     def pretrain(self) -> EncoderPretrainConfig:
-        """Stage 1's settings, ``steps`` from :attr:`encoder_pretrain_steps`."""
-        return dataclasses.replace(self.encoder_pretrain or EncoderPretrainConfig(), steps=self.encoder_pretrain_steps)
+        """Stage 1's settings, ``steps`` from :attr:`encoder_pretrain_steps` (0 for a modality without it)."""
+        steps = self.encoder_pretrain_steps if self.spec.encoder_pretraining else 0
+        return dataclasses.replace(self.encoder_pretrain or EncoderPretrainConfig(), steps=steps)
 
     @property
     def spec(self) -> Modality:
@@ -181,7 +195,7 @@ class RunConfig:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out or self.spec.out)
+        return Path(self.out or self.spec.out.format(fusion=self.fusion))
 
     @property
     def validate_every(self) -> int:
@@ -252,6 +266,63 @@ def frame_ablations(trainer: L.Trainer, module: AdapterModule, datamodule: L.Lig
     return out
 
 
+def _speech_model_config(cfg: RunConfig) -> ModelConfig:
+    """No image branch; the Conformer (``--encoder``: a speech backbone name) and the speech adapter.
+
+    Embedding fusion needs no cross-attention blocks (none are built); cross-attention fusion
+    trains them and leaves the fusion embedding (whose ``<|speech|>`` row it does use) trainable.
+    """
+    if cfg.model is not None:
+        return cfg.model
+    if cfg.encoder is not None and cfg.encoder not in SPEECH_BACKBONES:
+        raise ValueError(f"--encoder {cfg.encoder!r} is not a speech backbone; known: {sorted(SPEECH_BACKBONES)}")
+    encoder = SpeechEncoderConfig(**({"backbone": cfg.encoder} if cfg.encoder else {}))
+    embedding = cfg.fusion == "embedding"
+    return ModelConfig(
+        image_encoder=None,
+        speech_encoder=encoder,
+        speech_adapter=SpeechAdapterConfig(fusion=cfg.fusion),
+        cross_attention=CrossAttentionConfig(layers=()) if embedding else CrossAttentionConfig(),
+        trainable=("speech_encoder", "speech_adapter") + (() if embedding else ("cross_attention", "fusion_embedding")),
+    )
+
+
+def _speech_datamodule(cfg: RunConfig, batch_size: int | None = None) -> SpeechDataModule:
+    return SpeechDataModule(
+        data_dir=cfg.data_dir or cfg.spec.data_dir,
+        batch_size=batch_size or cfg.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        val_samples=cfg.val_samples,
+        test_samples=cfg.test_samples,
+    )
+
+
+def _pretrain_speech_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path
+                             ) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """BEST-RQ on the training audio (``cfg.speech_pretrain_steps``); stage 2 loads its encoder."""
+    if not cfg.speech_pretrain_steps or model_cfg.speech_encoder is None:
+        return model_cfg, None
+    from mm_llama import load_language_model
+    from mm_llama.model import MEDIA_TOKENS
+    from mm_llama.training.best_rq import pretrain_speech_encoder
+
+    datamodule = cfg.spec.datamodule(cfg)
+    lm = load_language_model(cfg.lm)  # for its tokenizer (the data encodes the text too); freed after
+    speech_id = lm.cfg.vocab_size + MEDIA_TOKENS.index("speech")
+    datamodule.connect(ModelInputs(tokenizer=lm.tokenizer, media_token_id=speech_id, image_size=1,
+                                   system_prompt=datamodule.hparams.system_prompt))
+    del lm
+    summary = pretrain_speech_encoder(model_cfg.speech_encoder, datamodule, cfg.speech_pretrain_steps, out,
+                                      trainer_defaults=trainer_defaults(), progress=cfg.progress)
+    encoder = dataclasses.replace(model_cfg.speech_encoder, checkpoint=summary["checkpoint"])
+    return dataclasses.replace(model_cfg, speech_encoder=encoder), summary
+
+
+def _speech_metrics(cfg: RunConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:
+    return {"fusion": cfg.fusion, "audio_adjusted": datamodule.audio_adjusted()}
+
+
 @dataclass(frozen=True)
 class Modality:
     """How one modality is trained by :func:`run`.
@@ -261,11 +332,14 @@ class Modality:
         datamodule: ``(RunConfig, batch_size=None) -> LightningDataModule`` (with a
             ``skipped()`` method); ``batch_size`` overrides the run's (stage 1 uses its own).
         data_dir: default directory of the built-in shards.
-        out: default output directory.
+        out: default output directory (``{fusion}`` is replaced by the run's fusion mode).
         encoder_pretraining: run stage 1 (image-encoder caption pre-training on the shape
             scenes) when ``encoder_pretrain_steps > 0``.
         extra_tests: ``(trainer, module, datamodule, verbose) -> metrics`` run after the test,
             added to ``metrics.json`` (video: :func:`frame_ablations`).
+        extra_metrics: ``(RunConfig, datamodule) -> dict`` added to ``metrics.json``.
+        pretrain_stage: ``(RunConfig, ModelConfig, out) -> (ModelConfig, summary | None)``, a
+            stage run before the adapters on a fresh run (speech: BEST-RQ).
     """
 
     model_config: Callable[[RunConfig], ModelConfig]
@@ -274,6 +348,8 @@ class Modality:
     out: str
     encoder_pretraining: bool = True
     extra_tests: Callable[..., dict[str, float]] | None = None
+    extra_metrics: Callable[[RunConfig, L.LightningDataModule], dict[str, Any]] = lambda cfg, dm: {}
+    pretrain_stage: Callable[[RunConfig, ModelConfig, Path], tuple[ModelConfig, dict[str, Any] | None]] | None = None
 
 
 MODALITIES: dict[str, Modality] = {
@@ -281,10 +357,12 @@ MODALITIES: dict[str, Modality] = {
     # Stage 1 is image-only: the video stage gets its encoder from --image-checkpoint, or trains it.
     "video": Modality(_video_model_config, _video_datamodule, data_dir="data/clips", out="runs/video",
                       encoder_pretraining=False, extra_tests=frame_ablations),
+    "speech": Modality(_speech_model_config, _speech_datamodule, data_dir="data/speech", out="runs/speech-{fusion}",
+                       encoder_pretraining=False, extra_metrics=_speech_metrics, pretrain_stage=_pretrain_speech_encoder),
 }
-"""Implemented modalities; speech is added here when it exists."""
+"""The modalities ``train_adapter.py`` trains."""
 
-PLANNED_MODALITIES = ("speech",)
+PLANNED_MODALITIES: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- the run
@@ -308,6 +386,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     datamodule = cfg.spec.datamodule(cfg)
     datamodule.prepare_data()  # shards before the LM, so a missing-data error comes first
     stage1 = None
+    if cfg.spec.pretrain_stage is not None and resume_from is None:
+        model_cfg, stage1 = cfg.spec.pretrain_stage(cfg, model_cfg, out)
     pretrain_steps = cfg.pretrain.steps if cfg.spec.encoder_pretraining else 0
     if pretrain_steps and resume_from is None:
         model_cfg, stage1 = _pretrain_encoder(cfg, model_cfg, out)
@@ -373,11 +453,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "resumed_from": str(resume_from) if resume_from else None,
         "checkpoint": str(out / "adapter.ckpt"),
+        **cfg.spec.extra_metrics(cfg, datamodule),
     }
     plot_training_curve(history, out / "training_curve.png",
                         title=f"{cfg.modality} adapters on {Path(cfg.lm).name}, {trainer.global_step} steps")
     samples = test_samples.join(test["samples"])
-    plot_samples(samples, out / "samples.png", judge=lambda p, r: normalise_answer(p) == normalise_answer(r))
+    if samples:  # images only
+        plot_samples(samples, out / "samples.png", judge=lambda p, r: normalise_answer(p) == normalise_answer(r))
     write_metrics(metrics, out / "metrics.json")
     return metrics
 
@@ -468,7 +550,7 @@ def resolved_config(
             "system_prompt": module.system_prompt,
             **({"init_from": module.hparams.init_from} if module.hparams.get("init_from") else {}),
         },
-        "data": data,
+        "data": {"class_path": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", "init_args": data},
     })
 
 
@@ -504,8 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm", default=d.lm,
                    help="frozen LM: registered name, HF directory or .gguf (default: %(default)s)")
     p.add_argument("--encoder", default=None,
-                   help="encoder backbone '<library>:<name>', e.g. timm:vit_tiny_patch16_224 or open_clip:ViT-B-32 "
-                   f"(default: {ImageEncoderConfig().backbone}); the default CPU-sized depth/width/patch are kept")
+                   help="image: backbone '<library>:<name>', e.g. timm:vit_tiny_patch16_224 or open_clip:ViT-B-32 "
+                   f"(default: {ImageEncoderConfig().backbone}; the CPU-sized depth/width/patch are kept); "
+                   f"speech: one of {', '.join(SPEECH_BACKBONES)} (default: conformer)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {OptimConfig().lr})")
@@ -527,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: none, the image configuration trains with the video branch)")
     p.add_argument("--frames", type=int, default=None,
                    help=f"(video) frames sampled per clip (default: {VideoConfig().frames})")
+    p.add_argument("--speech-pretrain-steps", type=int, default=d.speech_pretrain_steps,
+                   help="speech: BEST-RQ steps on the training audio before the adapters; 0: none (default: %(default)s)")
+    p.add_argument("--fusion", choices=SPEECH_FUSIONS, default=d.fusion,
+                   help="speech: how speech frames reach the LM (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
