@@ -80,7 +80,7 @@ def test_shipped_config_validates(name, capsys):
         main(["fit", *config_args(name), "--print_config"])
     assert info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
-    trainer, model, data = config["trainer"], config["model"], config["data"]
+    trainer, model, data = config["trainer"], config["model"], config["data"]["init_args"]
     assert model["optim"]["total_steps"] == trainer["max_steps"]  # the cosine spans the run
     assert isinstance(trainer["val_check_interval"], int)  # ranks stay in step (DESIGN §9)
     if name not in ("multinode", "fsdp-8b", "fsdp-70b"):

@@ -55,7 +55,7 @@ def test_train_adapter_speech_writes_metrics_for_each_fusion(tiny_lm_dir, speech
                                                              monkeypatch, fusion):
     spec = run_module.MODALITIES["speech"]
     tiny = run_module.Modality(lambda cfg: tiny_speech_model(cfg.fusion), spec.datamodule, spec.data_dir, spec.out,
-                               encoder_pretrain=False, extra_metrics=spec.extra_metrics,
+                               encoder_pretraining=False, extra_metrics=spec.extra_metrics,
                                pretrain_stage=spec.pretrain_stage)
     monkeypatch.setitem(run_module.MODALITIES, "speech", tiny)
     monkeypatch.chdir(tmp_path)  # the default output directory, runs/speech-<fusion>, lands here

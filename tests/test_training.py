@@ -215,11 +215,12 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
     assert [step for step, _ in history["train_loss"]] == [1, 2, 3]  # the curve survives the resume
 
 
-def test_unimplemented_modality_says_so(capsys):
+def test_unknown_modality_says_so(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_module.main(["--modality", "speech"])
+        run_module.main(["--modality", "smell"])
     assert exit_info.value.code == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown modality 'smell'" in err and "image, video, speech" in err
 
 
 @pytest.mark.parametrize("cores, workers", [(1, 0), (2, 0), (None, 0), (4, 2), (64, 2)])

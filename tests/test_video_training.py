@@ -107,7 +107,7 @@ def test_video_stage_config_validates(monkeypatch, capsys):
         cli_main(["fit", "--config", str(config_path), "--print_config"])
     assert exit_info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["data"]["modality"] == "video" and config["model"]["init_from"] == "runs/image/adapter.ckpt"
+    assert config["data"]["init_args"]["modality"] == "video" and config["model"]["init_from"] == "runs/image/adapter.ckpt"
     assert tuple(config["model"]["model"]["trainable"]) == VIDEO_GROUPS
     assert config["model"]["model"]["video"]["frames_per_group"] == 4
     assert config["model"]["optim"]["total_steps"] == config["trainer"]["max_steps"]

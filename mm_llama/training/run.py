@@ -362,8 +362,6 @@ MODALITIES: dict[str, Modality] = {
 }
 """The modalities ``train_adapter.py`` trains."""
 
-PLANNED_MODALITIES: tuple[str, ...] = ()
-
 
 # ---------------------------------------------------------------- the run
 
@@ -570,8 +568,6 @@ def _write_config(path: Path, cfg: RunConfig, *args: Any) -> None:
 def _modality(value: str) -> str:
     if value in MODALITIES:
         return value
-    if value in PLANNED_MODALITIES:
-        raise argparse.ArgumentTypeError(f"{value!r} is not implemented yet (implemented: {', '.join(MODALITIES)})")
     raise argparse.ArgumentTypeError(f"unknown modality {value!r} (implemented: {', '.join(MODALITIES)})")
 
 
