@@ -28,6 +28,8 @@ load from elsewhere on a shared machine falls on both alike:
 * ``train_increment_mb``: the training steps' peak RSS minus the RSS of the loaded model just
   before them (Linux: the high-water mark is reset through ``/proc/self/clear_refs``), i.e.
   the memory the training step itself needs: activations, gradients, optimizer state;
+* ``saved_activation_mb``: what autograd saves for backward in one forward + loss (distinct
+  storages, weights excluded): the activation memory, exact and independent of machine load;
 * ``matmul_peak_fraction``: FLOPs of one step (``torch.utils.flop_counter``) per second of
   median step time, over the fp32 matmul peak of this machine (``train_step.matmul_peak_flops``);
 * generation: greedy, the same prompt, exactly ``--new-tokens`` tokens (no early stop), KV
@@ -378,6 +380,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def saved_activation_mb(runner: Runner, batch: Batch) -> float:
+    """MiB of distinct tensor storages autograd keeps for backward in one forward + loss.
+
+    Weights (parameters and views of them) are excluded; what remains is the activation
+    memory a training step holds at the start of its backward pass. Unlike RSS it does not
+    depend on the allocator or on anything else running on the machine.
+    """
+    weights = {p.untyped_storage().data_ptr() for p in runner.model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        runner.loss(batch)
+    return sum(storages.values()) / 2**20
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark (Linux >= 4.0); ``False`` where it cannot."""
     try:
@@ -435,6 +458,7 @@ class Worker:
         with FlopCounterMode(display=False) as counter:
             self.train()
         r["step_gflop"] = round(counter.get_total_flops() / 1e9, 2)
+        r["saved_activation_mb"] = round(saved_activation_mb(self.runner, self.batch), 1)
         r["trainable_params"] = sum(p.numel() for p in self.runner.model.parameters() if p.requires_grad)
         r["trainable_by_part"] = self.runner.param_groups()
         r["matmul_peak_gflops"] = round(matmul_peak_flops() / 1e9, 1)
