@@ -305,9 +305,11 @@ class TorchtuneRunner(Runner):
             num_heads=t.n_heads, num_kv_heads=t.n_kv_heads, embed_dim=t.dim, max_seq_len=2048,
             encoder_max_seq_len=self.media_tokens, rope_base=t.rope_theta, intermediate_dim=t.hidden_dim,
         )
-        decoder.output = TiedLinear(decoder.tok_embeddings.embedding)  # SmolLM2 ties its embeddings
+        del decoder.output  # an nn.Linear child; SmolLM2 ties its embeddings, as torchtune builds llama3_2
+        decoder.output = TiedLinear(decoder.tok_embeddings.embedding)
         self.model = DeepFusionModel(decoder, encoder, encoder_trainable=True, decoder_trainable=False,
                                      fusion_trainable=True)
+        decoder.tok_embeddings.fusion_embedding.requires_grad_(False)  # embeddings frozen, as in the others
         self.model.set_num_output_chunks(8)
         self.loss_fn = CEWithChunkedOutputLoss()
 
@@ -427,6 +429,7 @@ class Worker:
         self.batch = make_batch(args.batch_size, args.seq_len, args.response_len, LlamaConfig().vocab_size,
                                 vision.image_size)
         self.opt: torch.optim.Optimizer | None = None
+        self.peak_n = 1024 if args.quick else 2048  # side of the matmuls that measure the peak
         self.report: dict = {"impl": impl, "threads": torch.get_num_threads()}
         if isinstance(self.runner, HFRunner):
             self.report["attn_implementation"] = self.runner.attn_implementation
@@ -461,7 +464,7 @@ class Worker:
         r["saved_activation_mb"] = round(saved_activation_mb(self.runner, self.batch), 1)
         r["trainable_params"] = sum(p.numel() for p in self.runner.model.parameters() if p.requires_grad)
         r["trainable_by_part"] = self.runner.param_groups()
-        r["matmul_peak_gflops"] = round(matmul_peak_flops() / 1e9, 1)
+        r["matmul_peak_gflops"] = round(matmul_peak_flops(self.peak_n) / 1e9, 1)
         return {}
 
     @torch.no_grad()
@@ -597,7 +600,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if bad and args.worker is None:
         parser.error(f"--generate-batch {bad} must lie in 1..--batch-size ({args.batch_size})")
     forwarded = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                 "--response-len", str(args.response_len)]
+                 "--response-len", str(args.response_len), *(["--quick"] if args.quick else [])]
     return args, forwarded
 
 

@@ -13,7 +13,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def run_json(script: str, *args: str, timeout: float = 300) -> dict:
+def run_json(script: str, *args: str, timeout: float = 1200) -> dict:
     """Run ``benchmarks/<script>`` in a fresh interpreter; parse its last output line as JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
@@ -44,3 +44,12 @@ def test_vs_hf_mllama_quick_prints_ratios():
     # same cross-attention blocks on both sides; the rest differs by a few thousand parameters
     assert ours["trainable_by_part"]["cross_attention"] == hf["trainable_by_part"]["cross_attention"]
     assert abs(out["trainable_params_diff"]) < 0.001 * hf["trainable_params"]
+
+
+def test_data_loader_reports_loader_rate_against_the_step(tiny_lm_dir):
+    out = run_json("data_loader.py", "--lm", str(tiny_lm_dir), "--samples", "24", "--shards", "2",
+                   "--batch-size", "4", "--num-workers", "0", "--batches", "3", "--step-samples-per-s", "2.0")
+    assert out["measured_samples"] == 12  # 3 full batches after the first
+    assert out["loader_samples_per_s"] > 0 and out["mean_padded_len"] > 0
+    assert out["headroom"] == pytest.approx(out["loader_samples_per_s"] / 2.0, rel=0.01)
+    assert out["loader_is_bottleneck"] == (out["loader_samples_per_s"] < 2.0)
