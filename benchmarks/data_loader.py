@@ -54,7 +54,8 @@ def load_tokenizer(lm: str):
 
 def measure_loader(urls: str, cfg: DataConfig, tokenizer, media_token_id: int, batches: int) -> dict:
     """Iterate the training loader for ``batches`` batches after the first one."""
-    loader = build_loader(build_dataset(urls, tokenizer, None, media_token_id, train=True, cfg=cfg), cfg, pad_id=tokenizer.pad_id)
+    dataset = build_dataset(urls, tokenizer, None, media_token_id, train=True, cfg=cfg)
+    loader = build_loader(dataset, cfg, pad_id=tokenizer.pad_id)
     start = time.perf_counter()
     it = iter(loader)
     first = next(it)

@@ -41,8 +41,10 @@ load from elsewhere on a shared machine falls on both alike:
 The last line of output is one JSON object: ``train_step_speedup`` (HF step time / ours),
 ``peak_memory_ratio`` (ours / HF ``train_increment_mb``), ``peak_rss_ratio`` (ours / HF
 ``peak_rss_mb``), ``generate_speedup`` (ours / HF decode tokens/s at batch 1),
-``generate_speedup_b<k>`` for every batch size, and the raw figures of both models under
-``ours`` and ``hf``::
+``generate_speedup_b<k>`` / ``generate_e2e_speedup_b<k>`` for every batch size, and the raw
+figures of both models under ``ours`` and ``hf``. ``--torchtune`` adds torchtune's
+``llama3_2_vision`` builders at the same sizes (same ratios under ``torchtune``); it needs an
+interpreter that imports torchtune (``--torchtune-python``)::
 
     python benchmarks/vs_hf_mllama.py [--batch-size 8] [--seq-len 128] [--steps 5] [--new-tokens 32] [--quick]
 """
