@@ -25,6 +25,27 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class _SiluMul(torch.autograd.Function):
+    """``silu(g) * u`` that saves only ``g`` and ``u`` for backward.
+
+    Autograd's composition also keeps ``silu(g)``, a third ``[..., hidden]`` tensor per MLP
+    (of a Llama block's ~7 saved activations the largest, with ``g`` and ``u``); here it is
+    recomputed in the backward pass instead, which costs one elementwise op.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        g, u = ctx.saved_tensors
+        grad_g = torch.ops.aten.silu_backward(grad * u, g) if ctx.needs_input_grad[0] else None
+        grad_u = grad * F.silu(g) if ctx.needs_input_grad[1] else None
+        return grad_g, grad_u
+
+
 class SwiGLU(nn.Module):
     """Gated feed-forward ``down(silu(gate(x)) * up(x))``."""
 
@@ -36,4 +57,4 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., d]`` → ``[..., d]``."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))

@@ -1,0 +1,55 @@
+"""The benchmarks run and print the JSON they promise (smoke runs, real models at tiny batch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_json(script: str, *args: str, timeout: float = 1200) -> dict:
+    """Run ``benchmarks/<script>`` in a fresh interpreter; parse its last output line as JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_hf_cross_attention_layers_interleave_like_ours():
+    sys.path.insert(0, str(BENCHMARKS))
+    from vs_hf_mllama import hf_cross_attention_layers
+
+    # ours: a block before self layers 3, 7, ..., 27 of 30; HF counts the 7 blocks in its list
+    assert hf_cross_attention_layers(30, 4) == [3, 8, 13, 18, 23, 28, 33]
+    assert hf_cross_attention_layers(8, 4) == [3, 8]
+
+
+def test_vs_hf_mllama_quick_prints_ratios():
+    out = run_json("vs_hf_mllama.py", "--quick")
+    for key in ("train_step_speedup", "peak_memory_ratio", "peak_rss_ratio", "generate_speedup"):
+        assert isinstance(out[key], float) and out[key] > 0, (key, out[key])
+    ours, hf = out["ours"], out["hf"]
+    assert out["train_step_speedup"] == pytest.approx(hf["step_s"] / ours["step_s"], rel=0.01)
+    for side in (ours, hf):
+        assert side["train_increment_mb"] > 0 and side["peak_rss_mb"] >= side["loaded_rss_mb"]
+        assert 0 < side["matmul_peak_fraction"] < 1.5
+        assert side["generate_b1"]["decode_tokens_per_s"] > 0
+    # same cross-attention blocks on both sides; the rest differs by a few thousand parameters
+    assert ours["trainable_by_part"]["cross_attention"] == hf["trainable_by_part"]["cross_attention"]
+    assert abs(out["trainable_params_diff"]) < 0.001 * hf["trainable_params"]
+
+
+def test_data_loader_reports_loader_rate_against_the_step(tiny_lm_dir):
+    out = run_json("data_loader.py", "--lm", str(tiny_lm_dir), "--samples", "24", "--shards", "2",
+                   "--batch-size", "4", "--num-workers", "0", "--batches", "3", "--step-samples-per-s", "2.0")
+    assert out["measured_samples"] == 12  # 3 full batches after the first
+    assert out["loader_samples_per_s"] > 0 and out["mean_padded_len"] > 0
+    assert out["headroom"] == pytest.approx(out["loader_samples_per_s"] / 2.0, rel=0.01)
+    assert out["loader_is_bottleneck"] == (out["loader_samples_per_s"] < 2.0)
