@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -30,11 +29,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
-from mm_llama.data.scenes import BACKGROUND, COLOURS, MANIFEST, SHAPES, SPLITS, brace_url, draw_shape, shard_path
+from mm_llama.data.scenes import BACKGROUND, COLOURS, SHAPES, SPLITS, draw_shape
+from mm_llama.data.shard_sets import ensure_shard_set, plan_splits, write_split
 from mm_llama.data.video import encode_mp4
 
 GENERATOR_VERSION = 1
@@ -197,23 +195,9 @@ def write_clip_shards(
     spec: ClipSpec = ClipSpec(), progress: bool = True,
 ) -> list[Path]:
     """Write ``{split}-000000.tar``, ... (each renamed into place when complete)."""
-    if n_samples < 1 or samples_per_shard < 1:
-        raise ValueError(f"need n_samples >= 1 and samples_per_shard >= 1; got {n_samples}, {samples_per_shard}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    bar = tqdm(total=n_samples, desc=f"clips {split}", unit="clip", disable=not progress)
-    for shard, start in enumerate(range(0, n_samples, samples_per_shard)):
-        path = shard_path(out, split, shard)
-        tmp = path.with_suffix(".tar.tmp")
-        with wds.TarWriter(str(tmp), mtime=0.0, user="mm-llama", group="mm-llama") as sink:
-            for index in range(start, min(start + samples_per_shard, n_samples)):
-                sink.write(make_clip_sample(seed, split, index, spec))
-                bar.update()
-        os.replace(tmp, path)
-        paths.append(path)
-    bar.close()
-    return paths
+    return write_split(out_dir, split, n_samples, samples_per_shard,
+                       lambda index: make_clip_sample(seed, split, index, spec),
+                       desc="clips", unit="clip", progress=progress)
 
 
 def make_default_clip_shards(
@@ -235,33 +219,15 @@ def make_default_clip_shards(
     Returns:
         ``{"train": ".../train-{000000..000011}.tar", "val": ..., "test": ...}``.
     """
-    root = Path(root)
-    plan = {}
-    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        size = max(1, min(samples_per_shard, math.ceil(n / min_shards)))
-        plan[split] = {"n_samples": n, "samples_per_shard": size, "n_shards": math.ceil(n / size)}
     manifest = {
         "generator": "mm_llama.data.clips",
         "version": GENERATOR_VERSION,
         "seed": seed,
         "clip": asdict(spec),
-        "splits": plan,
+        "splits": plan_splits(dict(zip(SPLITS, (n_train, n_val, n_test))), samples_per_shard, min_shards),
     }
-    urls = {split: brace_url(root, split, plan[split]["n_shards"]) for split in SPLITS}
-    manifest_path = root / MANIFEST
-    if manifest_path.exists() and json.loads(manifest_path.read_text()) == manifest:
-        return urls
-    root.mkdir(parents=True, exist_ok=True)
-    manifest_path.unlink(missing_ok=True)
-    for split in SPLITS:
-        for stale in [*root.glob(f"{split}-[0-9]*.tar"), *root.glob(f"{split}-[0-9]*.tar.tmp")]:
-            stale.unlink()
-    for split, p in plan.items():
-        write_clip_shards(root, split, p["n_samples"], p["samples_per_shard"], seed, spec, progress)
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, manifest_path)
-    return urls
+    return ensure_shard_set(root, manifest, lambda out, split, plan: write_clip_shards(
+        out, split, plan["n_samples"], plan["samples_per_shard"], seed, spec, progress))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,14 +35,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import webdataset as wds
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from mm_llama.data.examples import CAPTION_PROMPT
+from mm_llama.data.shard_sets import MANIFEST, brace_url, ensure_shard_set, plan_splits, shard_path, write_split  # noqa: F401
 
 GENERATOR_VERSION = 2  # 2: SceneSpec (grid, max_objects) in the manifest; default 2x2, 1-2 objects
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -272,15 +270,6 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 64, spec: S
     }
 
 
-def shard_path(out_dir: str | os.PathLike, split: str, shard: int) -> Path:
-    return Path(out_dir) / f"{split}-{shard:06d}.tar"
-
-
-def brace_url(out_dir: str | os.PathLike, split: str, n_shards: int) -> str:
-    """Brace pattern naming ``n_shards`` shards, e.g. ``.../train-{000000..000019}.tar``."""
-    return str(Path(out_dir) / f"{split}-{{000000..{n_shards - 1:06d}}}.tar")
-
-
 def write_shards(
     out_dir: str | os.PathLike,
     split: str,
@@ -296,32 +285,11 @@ def write_shards(
     Each shard is written to a temporary name and renamed when complete, so a
     shard file that exists is whole. Keys are the global sample index.
     """
-    if n_samples < 1 or samples_per_shard < 1 or image_size < 8:
-        raise ValueError(
-            f"need n_samples >= 1, samples_per_shard >= 1, image_size >= 8; got "
-            f"{n_samples}, {samples_per_shard}, {image_size}"
-        )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    bar = tqdm(total=n_samples, desc=f"shapes {split}", unit="img", disable=not progress)
-    for shard, start in enumerate(range(0, n_samples, samples_per_shard)):
-        path = shard_path(out, split, shard)
-        tmp = path.with_suffix(".tar.tmp")
-        # Fixed mtime/user/group: identical bytes on every run.
-        with wds.TarWriter(str(tmp), mtime=0.0, user="mm-llama", group="mm-llama") as sink:
-            for index in range(start, min(start + samples_per_shard, n_samples)):
-                sink.write(make_sample(seed, split, index, image_size, spec))
-                bar.update()
-        os.replace(tmp, path)
-        paths.append(path)
-    bar.close()
-    return paths
-
-
-def _shard_size(n_samples: int, samples_per_shard: int, min_shards: int) -> int:
-    # Small splits still get `min_shards` shards so that ranks x workers all have one.
-    return max(1, min(samples_per_shard, math.ceil(n_samples / min_shards)))
+    if image_size < 8:
+        raise ValueError(f"need image_size >= 8, got {image_size}")
+    return write_split(out_dir, split, n_samples, samples_per_shard,
+                       lambda index: make_sample(seed, split, index, image_size, spec),
+                       desc="shapes", unit="img", progress=progress)
 
 
 def make_default_shards(
@@ -341,41 +309,22 @@ def make_default_shards(
     ``manifest.json`` (counts, seed, image size, generator version) is written
     last; when it is missing or differs from the request, the shards of all
     splits are deleted and written again, so an interrupted generation is never
-    half-used.
+    half-used (:func:`~mm_llama.data.shard_sets.ensure_shard_set`).
 
     Returns:
         ``{"train": ".../train-{000000..000019}.tar", "val": ..., "test": ...}``.
     """
-    root = Path(root)
-    plan = {}
-    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        size = _shard_size(n, samples_per_shard, min_shards)
-        plan[split] = {"n_samples": n, "samples_per_shard": size, "n_shards": math.ceil(n / size)}
     manifest = {
         "generator": "mm_llama.data.scenes",
         "version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
         "scene": asdict(spec),
-        "splits": plan,
+        "splits": plan_splits(dict(zip(SPLITS, (n_train, n_val, n_test))), samples_per_shard, min_shards),
         "heldout": sorted(" ".join(c) for c in HELDOUT_COMBOS),
     }
-    urls = {split: brace_url(root, split, plan[split]["n_shards"]) for split in SPLITS}
-    manifest_path = root / MANIFEST
-    if manifest_path.exists() and json.loads(manifest_path.read_text()) == manifest:
-        return urls
-
-    root.mkdir(parents=True, exist_ok=True)
-    manifest_path.unlink(missing_ok=True)
-    for split in SPLITS:
-        for stale in [*root.glob(f"{split}-[0-9]*.tar"), *root.glob(f"{split}-[0-9]*.tar.tmp")]:
-            stale.unlink()
-    for split, p in plan.items():
-        write_shards(root, split, p["n_samples"], p["samples_per_shard"], seed, image_size, progress, spec)
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, manifest_path)
-    return urls
+    return ensure_shard_set(root, manifest, lambda out, split, plan: write_shards(
+        out, split, plan["n_samples"], plan["samples_per_shard"], seed, image_size, progress, spec))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,18 +27,17 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import soundfile as sf
-import webdataset as wds
-from tqdm import tqdm
 
 from mm_llama.data.espeak import VoiceSettings, espeak
-from mm_llama.data.scenes import MANIFEST, SPLITS, brace_url, shard_path
+from mm_llama.data.scenes import SPLITS
+from mm_llama.data.shard_sets import ensure_shard_set, plan_splits, write_split
 
 GENERATOR_VERSION = 1
 ASR_PROMPT = "Transcribe the audio."
@@ -141,23 +140,8 @@ def make_sample(seed: int, split: str, index: int) -> dict:
 def write_shards(out_dir: str | os.PathLike, split: str, n_samples: int, samples_per_shard: int, seed: int,
                  progress: bool = True) -> list[Path]:
     """Write ``{split}-000000.tar``, ... under ``out_dir`` (each complete before it is renamed into place)."""
-    if n_samples < 1 or samples_per_shard < 1:
-        raise ValueError(f"need n_samples >= 1 and samples_per_shard >= 1, got {n_samples}, {samples_per_shard}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    bar = tqdm(total=n_samples, desc=f"speech {split}", unit="clip", disable=not progress)
-    for shard, start in enumerate(range(0, n_samples, samples_per_shard)):
-        path = shard_path(out, split, shard)
-        tmp = path.with_suffix(".tar.tmp")
-        with wds.TarWriter(str(tmp), mtime=0.0, user="mm-llama", group="mm-llama") as sink:
-            for index in range(start, min(start + samples_per_shard, n_samples)):
-                sink.write(make_sample(seed, split, index))
-                bar.update()
-        os.replace(tmp, path)
-        paths.append(path)
-    bar.close()
-    return paths
+    return write_split(out_dir, split, n_samples, samples_per_shard, lambda index: make_sample(seed, split, index),
+                       desc="speech", unit="clip", progress=progress)
 
 
 def make_default_shards(
@@ -178,30 +162,13 @@ def make_default_shards(
     Returns:
         ``{"train": ".../train-{000000..000005}.tar", "val": ..., "test": ...}``.
     """
-    root = Path(root)
-    plan = {}
-    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        size = max(1, min(samples_per_shard, math.ceil(n / min_shards)))
-        plan[split] = {"n_samples": n, "samples_per_shard": size, "n_shards": math.ceil(n / size)}
+    plan = plan_splits(dict(zip(SPLITS, (n_train, n_val, n_test))), samples_per_shard, min_shards)
     manifest = {
         "generator": "mm_llama.data.spoken", "version": GENERATOR_VERSION, "seed": seed, "splits": plan,
         "train_voices": list(TRAIN_VOICES), "heldout_voice": HELDOUT_VOICE, "heldout_facts": sorted(HELDOUT_FACTS),
     }  # fmt: skip
-    urls = {split: brace_url(root, split, plan[split]["n_shards"]) for split in SPLITS}
-    manifest_path = root / MANIFEST
-    if manifest_path.exists() and json.loads(manifest_path.read_text()) == manifest:
-        return urls
-    root.mkdir(parents=True, exist_ok=True)
-    manifest_path.unlink(missing_ok=True)
-    for split in SPLITS:
-        for stale in [*root.glob(f"{split}-[0-9]*.tar"), *root.glob(f"{split}-[0-9]*.tar.tmp")]:
-            stale.unlink()
-    for split, p in plan.items():
-        write_shards(root, split, p["n_samples"], p["samples_per_shard"], seed, progress)
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, manifest_path)
-    return urls
+    return ensure_shard_set(root, manifest, lambda out, split, p: write_shards(
+        out, split, p["n_samples"], p["samples_per_shard"], seed, progress))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
