@@ -305,13 +305,19 @@ class ImageDataModule(L.LightningDataModule):
             counter=self.counters[split],
             **video,
         )
+        return self._capped(dataset, split)
+
+    def _capped(self, dataset: ShardDataset, split: str) -> ShardDataset:
+        """``dataset`` cut to the split's sample cap (``val_samples`` / ``test_samples``).
+
+        Evaluation reads shards in order, so the cap keeps the same samples every time.
+        It is split over ranks x workers; workers without shards yield nothing, so the
+        cap is an upper bound.
+        """
         cap = self.caps[split]
         if cap is not None:
-            # Evaluation reads shards in order, so the cap keeps the same samples every time.
-            # It is split over ranks x workers; workers without shards yield nothing, so
-            # the cap is an upper bound.
             _, world_size, _, _ = wds.utils.pytorch_worker_info()
-            dataset.append(wds.slice(math.ceil(cap / (world_size * max(1, cfg.num_workers)))))
+            dataset.append(wds.slice(math.ceil(cap / (world_size * max(1, self.config.num_workers)))))
         return dataset
 
     def _loader(self, split: str) -> ResumableLoader:
@@ -319,7 +325,11 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError(f"the {split} dataset was not built: call setup() for its stage first")
         assert self.inputs is not None
         return build_loader(self.datasets[split], self.config, self.inputs.tokenizer.pad_id,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), **self._collate())
+
+    def _collate(self) -> dict[str, Any]:
+        """Extra :func:`~mm_llama.data.pipeline.build_loader` arguments (a subclass's own collate)."""
+        return {}
 
     def resume_at(self, position: TrainPosition) -> None:
         """Make the next training loader start at ``position`` (a restored checkpoint's)."""

@@ -210,15 +210,15 @@ def _image_model_config(cfg: RunConfig) -> ModelConfig:
     return ModelConfig(image_encoder=dataclasses.replace(ImageEncoderConfig(), backbone=cfg.encoder))
 
 
+def _datamodule_args(cfg: RunConfig, batch_size: int | None) -> dict[str, Any]:
+    """What every modality's data module takes from the run configuration."""
+    return dict(data_dir=cfg.data_dir or cfg.spec.data_dir, batch_size=batch_size or cfg.batch_size,
+                num_workers=cfg.num_workers, seed=cfg.seed, val_samples=cfg.val_samples,
+                test_samples=cfg.test_samples)
+
+
 def _image_datamodule(cfg: RunConfig, batch_size: int | None = None) -> ImageDataModule:
-    return ImageDataModule(
-        data_dir=cfg.data_dir or cfg.spec.data_dir,
-        batch_size=batch_size or cfg.batch_size,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-        val_samples=cfg.val_samples,
-        test_samples=cfg.test_samples,
-    )
+    return ImageDataModule(**_datamodule_args(cfg, batch_size))
 
 
 def _video_model_config(cfg: RunConfig) -> ModelConfig:
@@ -233,15 +233,7 @@ def _video_model_config(cfg: RunConfig) -> ModelConfig:
 
 
 def _video_datamodule(cfg: RunConfig, batch_size: int | None = None) -> ImageDataModule:
-    return ImageDataModule(
-        data_dir=cfg.data_dir or cfg.spec.data_dir,
-        batch_size=batch_size or cfg.batch_size,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-        val_samples=cfg.val_samples,
-        test_samples=cfg.test_samples,
-        modality="video",
-    )
+    return ImageDataModule(**_datamodule_args(cfg, batch_size), modality="video")
 
 
 def frame_ablations(trainer: L.Trainer, module: AdapterModule, datamodule: L.LightningDataModule,
@@ -288,14 +280,7 @@ def _speech_model_config(cfg: RunConfig) -> ModelConfig:
 
 
 def _speech_datamodule(cfg: RunConfig, batch_size: int | None = None) -> SpeechDataModule:
-    return SpeechDataModule(
-        data_dir=cfg.data_dir or cfg.spec.data_dir,
-        batch_size=batch_size or cfg.batch_size,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-        val_samples=cfg.val_samples,
-        test_samples=cfg.test_samples,
-    )
+    return SpeechDataModule(**_datamodule_args(cfg, batch_size))
 
 
 def _pretrain_speech_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
+from typing import Any
 
-import torch
-import webdataset as wds
 
 from mm_llama.data import spoken
-from mm_llama.data.pipeline import DataConfig, ShardDataset, build_dataset, build_loader
-from mm_llama.data.resumable import ResumableLoader
+from mm_llama.data.pipeline import DataConfig, ShardDataset, build_dataset
 from mm_llama.data.scenes import MANIFEST
 from mm_llama.data.speech_pipeline import AudioAdjustments, AudioConfig, SpeechDecodeStage, collate_speech
 from mm_llama.training.datamodule import ImageDataModule, ModelInputs, default_shard_urls
@@ -108,18 +105,10 @@ class SpeechDataModule(ImageDataModule):
                                   self.adjustments[split])
         dataset = build_dataset(self.split_urls(split), self.inputs.tokenizer, None, self.inputs.media_token_id,
                                 train=split == "train", cfg=cfg, counter=self.counters[split], decode_stage=stage)
-        cap = self.caps[split]
-        if cap is not None:
-            _, world_size, _, _ = wds.utils.pytorch_worker_info()
-            dataset.append(wds.slice(math.ceil(cap / (world_size * max(1, cfg.num_workers)))))
-        return dataset
+        return self._capped(dataset, split)
 
-    def _loader(self, split: str) -> ResumableLoader:
-        if split not in self.datasets:
-            raise RuntimeError(f"the {split} dataset was not built: call setup() for its stage first")
-        assert self.inputs is not None
-        return build_loader(self.datasets[split], self.config, self.inputs.tokenizer.pad_id,
-                            pin_memory=torch.cuda.is_available(), collate_fn=collate_speech)
+    def _collate(self) -> dict[str, Any]:
+        return {"collate_fn": collate_speech}
 
     def audio_adjusted(self) -> dict[str, dict[str, int]]:
         """Usable clips that were truncated / resampled / down-mixed so far, per split."""
