@@ -11,7 +11,7 @@ and the same predicate drives ``requires_grad``, the optimizer and checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +64,23 @@ PROJECTIONS: tuple[str, ...] = ("linear_norm", "linear")
 """``linear_norm``: Linear + RMSNorm (default); ``linear``: Linear + bias only (Llama 3.2 Vision)."""
 
 
+class _FillsNewFields:
+    """Unpickling fills fields added after an object was pickled with their defaults.
+
+    Checkpoints carry these configs as pickled objects; pickle restores the saved
+    ``__dict__`` without calling ``__init__``, so a checkpoint written before a field
+    existed would otherwise load as an object that lacks it.
+    """
+
+    def __setstate__(self, state: dict) -> None:
+        for f in fields(self):
+            if f.name not in state:
+                state[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
+        self.__dict__.update(state)
+
+
 @dataclass
-class CrossAttentionConfig:
+class CrossAttentionConfig(_FillsNewFields):
     """Placement and initialisation of the gated cross-attention blocks.
 
     Attributes:
@@ -98,7 +113,7 @@ class CrossAttentionConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_FillsNewFields):
     """What a :class:`MultimodalLlama` is built from (besides the frozen LM itself).
 
     Attributes:

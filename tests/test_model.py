@@ -139,3 +139,19 @@ def test_kv_cache_decode_equals_full_forward():
         for t in range(6, 10):
             steps.append(lm.logits(lm.decode(lm.embed(ids[:, t : t + 1]), cache=cache)))
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_configs_pickled_before_a_field_existed_load_with_its_default():
+    """A checkpoint's pickled ModelConfig from before a field was added (e.g. ``video``) still loads."""
+    import pickle
+
+    from mm_llama.model import CrossAttentionConfig, ModelConfig
+
+    cfg = ModelConfig(cross_attention=CrossAttentionConfig(every=2))
+    old = pickle.loads(pickle.dumps(cfg))
+    for obj, missing in ((old, ("video", "speech_adapter", "fusion_rows")), (old.cross_attention, ("row_mask_mode",))):
+        for name in missing:
+            del obj.__dict__[name]
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored == cfg
+    assert restored.speech_adapter == ModelConfig().speech_adapter and restored.cross_attention.row_mask_mode == "both"
