@@ -64,23 +64,23 @@ PROJECTIONS: tuple[str, ...] = ("linear_norm", "linear")
 """``linear_norm``: Linear + RMSNorm (default); ``linear``: Linear + bias only (Llama 3.2 Vision)."""
 
 
-class _FillsNewFields:
-    """Unpickling fills fields added after an object was pickled with their defaults.
+def _fill_new_fields(self, state: dict) -> None:
+    """``__setstate__`` of the config dataclasses: fields added after an object was pickled
+    get their defaults.
 
     Checkpoints carry these configs as pickled objects; pickle restores the saved
     ``__dict__`` without calling ``__init__``, so a checkpoint written before a field
-    existed would otherwise load as an object that lacks it.
+    existed would otherwise load as an object that lacks it. (A method set on the class,
+    not a mixin: jsonargparse handles only dataclasses whose every base is a dataclass.)
     """
-
-    def __setstate__(self, state: dict) -> None:
-        for f in fields(self):
-            if f.name not in state:
-                state[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
-        self.__dict__.update(state)
+    for f in fields(self):
+        if f.name not in state:
+            state[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
+    self.__dict__.update(state)
 
 
 @dataclass
-class CrossAttentionConfig(_FillsNewFields):
+class CrossAttentionConfig:
     """Placement and initialisation of the gated cross-attention blocks.
 
     Attributes:
@@ -113,7 +113,7 @@ class CrossAttentionConfig(_FillsNewFields):
 
 
 @dataclass
-class ModelConfig(_FillsNewFields):
+class ModelConfig:
     """What a :class:`MultimodalLlama` is built from (besides the frozen LM itself).
 
     Attributes:
@@ -157,6 +157,10 @@ class ModelConfig(_FillsNewFields):
         unknown = set(self.trainable) - set(TRAINABLE_GROUPS)
         if unknown:
             raise ValueError(f"unknown trainable group(s) {sorted(unknown)}; known: {sorted(TRAINABLE_GROUPS)}")
+
+
+CrossAttentionConfig.__setstate__ = _fill_new_fields
+ModelConfig.__setstate__ = _fill_new_fields
 
 
 @dataclass
