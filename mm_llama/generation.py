@@ -124,15 +124,53 @@ def generate(
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [b, s]
     row_mask = model.media_rows(ids)  # [b, s]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
 
     hidden = model.hidden_states(ids, media_for_step(), row_mask=row_mask, positions=positions,
                                  key_padding_mask=mask, cache=cache)
+    return decode_loop(model, hidden, cache=cache, key_padding_mask=mask, positions=positions,
+                       seen_media=row_mask[:, -1:], media_for_step=media_for_step, max_new_tokens=max_new_tokens,
+                       stop_ids=stop_ids, pad_id=pad_id, generator=generator, temperature=temperature, top_p=top_p,
+                       on_token=on_token, on_logits=on_logits, stop_early=stop_early)
+
+
+def decode_loop(
+    model: MultimodalLlama,
+    hidden: torch.Tensor,
+    *,
+    cache: KVCache,
+    key_padding_mask: torch.Tensor,
+    positions: torch.Tensor,
+    seen_media: torch.Tensor | None,
+    media_for_step: Callable[[], MediaContext | None],
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    generator: torch.Generator | None,
+    temperature: float,
+    top_p: float,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
+    stop_early: bool = True,
+) -> list[list[int]]:
+    """Pick and feed tokens after a prefill, whatever the media and their fusion.
+
+    Args:
+        hidden: the prefill's hidden states ``[b, s, d]``; ``cache`` holds its keys and values.
+        key_padding_mask: the prefill's ``[b, s]`` (True = attended), grown by one column a step.
+        positions: the prefill's rotary positions ``[b, s]``; new tokens continue from the last.
+        seen_media: ``[b, 1]``, whether each row's new tokens see the media (``None``: no media).
+        media_for_step: the media K/V for the next forward (the cached context, or recomputed).
+        Others: as in :func:`generate`.
+
+    Returns:
+        The generated ids of each row, cut before its first stop token.
+    """
+    b, device = hidden.shape[0], hidden.device
+    mask, next_pos = key_padding_mask, positions[:, -1:] + 1  # [b, s], [b, 1]
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     out = torch.empty(b, 0, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    seen_media = row_mask[:, -1:]  # [b, 1]: every new row sees media iff the prompt's last did
-    next_pos = positions[:, -1:] + 1  # [b, 1]
-    for step in range(max_new_tokens):
+    for index in range(max_new_tokens):
         logits = model.lm.logits(hidden[:, -1])  # [b, v]
         if on_logits is not None:
             on_logits(logits)
@@ -142,14 +180,11 @@ def generate(
         out = torch.cat([out, nxt[:, None]], dim=1)
         if on_token is not None:
             on_token(nxt)
-        if (stop_early and bool(done.all())) or step == max_new_tokens - 1:
+        if (stop_early and bool(done.all())) or index == max_new_tokens - 1:
             break  # no forward for a token nobody will read
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
         hidden = model.hidden_states(nxt[:, None], media_for_step(), row_mask=seen_media, positions=next_pos,
                                      key_padding_mask=mask, cache=cache)
         next_pos = next_pos + 1
-    results, stop_set = [], set(stop_ids)
-    for row in out.tolist():
-        cut = next((j for j, t in enumerate(row) if t in stop_set), len(row))
-        results.append(row[:cut])
-    return results
+    stop_set = set(stop_ids)
+    return [row[: next((j for j, t in enumerate(row) if t in stop_set), len(row))] for row in out.tolist()]

@@ -1,19 +1,22 @@
-"""Text in, text out: a trained checkpoint answering prompts about images.
+"""Text in, text out: a trained checkpoint answering prompts about images, videos or speech.
 
 :class:`Assistant` rebuilds the :class:`~mm_llama.model.MultimodalLlama` of an
 ``adapter.ckpt`` written by ``train_adapter.py`` / ``mm-llama fit`` (the Lightning
 checkpoint carries the hyper-parameters; the frozen LM is reloaded from its source
-and checked against the sha256 stored in the checkpoint), turns image files into
-tensors with the training transform and prompts into ids with the training chat
-encoding, and decodes with :func:`mm_llama.generation.generate`.
+and checked against the sha256 stored in the checkpoint), turns media files into
+tensors as the training pipelines do (image transform; uniformly sampled video frames;
+16 kHz mono audio) and prompts into ids with the training chat encoding, and decodes
+with :func:`mm_llama.generation.generate` (speech: :func:`~mm_llama.speech_generation.generate_from_speech`).
+A kind of media the checkpoint has no branch for is refused with a message, never faked.
 
-``mm-llama generate --checkpoint CKPT --image x.png "prompt"`` is :func:`main`.
+``mm-llama generate --checkpoint CKPT --image x.png|--video y.mp4|--audio z.flac "prompt"`` is :func:`main`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import queue
 import sys
@@ -30,12 +33,21 @@ from encoders.preprocess import image_transform
 from mm_llama.checkpoint_files import checkpoint_read_errors
 from mm_llama.data.examples import encode_prompt
 from mm_llama.generation import check_settings, generate
-from mm_llama.inputs import InputError, check_media_kind, check_prompt, load_image
+from mm_llama.data.audio_io import DecodedAudio
+from mm_llama.data.video import DecodedClip
+from mm_llama.inputs import InputError, check_media_kind, check_prompt, load_audio, load_image, load_video
 from mm_llama.model import MultimodalLlama
+from mm_llama.speech_generation import generate_from_speech
 from mm_llama.tokenizer import Tokenizer
 
 ImageInput = PIL.Image.Image | str | os.PathLike
 """An image, or the path of an image file (checked by :func:`mm_llama.inputs.load_image`)."""
+
+VideoInput = DecodedClip | str | os.PathLike
+"""A decoded clip, or the path of a video file (checked by :func:`mm_llama.inputs.load_video`)."""
+
+AudioInput = DecodedAudio | str | os.PathLike
+"""A decoded clip, or the path of an audio file (checked by :func:`mm_llama.inputs.load_audio`)."""
 
 
 @dataclass
@@ -74,7 +86,8 @@ class Assistant:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
-        self.transform = image_transform(model.cfg.image_encoder.image_size, train=False)
+        encoder = model.cfg.image_encoder
+        self.transform = image_transform(encoder.image_size, train=False) if encoder is not None else None
         self._lock = threading.Lock()  # one generation at a time: concurrent ones would only split the cores
 
     @classmethod
@@ -103,11 +116,13 @@ class Assistant:
         model_cfg = hparams.get("model")
         if hparams.get("init_from"):
             overrides["init_from"] = None  # the earlier stage's weights are in this checkpoint already
-        if getattr(getattr(model_cfg, "image_encoder", None), "checkpoint", None) is not None:
-            # The encoder's weights are in the checkpoint itself (a pre-trained, frozen encoder
-            # included): do not read the stage-1 file it was built from, which may have moved.
-            encoder_cfg = dataclasses.replace(model_cfg.image_encoder, checkpoint=None)
-            overrides["model"] = dataclasses.replace(model_cfg, image_encoder=encoder_cfg)
+        for field in ("image_encoder", "speech_encoder"):
+            if getattr(getattr(model_cfg, field, None), "checkpoint", None) is not None:
+                # The encoder's weights are in the checkpoint itself (a pre-trained, frozen encoder
+                # included): do not read the stage-1 file it was built from, which may have moved.
+                model_cfg = dataclasses.replace(model_cfg, **{field: dataclasses.replace(getattr(model_cfg, field),
+                                                                                         checkpoint=None)})
+                overrides["model"] = model_cfg
         with warnings.catch_warnings():
             # The frozen LM is deliberately absent from checkpoints; AdapterModule.on_load_checkpoint
             # checks the LM's sha256 and the exact set of trained keys instead.
@@ -118,19 +133,55 @@ class Assistant:
 
     # --- inputs ------------------------------------------------------------------------
     @property
-    def image_size(self) -> int:
-        """Side of the square images the encoder reads."""
-        return self.model.cfg.image_encoder.image_size
+    def modalities(self) -> tuple[str, ...]:
+        """What this checkpoint reads besides text: ``image``, ``video``, ``speech``."""
+        return self.model.modalities
+
+    @property
+    def image_size(self) -> int | None:
+        """Side of the square images (and video frames) the encoder reads; ``None`` without one."""
+        encoder = self.model.cfg.image_encoder
+        return None if encoder is None else encoder.image_size
+
+    def check_kind(self, kind: str) -> None:
+        """:class:`InputError` unless this checkpoint reads ``kind`` (``image``, ``video``, ``audio``)."""
+        check_media_kind(kind, self.modalities)
 
     def image_tensor(self, image: ImageInput) -> torch.Tensor:
         """An image or image file → normalised ``[3, H, W]`` (the training transform)."""
+        self.check_kind("image")
         pil = image if isinstance(image, PIL.Image.Image) else load_image(image)
         return self.transform(pil)
 
-    def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
-        """Chat-encoded prompt ending with the assistant generation prompt (``<|image|>`` first if ``with_image``)."""
-        media = {"media_token_id": self.model.media_token_id("image")} if with_image else {"media_placeholder": None}
-        return encode_prompt(self.tokenizer, check_prompt(prompt), system=self.system_prompt, **media)[
+    def video_tensor(self, video: VideoInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """A video file (or decoded clip) → frames ``[f, 3, H, W]`` and ``frame_mask [f]``, as in training.
+
+        The ``f = cfg.video.frames`` frames are sampled uniformly over the clip; a clip with
+        fewer frames repeats its last one, masked.
+        """
+        self.check_kind("video")
+        frames = self.model.cfg.video.frames
+        clip = video if isinstance(video, DecodedClip) else load_video(video, frames)
+        tensors = [self.transform(frame) for frame in clip.frames[:frames]]  # each [3, H, W]
+        mask = torch.arange(frames) < len(tensors)  # [f]
+        tensors += [tensors[-1]] * (frames - len(tensors))
+        return torch.stack(tensors), mask
+
+    def audio_wave(self, audio: AudioInput) -> torch.Tensor:
+        """An audio file (or decoded clip) → 16 kHz mono ``[n]`` (resampled and down-mixed as in training)."""
+        self.check_kind("audio")
+        return (audio if isinstance(audio, DecodedAudio) else load_audio(audio)).wave
+
+    def prompt_ids(self, prompt: str, media: str | None = None) -> list[int]:
+        """Chat-encoded prompt ending with the assistant generation prompt.
+
+        ``media`` (``"image"``, ``"video"`` or ``"speech"``) puts its placeholder first; ``None``
+        encodes text only.
+        """
+        placeholder = {"media_placeholder": None}
+        if media is not None:
+            placeholder = {"media_placeholder": f"<|{media}|>", "media_token_id": self.model.media_token_id(media)}
+        return encode_prompt(self.tokenizer, check_prompt(prompt), system=self.system_prompt, **placeholder)[
             "input_ids"
         ].tolist()
 
@@ -141,58 +192,107 @@ class Assistant:
         images: Sequence[ImageInput | None] | None = None,
         settings: GenerationSettings | None = None,
         on_token: Callable[[torch.Tensor], None] | None = None,
+        *,
+        videos: Sequence[VideoInput | None] | None = None,
+        audio: Sequence[AudioInput] | None = None,
     ) -> list[list[int]]:
         """Generated ids of each prompt (stop token excluded); see :meth:`generate`."""
         settings = settings or GenerationSettings()
-        images = list(images) if images is not None else [None] * len(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
-        ids = [self.prompt_ids(p, image is not None) for p, image in zip(prompts, images)]
-        pixels = None
-        if any(image is not None for image in images):
-            # A prompt without an image has no placeholder, so its rows never see the zero image.
+        given = {kind: list(items) for kind, items in (("image", images), ("video", videos), ("audio", audio))
+                 if items is not None}
+        if len(given) > 1:
+            raise InputError(f"give one kind of media per request, got {' and '.join(given)}")
+        kind, items = next(iter(given.items()), ("text", [None] * len(prompts)))
+        if len(items) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(items)} {kind} inputs")
+        decode = dict(max_new_tokens=settings.max_new_tokens, stop_ids=self.tokenizer.stop_ids,
+                      pad_id=self.tokenizer.pad_id, temperature=settings.temperature, top_p=settings.top_p,
+                      seed=settings.seed, on_token=on_token)
+        if kind == "audio":
+            if any(item is None for item in items):
+                raise InputError("every prompt of a speech request needs its audio (text-only prompts go separately)")
+            ids = [self.prompt_ids(p, "speech") for p in prompts]
+            waves = [self.audio_wave(item) for item in items]
+            lengths = torch.tensor([len(w) for w in waves])
+            batch = torch.zeros(len(waves), int(lengths.max()))  # [b, n]
+            for row, wave in enumerate(waves):
+                batch[row, : len(wave)] = wave
+            with self._lock:
+                return generate_from_speech(self.model, ids, batch, lengths, **decode)
+        present = [item is not None for item in items]
+        ids = [self.prompt_ids(p, kind if has else None) for p, has in zip(prompts, present)]
+        media: dict[str, torch.Tensor] = {}
+        # A prompt without media has no placeholder, so its rows never see the zeros standing in.
+        if kind == "image" and any(present):
             blank = torch.zeros(3, self.image_size, self.image_size)
-            pixels = torch.stack([blank if im is None else self.image_tensor(im) for im in images])  # [b, 3, H, W]
+            media["images"] = torch.stack([self.image_tensor(x) if x is not None else blank for x in items])
+        elif kind == "video" and any(present):
+            blank = (torch.zeros(self.model.cfg.video.frames, 3, self.image_size, self.image_size),
+                     torch.ones(self.model.cfg.video.frames, dtype=torch.bool))
+            clips = [self.video_tensor(x) if x is not None else blank for x in items]
+            media["videos"] = torch.stack([c[0] for c in clips])  # [b, f, 3, H, W]
+            media["frame_mask"] = torch.stack([c[1] for c in clips])  # [b, f]
         with self._lock:
-            return generate(
-                self.model, ids, pixels, max_new_tokens=settings.max_new_tokens,
-                stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id,
-                temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed, on_token=on_token,
-            )  # fmt: skip
+            return generate(self.model, ids, media.pop("images", None), **media, **decode)
 
     def generate(
         self,
         prompts: Sequence[str],
         images: Sequence[ImageInput | None] | None = None,
         settings: GenerationSettings | None = None,
+        *,
+        videos: Sequence[VideoInput | None] | None = None,
+        audio: Sequence[AudioInput] | None = None,
     ) -> list[str]:
-        """Answer a batch of prompts, each about its image (or text-only where the image is ``None``).
+        """Answer a batch of prompts, each about its image, video or audio clip.
 
         Args:
             prompts: ``b`` user messages.
-            images: ``b`` images / image paths / ``None``; ``None`` for all text-only.
+            images: ``b`` images / image paths / ``None`` (that prompt is text-only).
             settings: decoding settings (default: greedy, 64 new tokens).
+            videos: ``b`` video paths / decoded clips / ``None``, instead of ``images``.
+            audio: ``b`` audio paths / decoded clips (every prompt needs one), instead of ``images``.
 
         Returns:
             ``b`` answers, decoded without special tokens.
 
         Raises:
-            InputError: an empty prompt or an unusable image file.
+            InputError: an empty prompt, an unusable media file, a kind of media this
+                checkpoint has no adapter for, or two kinds in one request.
         """
-        return [self.tokenizer.decode(ids) for ids in self.generate_ids(prompts, images, settings)]
+        out = self.generate_ids(prompts, images, settings, videos=videos, audio=audio)
+        return [self.tokenizer.decode(ids) for ids in out]
 
     def stream(
-        self, prompt: str, image: ImageInput | None = None, settings: GenerationSettings | None = None
+        self,
+        prompt: str,
+        image: ImageInput | None = None,
+        settings: GenerationSettings | None = None,
+        *,
+        video: VideoInput | None = None,
+        audio: AudioInput | None = None,
     ) -> Iterator[str]:
         """Yield the answer to one prompt so far, after each generated token.
 
-        Inputs are checked before the first ``yield`` (an :class:`InputError` is raised
-        at the first ``next``); generation runs in a worker thread feeding a queue, and
-        stops at the next token when the consumer closes the iterator.
+        Inputs are checked and media decoded before the first ``yield`` (an
+        :class:`InputError` is raised at the first ``next``); generation runs in a worker
+        thread feeding a queue, and stops at the next token when the consumer closes the
+        iterator.
         """
         settings = settings or GenerationSettings()
-        pil = load_image(image) if image is not None and not isinstance(image, PIL.Image.Image) else image
         check_prompt(prompt)
+        media: dict[str, list] = {}
+        if image is not None:
+            self.check_kind("image")
+            media["images"] = [image if isinstance(image, PIL.Image.Image) else load_image(image)]
+        if video is not None:
+            self.check_kind("video")
+            media["videos"] = [video if isinstance(video, DecodedClip) else load_video(video, self.model.cfg.video.frames)]
+        if audio is not None:
+            self.check_kind("audio")
+            media["audio"] = [audio if isinstance(audio, DecodedAudio) else load_audio(audio)]
+        if len(media) > 1:
+            raise InputError(f"give one kind of media per request, got {' and '.join(media)}")
         updates: queue.Queue = queue.Queue()
         stops = set(self.tokenizer.stop_ids)
         finished, cancelled = object(), threading.Event()
@@ -204,7 +304,7 @@ class Assistant:
 
         def work() -> None:
             try:
-                self.generate_ids([prompt], [pil], settings, on_token=collect)
+                self.generate_ids([prompt], settings=settings, on_token=collect, **media)
                 updates.put(finished)
             except _Cancelled:
                 pass
@@ -241,13 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = GenerationSettings()
     p = argparse.ArgumentParser(
         prog="mm-llama generate",
-        description="Answer a prompt about an image with a trained adapter checkpoint; streams the answer to stdout.",
+        description="Answer a prompt about an image, a video or an audio clip with a trained adapter checkpoint "
+                    "(no media: the frozen LM alone); streams the answer to stdout.",
     )
     p.add_argument("prompt", help="the user message, e.g. 'Describe the image.'")
     p.add_argument("--checkpoint", required=True, help="adapter checkpoint (e.g. runs/image/adapter.ckpt)")
-    p.add_argument("--image", help="image file (png, jpg, webp, bmp, gif); omitted: text-only")
-    p.add_argument("--video", help="video file: not available yet (no video adapter is trained)")
-    p.add_argument("--audio", help="audio file: not available yet (no speech adapter is trained)")
+    p.add_argument("--image", help="image file (png, jpg, webp, bmp, gif)")
+    p.add_argument("--video", help="video file (mp4, mov, m4v, mkv, webm), for a checkpoint with a video branch")
+    p.add_argument("--audio", help="audio file (flac, wav, ogg), for a checkpoint with a speech branch")
     p.add_argument("--lm", default=None, help="frozen LM source overriding the checkpoint's (same weights, sha256-checked)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="(default: %(default)s)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
@@ -260,13 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mm-llama generate``: print the streamed answer; exit 2 with a message on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = {kind: path for kind in ("image", "video", "audio") if (path := getattr(args, kind)) is not None}
+    if len(given) > 1:
+        parser.error(f"give one of --image, --video, --audio, not {' and '.join('--' + k for k in given)}")
     try:
-        for kind in ("video", "audio"):
-            if getattr(args, kind) is not None:
-                check_media_kind(kind)
         check_prompt(args.prompt)
-        image = load_image(args.image) if args.image is not None else None
         settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        image = load_image(args.image) if args.image is not None else None  # before the (slow) model load
     except ValueError as exn:  # InputError included
         parser.error(str(exn))
     try:
@@ -274,8 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exn:
         print(f"mm-llama generate: {exn}", file=sys.stderr)
         return 1
+    try:
+        answer = assistant.stream(args.prompt, image, settings, video=args.video, audio=args.audio)
+        first = next(answer, "")  # media are checked and decoded before the first token
+    except InputError as exn:
+        parser.error(str(exn))
     shown = ""
-    for text in assistant.stream(args.prompt, image, settings):
+    for text in itertools.chain([first] if first else [], answer):
         if text.startswith(shown):
             sys.stdout.write(text[len(shown) :])
         else:  # a detokenisation that rewrote earlier text: print the line again

@@ -245,6 +245,13 @@ class MultimodalLlama(nn.Module):
         return self
 
     # --- ids ---------------------------------------------------------------------------
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The media this model has a branch for, in :data:`MEDIA_TOKENS` order (e.g. ``("image", "video")``)."""
+        has = {"image": self.cfg.image_encoder is not None, "video": self.video is not None,
+               "speech": self.cfg.speech_encoder is not None}
+        return tuple(m for m in MEDIA_TOKENS if has[m])
+
     def media_token_id(self, modality: str = "image") -> int:
         """Id of ``<|modality|>`` in the fusion table (just past the frozen vocabulary)."""
         if modality not in MEDIA_TOKENS:

@@ -9,11 +9,11 @@ Shape legend: ``b`` batch, ``s`` prompt tokens, ``n`` audio samples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from mm_llama.generation import _pick, check_settings, left_pad
+from mm_llama.generation import check_settings, decode_loop, left_pad
 from mm_llama.llama import KVCache
 from mm_llama.model import MultimodalLlama
 
@@ -31,8 +31,11 @@ def generate_from_speech(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (holding one ``<|speech|>``) given ``audio [b, n]`` of ``audio_lengths [b]``.
+
+    ``on_token`` is called with each step's ids ``[b]`` (streaming), as in :func:`~mm_llama.generation.generate`.
 
     Returns:
         The generated ids of each prompt, without the prompt and the stop token.
@@ -66,20 +69,7 @@ def generate_from_speech(
                                      cache=cache)
         seen_media = row_mask[:, -1:]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    out = torch.empty(b, 0, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    next_pos = positions[:, -1:] + 1  # [b, 1]
-    for step in range(max_new_tokens):
-        nxt = _pick(model.lm.logits(hidden[:, -1]), temperature, top_p, generator)  # [b]
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        done = done | torch.isin(nxt, stops)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-        hidden = model.hidden_states(nxt[:, None], media, row_mask=seen_media, positions=next_pos,
-                                     key_padding_mask=mask, cache=cache)
-        next_pos = next_pos + 1
-    stop_set = set(stop_ids)
-    return [row[: next((j for j, t in enumerate(row) if t in stop_set), len(row))] for row in out.tolist()]
+    return decode_loop(model, hidden, cache=cache, key_padding_mask=mask, positions=positions,
+                       seen_media=seen_media, media_for_step=lambda: media, max_new_tokens=max_new_tokens,
+                       stop_ids=stop_ids, pad_id=pad_id, generator=generator, temperature=temperature, top_p=top_p,
+                       on_token=on_token)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm_llama.demo.handlers import parse_request, preview, respond, write_example_images
+from mm_llama.demo.handlers import parse_request, preview, respond, unavailable_note, write_examples
 from mm_llama.inference import GenerationSettings
+from mm_llama.inputs import load_audio, load_video
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT_DIR = Path(__file__).resolve().parents[1] / "runs" / "demo-test"  # git-ignored, kept for a look
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    return write_example_images(tmp_path_factory.mktemp("examples"), n=3)
+    return write_examples("image", tmp_path_factory.mktemp("examples"), n=3)
 
 
 def answer_of(assistant, image, prompt, n=8):
@@ -33,11 +34,27 @@ def answer_of(assistant, image, prompt, n=8):
 
 
 def test_example_images_are_deterministic_dataset_scenes(examples, tmp_path):
-    again = write_example_images(tmp_path, n=3)
+    again = write_examples("image", tmp_path, n=3)
     assert [p for _, p in again] == [p for _, p in examples]
     assert all(Path(a).read_bytes() == Path(b).read_bytes() for (a, _), (b, _) in zip(again, examples))
     assert len({Path(a).read_bytes() for a, _ in examples}) == 3
     assert all(p.endswith("?") or p == "Describe the image." for _, p in examples)
+
+
+@pytest.mark.parametrize("kind,ext,loader", [
+    ("video", ".mp4", lambda path: load_video(path, 4).frames),
+    ("audio", ".flac", lambda path: load_audio(path).wave),
+])
+def test_video_and_audio_examples_are_readable_dataset_samples(tmp_path, kind, ext, loader):
+    examples = write_examples(kind, tmp_path, n=2)
+    assert [Path(p).suffix for p, _ in examples] == [ext, ext] and all(prompt for _, prompt in examples)
+    assert all(len(loader(p)) > 0 for p, _ in examples)  # what the inference path accepts
+    assert write_examples(kind, tmp_path / "again", n=2)[0][1] == examples[0][1]
+
+
+def test_an_image_checkpoint_says_video_and_audio_are_unavailable(assistant):
+    assert assistant.modalities == ("image",)
+    assert "video and audio input is **not available**" in unavailable_note(assistant)
 
 
 def test_respond_streams_the_answer_then_reports_done(assistant, examples):
@@ -50,7 +67,7 @@ def test_respond_streams_the_answer_then_reports_done(assistant, examples):
 
 @pytest.mark.parametrize("field,value,message", [
     ("prompt", "  ", "the prompt is empty"),
-    ("video", "clip.mp4", "video input is not available"),
+    ("video", "clip.mp4", r"video input is not available: this checkpoint has no video adapter \(it reads image\)"),
     ("audio", "speech.flac", r"audio \(speech\) input is not available"),
     ("image", "notes.txt", "not an accepted image type"),
     ("image", "broken.png", "could not be read as an image"),
@@ -67,7 +84,7 @@ def test_bad_requests_become_one_message(assistant, tmp_path, field, value, mess
     assert len(updates) == 1 and updates[0][0] == ""
     assert updates[0][1].startswith("⚠️") and re.search(message, updates[0][1])
     with pytest.raises(ValueError):
-        parse_request(**request)
+        parse_request(assistant, **request)
 
 
 def test_preview_shows_the_image_or_says_why_not(examples, tmp_path):
@@ -137,6 +154,7 @@ def test_browser_uploads_an_image_and_sees_the_answer(served, assistant, example
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         wait.until(lambda d: "Done in" in d.find_element(By.CSS_SELECTOR, "#status").text)
         shown = driver.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value")
+        page = driver.find_element(By.TAG_NAME, "body").text
         shot = SCREENSHOT_DIR / "demo-page.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
@@ -145,4 +163,5 @@ def test_browser_uploads_an_image_and_sees_the_answer(served, assistant, example
         driver.quit()
     expected = answer_of(assistant, image, prompt, n=GenerationSettings().max_new_tokens)  # the page's default
     assert shown.strip() and shown == expected
+    assert "This checkpoint reads image" in page and "video and audio input is not available" in page, page
     assert shot.stat().st_size > 10_000

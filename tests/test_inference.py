@@ -59,8 +59,8 @@ def test_checkpoint_rebuilds_the_trained_weights(assistant, tiny_checkpoint):
 
 def test_prompt_ids_hold_the_image_token_once_or_not_at_all(assistant):
     media = assistant.model.media_token_id("image")
-    assert assistant.prompt_ids("Describe the image.", with_image=True).count(media) == 1
-    assert media not in assistant.prompt_ids("Describe the image.", with_image=False)
+    assert assistant.prompt_ids("Describe the image.", "image").count(media) == 1
+    assert media not in assistant.prompt_ids("Describe the image.")
 
 
 def test_answer_depends_on_the_image_and_equals_the_low_level_generate(assistant):
@@ -69,7 +69,7 @@ def test_answer_depends_on_the_image_and_equals_the_low_level_generate(assistant
     a = images[0]
     answers = assistant.generate([prompt] * len(images), images, SHORT)
     assert len(set(answers)) > 1  # a tiny random model, but the media path changes its output
-    ids = assistant.prompt_ids(prompt, with_image=True)
+    ids = assistant.prompt_ids(prompt, "image")
     pixels = assistant.image_tensor(a)[None]  # [1, 3, H, W]
     low = generate(assistant.model, [ids], pixels, max_new_tokens=6, stop_ids=assistant.tokenizer.stop_ids,
                    pad_id=assistant.tokenizer.pad_id)
@@ -131,8 +131,8 @@ def test_cli_generate_prints_the_answer(tiny_checkpoint, scene_files, assistant,
 
 
 @pytest.mark.parametrize("flag,suffix,message", [
-    ("--video", "mp4", "video input is not available: no video adapter is trained or implemented yet"),
-    ("--audio", "flac", r"audio \(speech\) input is not available: no speech adapter"),
+    ("--video", "mp4", r"video input is not available: this checkpoint has no video adapter \(it reads image\)"),
+    ("--audio", "flac", r"audio \(speech\) input is not available: this checkpoint has no speech adapter"),
 ])
 def test_cli_generate_refuses_video_and_audio_clearly(tiny_checkpoint, tmp_path, capsys, flag, suffix, message):
     media = tmp_path / f"clip.{suffix}"

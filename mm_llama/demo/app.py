@@ -17,38 +17,66 @@ from pathlib import Path
 
 import gradio as gr
 
-from mm_llama.demo.handlers import MAX_NEW_TOKENS_LIMIT, UNAVAILABLE_NOTE, preview, respond, write_example_images
+from mm_llama.demo.handlers import (MAX_NEW_TOKENS_LIMIT, preview, preview_audio, preview_video, respond,
+                                    unavailable_note, write_examples)
 from mm_llama.inference import Assistant, GenerationSettings
-from mm_llama.inputs import IMAGE_SUFFIXES, MAX_IMAGE_BYTES
+from mm_llama.inputs import (AUDIO_SUFFIXES, IMAGE_SUFFIXES, MAX_AUDIO_BYTES, MAX_IMAGE_BYTES, MAX_VIDEO_BYTES,
+                             MEDIA_KINDS, VIDEO_SUFFIXES)
 
-TITLE = "mm-llama: ask a frozen Llama about an image"
+TITLE = "mm-llama: ask a frozen Llama about an image, a video or speech"
+
+ACCEPTS = {
+    "image": (IMAGE_SUFFIXES, MAX_IMAGE_BYTES),
+    "video": (VIDEO_SUFFIXES, MAX_VIDEO_BYTES),
+    "audio": (AUDIO_SUFFIXES, MAX_AUDIO_BYTES),
+}
+
+
+def _label(kind: str, available: bool) -> str:
+    suffixes, max_bytes = ACCEPTS[kind]
+    if not available:
+        return f"{kind.capitalize()}: not available (this checkpoint has no {MEDIA_KINDS[kind]} adapter)"
+    return f"{kind.capitalize()} ({', '.join(suffixes)}; up to {max_bytes // 2**20} MiB)"
 
 
 def build_app(assistant: Assistant, examples_dir: str | Path | None = None, n_examples: int = 4) -> gr.Blocks:
     """The demo page for ``assistant``.
 
+    One input per media kind; a kind the checkpoint has no adapter for is shown closed and
+    labelled unavailable (an upload there gets a message, not an answer). Each input shows
+    what the model will read: the image, the sampled video frames in order, the 16 kHz audio.
+
     Args:
         assistant: the loaded checkpoint.
-        examples_dir: where to write the example scenes (default: a new temporary directory).
-        n_examples: how many built-in scenes to offer as examples.
+        examples_dir: where to write the example media (default: a new temporary directory).
+        n_examples: how many built-in samples to offer per available kind.
     """
     examples_dir = Path(examples_dir or tempfile.mkdtemp(prefix="mm-llama-demo-"))
-    examples = write_example_images(examples_dir, n_examples, image_size=max(64, assistant.image_size))
+    available = {kind: MEDIA_KINDS[kind] in assistant.modalities for kind in ACCEPTS}
     defaults = GenerationSettings()
+    reads = ", ".join(assistant.modalities) or "text only"
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
-        gr.Markdown(f"# {TITLE}\nUpload an image ({', '.join(IMAGE_SUFFIXES)}, up to "
-                    f"{MAX_IMAGE_BYTES // 2**20} MiB), ask about it, and watch the answer stream in. "
-                    "Without an image the frozen LM answers alone.")
+        gr.Markdown(f"# {TITLE}\nThis checkpoint reads **{reads}**. Upload one media file, ask about it, and "
+                    "watch the answer stream in. Without media the frozen LM answers alone.")
+        inputs: dict[str, gr.File] = {}
         with gr.Row():
             with gr.Column():
-                image = gr.File(label="Image", type="filepath", elem_id="image-input")
-                shown = gr.Image(label="Image as read", interactive=False, height=224, elem_id="image-preview")
-                with gr.Accordion("Video and audio (not available yet)", open=False):
-                    gr.Markdown(UNAVAILABLE_NOTE)
-                    video = gr.File(label="Video: not available yet (no video adapter)", type="filepath",
-                                    elem_id="video-input")
-                    audio = gr.File(label="Audio: not available yet (no speech adapter)", type="filepath",
-                                    elem_id="audio-input")
+                with gr.Accordion("Image", open=available["image"]):
+                    inputs["image"] = gr.File(label=_label("image", available["image"]), type="filepath",
+                                              elem_id="image-input")
+                    shown = gr.Image(label="Image as read", interactive=False, height=224, elem_id="image-preview")
+                with gr.Accordion("Video", open=available["video"]):
+                    inputs["video"] = gr.File(label=_label("video", available["video"]), type="filepath",
+                                              elem_id="video-input")
+                    frames = gr.Gallery(label="Frames as read, in order", columns=8, height=120,
+                                        elem_id="video-preview")
+                with gr.Accordion("Audio", open=available["audio"]):
+                    inputs["audio"] = gr.File(label=_label("audio", available["audio"]), type="filepath",
+                                              elem_id="audio-input")
+                    heard = gr.Audio(label="Audio as heard (16 kHz mono)", interactive=False,
+                                     elem_id="audio-preview")
+                if note := unavailable_note(assistant):
+                    gr.Markdown(note)
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", placeholder="Describe the image.", lines=2, elem_id="prompt")
                 with gr.Accordion("Generation settings", open=False):
@@ -60,13 +88,22 @@ def build_app(assistant: Assistant, examples_dir: str | Path | None = None, n_ex
                 submit = gr.Button("Generate", variant="primary", elem_id="generate")
                 answer = gr.Textbox(label="Answer", lines=4, interactive=False, elem_id="answer")
                 status = gr.Markdown(elem_id="status")
-        gr.Examples(examples, inputs=[image, prompt], label="Scenes from the built-in dataset")
+        for kind, what in (("image", "Scenes"), ("video", "Clips"), ("audio", "Utterances")):
+            if available[kind]:
+                size = max(64, assistant.image_size or 64)
+                examples = write_examples(kind, examples_dir, n_examples, image_size=size)
+                gr.Examples(examples, inputs=[inputs[kind], prompt], label=f"{what} from the built-in {kind} dataset")
 
-        image.change(preview, inputs=image, outputs=[shown, status], api_visibility="private")
-        inputs = [image, video, audio, prompt, max_new_tokens, temperature, top_p]
+        private = {"api_visibility": "private"}
+        inputs["image"].change(preview, inputs=inputs["image"], outputs=[shown, status], **private)
+        inputs["video"].change(functools.partial(preview_video, assistant), inputs=inputs["video"],
+                               outputs=[frames, status], **private)
+        inputs["audio"].change(functools.partial(preview_audio, assistant), inputs=inputs["audio"],
+                               outputs=[heard, status], **private)
+        request = [inputs["image"], inputs["video"], inputs["audio"], prompt, max_new_tokens, temperature, top_p]
         run = functools.partial(respond, assistant)
-        submit.click(run, inputs=inputs, outputs=[answer, status], api_name="generate")
-        prompt.submit(run, inputs=inputs, outputs=[answer, status], api_visibility="private")
+        submit.click(run, inputs=request, outputs=[answer, status], api_name="generate")
+        prompt.submit(run, inputs=request, outputs=[answer, status], **private)
     return app
 
 
@@ -77,7 +114,7 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, blo
     """
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, ssr_mode=False,
-               max_file_size=MAX_IMAGE_BYTES, footer_links=["api"], quiet=not block)
+               max_file_size=max(MAX_IMAGE_BYTES, MAX_VIDEO_BYTES, MAX_AUDIO_BYTES), footer_links=["api"], quiet=not block)
     return app
 
 
