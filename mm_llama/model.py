@@ -161,6 +161,7 @@ class ModelConfig:
 
 CrossAttentionConfig.__setstate__ = _fill_new_fields
 ModelConfig.__setstate__ = _fill_new_fields
+VideoConfig.__setstate__ = _fill_new_fields
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -48,6 +49,9 @@ class VideoConfig:
             block, counting from the first (Llama 3: 4).
         hidden_dim: MLP width of the video blocks; ``None`` uses the LM's.
         gate_init: initial value of their tanh gates; 0 keeps the model equal to the image model.
+        aggregator_checkpoint: a ``.safetensors`` state dict of the temporal aggregator (from
+            the clip-caption pre-training stage, :mod:`mm_llama.training.encoder_pretrain`),
+            loaded strictly when the branch is built; ``None``: random initialisation.
     """
 
     frames: int = 8
@@ -58,6 +62,7 @@ class VideoConfig:
     every: int = 4
     hidden_dim: int | None = None
     gate_init: float = 0.0
+    aggregator_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("frames", "frames_per_group", "depth", "heads", "every"):
@@ -76,6 +81,18 @@ def video_layer_positions(image_positions: tuple[int, ...], every: int) -> tuple
     return tuple(sorted(image_positions))[::every]
 
 
+def build_aggregator(cfg: VideoConfig, encoder_dim: int, tokens_per_frame: int) -> TemporalAggregator:
+    """The branch's :class:`~adapters.temporal.TemporalAggregator` over ``encoder_dim``-wide frame tokens,
+    with ``cfg.aggregator_checkpoint`` loaded when set."""
+    aggregator = TemporalAggregator(
+        encoder_dim, cfg.frames_per_group, cfg.latents or tokens_per_frame,
+        max_groups=-(-cfg.frames // cfg.frames_per_group), depth=cfg.depth, heads=cfg.heads,
+    )
+    if cfg.aggregator_checkpoint is not None:
+        aggregator.load_state_dict(safetensors.torch.load_file(cfg.aggregator_checkpoint), strict=True)
+    return aggregator
+
+
 class VideoAdapter(nn.Module):
     """Temporal aggregator + projection + video cross-attention blocks.
 
@@ -92,10 +109,7 @@ class VideoAdapter(nn.Module):
                  image_positions: tuple[int, ...], output_scales: dict[int, float]) -> None:
         super().__init__()
         self.cfg = cfg
-        self.aggregator = TemporalAggregator(
-            encoder_dim, cfg.frames_per_group, cfg.latents or tokens_per_frame,
-            max_groups=-(-cfg.frames // cfg.frames_per_group), depth=cfg.depth, heads=cfg.heads,
-        )
+        self.aggregator = build_aggregator(cfg, encoder_dim, tokens_per_frame)
         self.projection = MediaProjection(encoder_dim, lm_cfg.dim, lm_cfg.norm_eps)
         self.cross_attn = nn.ModuleDict()
         for i in video_layer_positions(image_positions, cfg.every):

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from mm_llama.data.clips import ClipSpec, make_default_clip_shards
@@ -45,7 +46,7 @@ def test_video_default_trains_everything_and_reports_the_ablations(tiny_lm_dir, 
     tiny = dataclasses.replace(spec, model_config=lambda cfg: dataclasses.replace(TINY_MODEL, video=TINY_VIDEO))
     monkeypatch.setitem(run_module.MODALITIES, "video", tiny)
     out = tmp_path / "video"
-    assert run_module.main(flags(tiny_lm_dir, clips_dir, out)) == 0
+    assert run_module.main(flags(tiny_lm_dir, clips_dir, out, "--encoder-pretrain-steps", "2")) == 0
     metrics = last_json(capsys)
     assert metrics == json.loads((out / "metrics.json").read_text())
     assert VIDEO_METRICS <= set(metrics) and metrics["modality"] == "video"
@@ -53,11 +54,21 @@ def test_video_default_trains_everything_and_reports_the_ablations(tiny_lm_dir, 
     for name in ("accuracy", "accuracy_single_frame", "accuracy_shuffled_frames"):
         assert 0.0 <= metrics[name] <= 1.0
     assert any(k.startswith("accuracy_shuffled_frames_") for k in metrics)  # per task
-    assert metrics["encoder_pretrain"] is None and metrics["skipped"]["train"]["total"] == 0
-    for name in ("adapter.ckpt", "last.ckpt", "config.yaml", "samples.png"):
+    assert metrics["skipped"]["train"]["total"] == 0
+    for name in ("adapter.ckpt", "last.ckpt", "config.yaml", "samples.png", "video_aggregator.safetensors"):
         assert (out / name).is_file(), name
-    state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    assert any(k.startswith("model.video.aggregator.") for k in state)
+    # Stage 1 trained encoder + aggregator on the clips' captions; stage 2 kept both frozen.
+    assert metrics["encoder_pretrain"]["steps"] == 2
+    assert metrics["encoder_pretrain"]["aggregator_checkpoint"] == str(out / "video_aggregator.safetensors")
+    checkpoint = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)
+    state, model_cfg = checkpoint["state_dict"], checkpoint["hyper_parameters"]["model"]
+    assert not {"image_encoder", "temporal_aggregator"} & set(model_cfg.trainable)
+    stage1 = safetensors.torch.load_file(out / "video_aggregator.safetensors")
+    assert stage1 and all(torch.equal(state[f"model.video.aggregator.{k}"], v) for k, v in stage1.items())
+    assert metrics["trainable_params"] == sum(
+        v.numel() for k, v in state.items()
+        if not k.startswith(("model.video.aggregator.", "model.image_encoder.")) and not k.endswith("output_scale")
+    )
 
 
 def test_video_stage_on_an_image_checkpoint_moves_only_the_video_branch(tiny_checkpoint, clips_dir, tmp_path,

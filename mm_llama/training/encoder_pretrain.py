@@ -1,4 +1,5 @@
-"""Stage 1: caption pre-training of the image encoder, before the adapters see it.
+"""Stage 1: caption pre-training of the image encoder (and, for video, the temporal
+aggregator), before the adapters see it.
 
 The paper's ViT is pre-trained on image–text pairs before the cross-attention
 adapters are trained (Llama 3 §7.2). Here the same role is played by a short
@@ -9,6 +10,12 @@ costs a few milliseconds per sample instead of the ~0.2 s of a step through the
 LM: in two and a half minutes on a 2-core CPU the encoder sees ~20k samples. Its
 backbone is then saved in the format :attr:`ImageEncoderConfig.checkpoint` loads
 and, by default, frozen for stage 2 (README, "Learning dynamics").
+
+For video the stage trains a :class:`ClipEncoder`, the frame encoder followed by the
+video branch's temporal aggregator, on the clips' captions: the decoder reads only the
+aggregated tokens, so the aggregator must carry what happens and in which order. The
+aggregator's weights are saved beside the encoder's and loaded (frozen) in stage 2
+through :attr:`~mm_llama.video_adapter.VideoConfig.aggregator_checkpoint`.
 
 Shape legend: ``b`` batch, ``s`` text tokens, ``s_e`` media tokens, ``d_e`` encoder
 feature width, ``w`` decoder width, ``V`` compact vocabulary size.
@@ -29,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.temporal import TemporalAggregator
 from encoders import ImageEncoder
+from encoders.base import EncoderOutput
 from mm_llama.training.datamodule import ModelInputs
 from mm_llama.training.optim import OptimConfig, build_optimizer
 from mm_llama.training.report import TrainingHistory
@@ -125,21 +134,45 @@ class CaptionDecoder(nn.Module):
         return self.head(h)  # [b, s, V]
 
 
-class EncoderPretrainModule(L.LightningModule):
-    """Trains an :class:`ImageEncoder` and a :class:`CaptionDecoder` on the response tokens.
-
-    Reads the same collated batches as the adapter stage (``images``, ``input_ids``,
-    ``labels`` from :class:`~mm_llama.training.datamodule.ImageDataModule`); the loss is
-    next-token cross-entropy at the labeled (response) positions.
+class ClipEncoder(nn.Module):
+    """Frames through the image encoder, then the temporal aggregator (what video's stage 1 trains).
 
     Args:
-        encoder: the image encoder to pre-train (trained in place).
+        encoder: the frame encoder (``s_f`` tokens of width ``d_e`` per frame).
+        aggregator: the video branch's aggregator over ``d_e``-wide tokens.
+    """
+
+    def __init__(self, encoder: ImageEncoder, aggregator: TemporalAggregator) -> None:
+        super().__init__()
+        self.encoder, self.aggregator = encoder, aggregator
+        self.out_dim = encoder.out_dim
+
+    def forward(self, videos: Tensor, frame_mask: Tensor) -> EncoderOutput:
+        """``videos [b, f, 3, H, W]``, ``frame_mask [b, f]`` → aggregated tokens ``[b, g * n_l, d_e]`` and mask."""
+        b, f = videos.shape[:2]
+        out = self.encoder(videos.flatten(0, 1))  # tokens [b * f, s_f, d_e]
+        tokens, mask = self.aggregator(out.tokens.view(b, f, *out.tokens.shape[1:]), frame_mask)
+        return EncoderOutput(tokens, mask)
+
+
+class EncoderPretrainModule(L.LightningModule):
+    """Trains an :class:`ImageEncoder` (or a :class:`ClipEncoder`) and a :class:`CaptionDecoder` on the
+    response tokens.
+
+    Reads the same collated batches as the adapter stage (``images`` — or ``videos`` and
+    ``frame_mask`` —, ``input_ids``, ``labels`` from
+    :class:`~mm_llama.training.datamodule.ImageDataModule`); the loss is next-token
+    cross-entropy at the labeled (response) positions.
+
+    Args:
+        encoder: the image or clip encoder to pre-train (trained in place).
         inputs: what the data module needs (tokenizer, media id, image size, system prompt).
         lookup: LM id → compact id, from :func:`compact_vocabulary`.
         cfg: stage settings.
     """
 
-    def __init__(self, encoder: ImageEncoder, inputs: ModelInputs, lookup: Tensor, cfg: EncoderPretrainConfig) -> None:
+    def __init__(self, encoder: ImageEncoder | ClipEncoder, inputs: ModelInputs, lookup: Tensor,
+                 cfg: EncoderPretrainConfig) -> None:
         super().__init__()
         self.encoder = encoder.requires_grad_(True)
         self.inputs = inputs
@@ -149,7 +182,10 @@ class EncoderPretrainModule(L.LightningModule):
 
     def loss(self, batch: dict[str, Any]) -> Tensor:
         """Mean cross-entropy over the response tokens of ``batch``."""
-        media = self.encoder(batch["images"])
+        if isinstance(self.encoder, ClipEncoder):
+            media = self.encoder(batch["videos"], batch["frame_mask"])
+        else:
+            media = self.encoder(batch["images"])
         ids = self.lookup[batch["input_ids"].clamp(max=len(self.lookup) - 1)]  # [b, s]
         labels = batch["labels"][:, 1:]
         targets = torch.where(labels == -100, -100, self.lookup[labels.clamp(0, len(self.lookup) - 1)])
@@ -171,7 +207,7 @@ class EncoderPretrainModule(L.LightningModule):
 
 
 def pretrain_image_encoder(
-    encoder: ImageEncoder,
+    encoder: ImageEncoder | ClipEncoder,
     inputs: ModelInputs,
     datamodule: L.LightningDataModule,
     cfg: EncoderPretrainConfig,
@@ -180,7 +216,8 @@ def pretrain_image_encoder(
     trainer_defaults: dict[str, Any],
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run stage 1 and save the backbone to ``out / "image_encoder.safetensors"``.
+    """Run stage 1 and save the backbone to ``out / "image_encoder.safetensors"`` (a clip
+    encoder's aggregator also to ``out / "video_aggregator.safetensors"``).
 
     Args:
         encoder: trained in place.
@@ -193,7 +230,8 @@ def pretrain_image_encoder(
         progress: show a progress bar.
 
     Returns:
-        ``{"steps", "seconds", "loss" (mean of the last 20 steps), "checkpoint"}``.
+        ``{"steps", "seconds", "loss" (mean of the last 20 steps), "checkpoint"}``, plus
+        ``"aggregator_checkpoint"`` for a clip encoder.
     """
     datamodule.connect(inputs)
     datamodule.prepare_data()
@@ -226,15 +264,24 @@ def pretrain_image_encoder(
         warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
         trainer.fit(module, datamodule=datamodule)  # the data module's callback sets each epoch's shuffle
     seconds = time.perf_counter() - start
-    path = out / "image_encoder.safetensors"
-    state = {k: v.detach().contiguous() for k, v in encoder.backbone.model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    safetensors.torch.save_file(state, str(tmp))
-    tmp.replace(path)
+    clip = encoder if isinstance(encoder, ClipEncoder) else None
+    image_encoder = clip.encoder if clip is not None else encoder
+    saved = {"checkpoint": _save(image_encoder.backbone.model, out / "image_encoder.safetensors")}
+    if clip is not None:
+        saved["aggregator_checkpoint"] = _save(clip.aggregator, out / "video_aggregator.safetensors")
     tail = [loss for _, loss in history.train_loss[-20:]]
     return {
         "steps": trainer.global_step,
         "seconds": round(seconds, 2),
         "loss": round(sum(tail) / len(tail), 4) if tail else None,
-        "checkpoint": str(path),
+        **saved,
     }
+
+
+def _save(module: nn.Module, path: Path) -> str:
+    """Write ``module``'s state dict to ``path`` (safetensors) atomically; returns the path."""
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    safetensors.torch.save_file(state, str(tmp))
+    tmp.replace(path)
+    return str(path)

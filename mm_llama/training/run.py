@@ -186,7 +186,9 @@ class RunConfig:
     @property
     def pretrain(self) -> EncoderPretrainConfig:
         """Stage 1's settings, ``steps`` from :attr:`encoder_pretrain_steps` (0 for a modality without it)."""
-        steps = self.encoder_pretrain_steps if self.spec.encoder_pretraining else 0
+        # The video stage on an image checkpoint has its encoder already: no stage 1.
+        on = self.spec.encoder_pretraining and self.image_checkpoint is None
+        steps = self.encoder_pretrain_steps if on else 0
         return dataclasses.replace(self.encoder_pretrain or EncoderPretrainConfig(), steps=steps)
 
     @property
@@ -318,8 +320,9 @@ class Modality:
             ``skipped()`` method); ``batch_size`` overrides the run's (stage 1 uses its own).
         data_dir: default directory of the built-in shards.
         out: default output directory (``{fusion}`` is replaced by the run's fusion mode).
-        encoder_pretraining: run stage 1 (image-encoder caption pre-training on the shape
-            scenes) when ``encoder_pretrain_steps > 0``.
+        encoder_pretraining: run stage 1 (caption pre-training of the image encoder on the
+            modality's shards; for video, of the encoder and the temporal aggregator) when
+            ``encoder_pretrain_steps > 0`` and no ``image_checkpoint`` is given.
         extra_tests: ``(trainer, module, datamodule, verbose) -> metrics`` run after the test,
             added to ``metrics.json`` (video: :func:`frame_ablations`).
         extra_metrics: ``(RunConfig, datamodule) -> dict`` added to ``metrics.json``.
@@ -339,9 +342,10 @@ class Modality:
 
 MODALITIES: dict[str, Modality] = {
     "image": Modality(_image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image"),
-    # Stage 1 is image-only: the video stage gets its encoder from --image-checkpoint, or trains it.
+    # Video's stage 1 trains encoder + aggregator on the clips' captions, unless --image-checkpoint
+    # gives trained image weights (the video stage).
     "video": Modality(_video_model_config, _video_datamodule, data_dir="data/clips", out="runs/video",
-                      encoder_pretraining=False, extra_tests=frame_ablations),
+                      extra_tests=frame_ablations),
     "speech": Modality(_speech_model_config, _speech_datamodule, data_dir="data/speech", out="runs/speech-{fusion}",
                        encoder_pretraining=False, extra_metrics=_speech_metrics, pretrain_stage=_pretrain_speech_encoder),
 }
@@ -371,11 +375,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     stage1 = None
     if cfg.spec.pretrain_stage is not None and resume_from is None:
         model_cfg, stage1 = cfg.spec.pretrain_stage(cfg, model_cfg, out)
-    pretrain_steps = cfg.pretrain.steps if cfg.spec.encoder_pretraining else 0
+    pretrain_steps = cfg.pretrain.steps
     if pretrain_steps and resume_from is None:
         model_cfg, stage1 = _pretrain_encoder(cfg, model_cfg, out)
     elif pretrain_steps and cfg.pretrain.freeze_encoder:
-        model_cfg = _freeze_encoder(model_cfg, checkpoint=None)  # its weights come from last.ckpt
+        model_cfg = _freeze_encoder(model_cfg)  # its weights come from last.ckpt
     log.info("loading the frozen LM %s", cfg.lm)
     module = AdapterModule(lm=cfg.lm, model=model_cfg, optim=optim, eval_max_new_tokens=cfg.eval_max_new_tokens,
                            init_from=cfg.image_checkpoint)
@@ -447,34 +451,48 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return metrics
 
 
-def _freeze_encoder(model_cfg: ModelConfig, checkpoint: str | None) -> ModelConfig:
-    encoder = model_cfg.image_encoder
-    if checkpoint is not None:
-        encoder = dataclasses.replace(encoder, checkpoint=checkpoint)
-    trainable = tuple(g for g in model_cfg.trainable if g != "image_encoder")
-    return dataclasses.replace(model_cfg, image_encoder=encoder, trainable=trainable)
+def _freeze_encoder(model_cfg: ModelConfig, stage1: dict[str, Any] | None = None) -> ModelConfig:
+    """Stage 2's model config with stage 1's parts frozen: the image encoder, and for video the
+    temporal aggregator; loaded from ``stage1``'s files when given (else from a checkpoint)."""
+    encoder, video = model_cfg.image_encoder, model_cfg.video
+    if stage1 is not None:
+        encoder = dataclasses.replace(encoder, checkpoint=stage1["checkpoint"])
+        if video is not None:
+            video = dataclasses.replace(video, aggregator_checkpoint=stage1["aggregator_checkpoint"])
+    frozen = {"image_encoder", "temporal_aggregator"} if video is not None else {"image_encoder"}
+    trainable = tuple(g for g in model_cfg.trainable if g not in frozen)
+    return dataclasses.replace(model_cfg, image_encoder=encoder, video=video, trainable=trainable)
 
 
 def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tuple[ModelConfig, dict[str, Any]]:
-    """Stage 1 on a fresh encoder; returns stage 2's model config (loading it) and stage 1's summary."""
+    """Stage 1 on a fresh encoder (video: encoder + temporal aggregator); returns stage 2's model
+    config (loading them) and stage 1's summary."""
     from encoders import ImageEncoder
     from mm_llama import load_language_model
     from mm_llama.model import MEDIA_TOKENS
+    from mm_llama.training.encoder_pretrain import ClipEncoder
+    from mm_llama.video_adapter import build_aggregator
 
-    pre = cfg.pretrain
+    pre, video = cfg.pretrain, model_cfg.video
     datamodule = cfg.spec.datamodule(cfg, batch_size=pre.batch_size)
     lm = load_language_model(cfg.lm)  # for its tokenizer and vocabulary size; freed before stage 2
-    inputs = ModelInputs(tokenizer=lm.tokenizer, media_token_id=lm.cfg.vocab_size + MEDIA_TOKENS.index("image"),
-                         image_size=model_cfg.image_encoder.image_size, system_prompt=datamodule.hparams.system_prompt)
+    modality = "video" if video is not None else "image"
+    inputs = ModelInputs(tokenizer=lm.tokenizer, media_token_id=lm.cfg.vocab_size + MEDIA_TOKENS.index(modality),
+                         image_size=model_cfg.image_encoder.image_size, system_prompt=datamodule.hparams.system_prompt,
+                         frames=video.frames if video is not None else None)
     del lm
     encoder = ImageEncoder(model_cfg.image_encoder)
+    if video is not None:
+        encoder = ClipEncoder(encoder, build_aggregator(video, encoder.out_dim, encoder.num_tokens))
     stage1 = pretrain_image_encoder(encoder, inputs, datamodule, pre, out,
                                     trainer_defaults=trainer_defaults(), progress=cfg.progress)
     log.info("encoder pre-training: %s", stage1)
     if pre.freeze_encoder:
-        return _freeze_encoder(model_cfg, stage1["checkpoint"]), stage1
+        return _freeze_encoder(model_cfg, stage1), stage1
     encoder_cfg = dataclasses.replace(model_cfg.image_encoder, checkpoint=stage1["checkpoint"])
-    return dataclasses.replace(model_cfg, image_encoder=encoder_cfg), stage1
+    if video is not None:
+        video = dataclasses.replace(video, aggregator_checkpoint=stage1["aggregator_checkpoint"])
+    return dataclasses.replace(model_cfg, image_encoder=encoder_cfg, video=video), stage1
 
 
 def _resume_checkpoint(cfg: RunConfig) -> Path | None:
@@ -584,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation samples per evaluation (default: %(default)s)")
     p.add_argument("--test-samples", type=int, default=None, help="test samples (default: the whole test split)")
     p.add_argument("--encoder-pretrain-steps", type=int, default=d.encoder_pretrain_steps,
-                   help="steps of the image encoder's caption pre-training before the adapters; 0: none "
+                   help="steps of the image encoder's caption pre-training before the adapters (video: "
+                        "encoder + temporal aggregator, on the clips; not with --image-checkpoint); 0: none "
                         "(default: %(default)s)")
     p.add_argument("--image-checkpoint", default=None,
                    help="(video) image-stage adapter.ckpt to start from; only the video branch then trains "
