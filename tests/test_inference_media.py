@@ -188,7 +188,7 @@ def speech_run(tiny_lm_dir, speech_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(run_module.MODALITIES, "speech", tiny)
         flags = ["--modality", "speech", "--fusion", "cross_attention", "--lm", str(tiny_lm_dir),
-                 "--data-dir", str(speech_dir), "--out", str(out)]
+                 "--data-dir", str(speech_dir), "--out", str(out), "--speech-pretrain-steps", "0"]
         assert run_module.main(flags + TRAIN_FLAGS) == 0
     return Assistant.from_checkpoint(out / "adapter.ckpt"), out / "adapter.ckpt"
 

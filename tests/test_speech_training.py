@@ -20,7 +20,7 @@ from encoders.speech import SpeechEncoderConfig
 from mm_llama.data import spoken
 from mm_llama.data.espeak import VoiceSettings
 from mm_llama.data.examples import encode_example
-from mm_llama.data.speech_pipeline import SPEECH_PLACEHOLDER, collate_speech
+from mm_llama.data.speech_pipeline import SPEECH_PLACEHOLDER, collate_speech, pad_audio
 from mm_llama.lm import load_language_model, parameters_digest
 from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
 from mm_llama.training import run as run_module
@@ -61,18 +61,24 @@ def test_train_adapter_speech_writes_metrics_for_each_fusion(tiny_lm_dir, speech
     monkeypatch.chdir(tmp_path)  # the default output directory, runs/speech-<fusion>, lands here
     flags = ["--modality", "speech", "--fusion", fusion, "--lm", str(tiny_lm_dir), "--data-dir", str(speech_dir),
              "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--val-samples", "4", "--no-progress",
-             "--speech-pretrain-steps", "1" if fusion == "embedding" else "0"]  # BEST-RQ stage: once is enough
+             # One pre-training stage each: BEST-RQ (encoder trains on) and CTC (encoder frozen).
+             "--speech-pretrain", "best_rq" if fusion == "embedding" else "ctc", "--speech-pretrain-steps", "2"]
     assert run_module.main(flags) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     out = tmp_path / "runs" / f"speech-{fusion}"
     assert metrics == json.loads((out / "metrics.json").read_text())
     assert SPEECH_METRICS <= set(metrics) and metrics["fusion"] == fusion
     assert metrics["test_samples"] == 8 and metrics["steps"] == 2
-    if fusion == "embedding":  # BEST-RQ ran first and stage 2 loaded its encoder
-        assert metrics["encoder_pretrain"]["steps"] == 1 and (out / "speech_encoder.pt").is_file()
-        assert metrics["train_seconds"] > metrics["adapter_train_seconds"]
-    else:
-        assert metrics["encoder_pretrain"] is None
+    # The pre-training stage ran first and stage 2 loaded its encoder.
+    assert metrics["encoder_pretrain"]["steps"] == 2 and (out / "speech_encoder.pt").is_file()
+    assert metrics["train_seconds"] > metrics["adapter_train_seconds"]
+    checkpoint = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)
+    encoder_trains = "speech_encoder" in checkpoint["hyper_parameters"]["model"].trainable
+    assert encoder_trains == (fusion == "embedding")  # frozen after CTC (the cross_attention run here)
+    if fusion == "cross_attention":
+        assert metrics["encoder_pretrain"]["method"] == "ctc"
+        stage1 = torch.load(out / "speech_encoder.pt", map_location="cpu", weights_only=True)
+        assert all(torch.equal(checkpoint["state_dict"][f"model.speech_encoder.{k}"], v) for k, v in stage1.items())
     assert metrics["skipped"]["train"]["total"] == 0 and metrics["audio_adjusted"]["train"]["resampled"] > 0
     assert any(k.startswith("wer_voice/") for k in metrics) and 0 <= metrics["spoken_qa_accuracy"] <= 1
     for name in ("adapter.ckpt", "last.ckpt", "config.yaml", "training_curve.png"):
@@ -88,16 +94,23 @@ def test_train_adapter_speech_writes_metrics_for_each_fusion(tiny_lm_dir, speech
     assert exit_info.value.code == 0 and "SpeechDataModule" in capsys.readouterr().out
 
 
-def _asr_batch(tok, media_id, n: int = 4):
-    """``n`` eSpeak clips of ASR sentences at 16 kHz, collated as the pipeline does."""
-    samples = []
+def _asr_clips(n: int = 4) -> list[tuple[torch.Tensor, str]]:
+    """``n`` eSpeak clips of ASR sentences at 16 kHz, with their sentences."""
+    clips = []
     for i in range(n):
         sentence = spoken.make_sentence(random.Random(i))
         wave, rate = spoken.synthesize_float(sentence, VoiceSettings(spoken.TRAIN_VOICES[i % 2]))
+        clips.append((torchaudio.functional.resample(torch.from_numpy(wave), rate, 16000), sentence))
+    return clips
+
+
+def _asr_batch(tok, media_id, n: int = 4):
+    """``n`` eSpeak clips of ASR sentences, collated as the pipeline does."""
+    samples = []
+    for audio, sentence in _asr_clips(n):
         encoded = encode_example(tok, spoken.ASR_PROMPT, sentence, media_placeholder=SPEECH_PLACEHOLDER,
                                  media_token_id=media_id, system="")
-        audio = torchaudio.functional.resample(torch.from_numpy(wave), rate, 16000)
-        samples.append({**encoded, "audio": audio, "meta": {"task": "asr", "response": sentence}})
+        samples.append({**encoded, "audio": audio, "meta": {"task": "asr", "response": sentence, "text": sentence}})
     return collate_speech(samples, tok.pad_id)
 
 
@@ -197,3 +210,40 @@ def test_tiny_speech_fit_and_test_through_the_cli(tiny_lm_dir, speech_dir, tmp_p
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file()
     assert main(["test", "--config", str(path), "--ckpt_path", str(last)]) == 0
+
+
+# --------------------------------------------------------------------------- CTC pre-training
+
+
+def test_ctc_alphabet_and_greedy_decoding():
+    from mm_llama.training.ctc_pretrain import CHARACTERS, encode_text, greedy_decode
+
+    ids = encode_text("What is two plus 3?")
+    assert "".join(CHARACTERS[i - 1] for i in ids) == "what is two plus 3" and 0 not in ids
+    # frames: h h <blank> i i <blank> <blank> i, and a padded tail that must be ignored
+    h, i = encode_text("h")[0], encode_text("i")[0]
+    scores = torch.full((1, 10, len(CHARACTERS) + 1), -10.0)
+    for t, k in enumerate([h, h, 0, i, i, 0, 0, i, h, h]):
+        scores[0, t, k] = 0.0
+    assert greedy_decode(scores, torch.tensor([8])) == ["hii"]
+
+
+def test_ctc_pretraining_learns_to_transcribe_espeak_clips():
+    """CTC on four real eSpeak clips: the loss falls well below its start in 60 steps (tiny encoder)."""
+    from mm_llama.training.ctc_pretrain import CTCModule
+    from mm_llama.training.optim import OptimConfig
+
+    torch.manual_seed(0)
+    clips = _asr_clips()
+    audio, lengths = pad_audio([a for a, _ in clips])
+    batch = {"audio": audio, "audio_lengths": lengths, "meta": [{"text": t} for _, t in clips]}
+    module = CTCModule(TINY_ENCODER, OptimConfig(lr=3e-3, warmup_steps=5, total_steps=60))
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss, _, _ = module.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])

@@ -129,8 +129,11 @@ class RunConfig:
             trains only the video branch (Llama 3 §7.4). ``None``: no trained image weights, so
             the default image configuration and the video branch train together on the clips.
         frames: (video) frames sampled per clip (``VideoConfig.frames``); ``None``: its default.
-        speech_pretrain_steps: speech only: steps of BEST-RQ pre-training of the Conformer on the
-            training audio before the adapters (:mod:`mm_llama.training.best_rq`); 0 skips it.
+        speech_pretrain: speech only: how the Conformer is pre-trained before the adapters:
+            ``"ctc"`` (character CTC on the transcripts, :mod:`mm_llama.training.ctc_pretrain`;
+            the encoder is then frozen in stage 2) or ``"best_rq"`` (self-supervised on the audio,
+            :mod:`mm_llama.training.best_rq`; the encoder then trains with the adapters).
+        speech_pretrain_steps: speech only: steps of that pre-training; 0 skips it.
         fusion: speech only: ``"embedding"`` (speech frames replace ``<|speech|>`` in the LM input,
             the paper) or ``"cross_attention"`` (they are the K/V of gated cross-attention blocks).
     """
@@ -158,7 +161,8 @@ class RunConfig:
     image_checkpoint: str | None = None
     frames: int | None = None
     fusion: str = "embedding"
-    speech_pretrain_steps: int = 0
+    speech_pretrain: str = "ctc"
+    speech_pretrain_steps: int = 300
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -178,6 +182,9 @@ class RunConfig:
             raise ValueError(f"RunConfig.num_workers must be >= 0, got {self.num_workers}")
         if self.encoder_pretrain_steps < 0:
             raise ValueError(f"RunConfig.encoder_pretrain_steps must be >= 0, got {self.encoder_pretrain_steps}")
+        if self.speech_pretrain not in SPEECH_PRETRAINING:
+            raise ValueError(f"RunConfig.speech_pretrain must be one of {SPEECH_PRETRAINING}, "
+                             f"got {self.speech_pretrain!r}")
         if self.speech_pretrain_steps < 0:
             raise ValueError(f"RunConfig.speech_pretrain_steps must be >= 0, got {self.speech_pretrain_steps}")
         if self.fusion not in SPEECH_FUSIONS:
@@ -285,25 +292,37 @@ def _speech_datamodule(cfg: RunConfig, batch_size: int | None = None) -> SpeechD
     return SpeechDataModule(**_datamodule_args(cfg, batch_size))
 
 
-def _pretrain_speech_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path
+SPEECH_PRETRAINING: tuple[str, ...] = ("ctc", "best_rq")
+"""How ``--speech-pretrain`` pre-trains the Conformer before the adapters."""
+
+
+def _pretrain_speech_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path, resume: bool = False
                              ) -> tuple[ModelConfig, dict[str, Any] | None]:
-    """BEST-RQ on the training audio (``cfg.speech_pretrain_steps``); stage 2 loads its encoder."""
+    """CTC or BEST-RQ on the training split (``cfg.speech_pretrain_steps``); stage 2 loads the encoder
+    (frozen after CTC, as the image encoder is after its caption stage). On ``resume`` nothing runs:
+    the encoder's weights are in the checkpoint, only the trainable set is restored."""
     if not cfg.speech_pretrain_steps or model_cfg.speech_encoder is None:
         return model_cfg, None
+    ctc = cfg.speech_pretrain == "ctc"
+    trainable = tuple(g for g in model_cfg.trainable if not (ctc and g == "speech_encoder"))
+    if resume:
+        return dataclasses.replace(model_cfg, trainable=trainable), None
     from mm_llama import load_language_model
     from mm_llama.model import MEDIA_TOKENS
     from mm_llama.training.best_rq import pretrain_speech_encoder
+    from mm_llama.training.ctc_pretrain import pretrain_speech_encoder_ctc
 
-    datamodule = cfg.spec.datamodule(cfg)
+    datamodule = cfg.spec.datamodule(cfg, batch_size=32 if ctc else None)  # CTC steps are cheap: more clips
     lm = load_language_model(cfg.lm)  # for its tokenizer (the data encodes the text too); freed after
     speech_id = lm.cfg.vocab_size + MEDIA_TOKENS.index("speech")
     datamodule.connect(ModelInputs(tokenizer=lm.tokenizer, media_token_id=speech_id, image_size=1,
                                    system_prompt=datamodule.hparams.system_prompt))
     del lm
-    summary = pretrain_speech_encoder(model_cfg.speech_encoder, datamodule, cfg.speech_pretrain_steps, out,
-                                      trainer_defaults=trainer_defaults(), progress=cfg.progress)
+    pretrain = pretrain_speech_encoder_ctc if ctc else pretrain_speech_encoder
+    summary = pretrain(model_cfg.speech_encoder, datamodule, cfg.speech_pretrain_steps, out,
+                       trainer_defaults=trainer_defaults(), progress=cfg.progress)
     encoder = dataclasses.replace(model_cfg.speech_encoder, checkpoint=summary["checkpoint"])
-    return dataclasses.replace(model_cfg, speech_encoder=encoder), summary
+    return dataclasses.replace(model_cfg, speech_encoder=encoder, trainable=trainable), summary
 
 
 def _speech_metrics(cfg: RunConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:
@@ -326,8 +345,9 @@ class Modality:
         extra_tests: ``(trainer, module, datamodule, verbose) -> metrics`` run after the test,
             added to ``metrics.json`` (video: :func:`frame_ablations`).
         extra_metrics: ``(RunConfig, datamodule) -> dict`` added to ``metrics.json``.
-        pretrain_stage: ``(RunConfig, ModelConfig, out) -> (ModelConfig, summary | None)``, a
-            stage run before the adapters on a fresh run (speech: BEST-RQ).
+        pretrain_stage: ``(RunConfig, ModelConfig, out, resume=) -> (ModelConfig, summary | None)``,
+            a stage run before the adapters on a fresh run (speech: CTC or BEST-RQ); on a resumed
+            run it only returns stage 2's model configuration.
     """
 
     model_config: Callable[[RunConfig], ModelConfig]
@@ -337,7 +357,7 @@ class Modality:
     encoder_pretraining: bool = True
     extra_tests: Callable[..., dict[str, float]] | None = None
     extra_metrics: Callable[[RunConfig, L.LightningDataModule], dict[str, Any]] = lambda cfg, dm: {}
-    pretrain_stage: Callable[[RunConfig, ModelConfig, Path], tuple[ModelConfig, dict[str, Any] | None]] | None = None
+    pretrain_stage: Callable[..., tuple[ModelConfig, dict[str, Any] | None]] | None = None
 
 
 MODALITIES: dict[str, Modality] = {
@@ -373,8 +393,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     datamodule = cfg.spec.datamodule(cfg)
     datamodule.prepare_data()  # shards before the LM, so a missing-data error comes first
     stage1 = None
-    if cfg.spec.pretrain_stage is not None and resume_from is None:
-        model_cfg, stage1 = cfg.spec.pretrain_stage(cfg, model_cfg, out)
+    if cfg.spec.pretrain_stage is not None:
+        model_cfg, stage1 = cfg.spec.pretrain_stage(cfg, model_cfg, out, resume=resume_from is not None)
     pretrain_steps = cfg.pretrain.steps
     if pretrain_steps and resume_from is None:
         model_cfg, stage1 = _pretrain_encoder(cfg, model_cfg, out)
@@ -610,8 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: none, the image configuration trains with the video branch)")
     p.add_argument("--frames", type=int, default=None,
                    help=f"(video) frames sampled per clip (default: {VideoConfig().frames})")
+    p.add_argument("--speech-pretrain", choices=SPEECH_PRETRAINING, default=d.speech_pretrain,
+                   help="speech: pre-training of the Conformer before the adapters: ctc (on the transcripts; "
+                        "the encoder is then frozen) or best_rq (self-supervised) (default: %(default)s)")
     p.add_argument("--speech-pretrain-steps", type=int, default=d.speech_pretrain_steps,
-                   help="speech: BEST-RQ steps on the training audio before the adapters; 0: none (default: %(default)s)")
+                   help="speech: steps of that pre-training; 0: none (default: %(default)s)")
     p.add_argument("--fusion", choices=SPEECH_FUSIONS, default=d.fusion,
                    help="speech: how speech frames reach the LM (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
