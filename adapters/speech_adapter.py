@@ -36,6 +36,8 @@ class SpeechAdapterConfig:
         heads: attention heads of the Transformer layer.
         ffn_dim: its FFN width (paper: 4096).
         dropout: dropout in the Transformer layer.
+        checkpoint: a state dict (``.pt``) of the adapter to load, e.g. from the token-CTC
+            stage (:mod:`mm_llama.training.ctc_pretrain`); ``None``: random initialisation.
     """
 
     fusion: str = "embedding"
@@ -43,6 +45,7 @@ class SpeechAdapterConfig:
     heads: int = 4
     ffn_dim: int = 1024
     dropout: float = 0.1
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.fusion not in SPEECH_FUSIONS:
@@ -72,6 +75,8 @@ class SpeechAdapter(nn.Module):
         self.proj = nn.Linear(cfg.dim, out_dim)
         self.norm = RMSNorm(out_dim)
         nn.init.constant_(self.norm.weight, output_rms)
+        if cfg.checkpoint is not None:
+            self.load_state_dict(torch.load(cfg.checkpoint, map_location="cpu", weights_only=True), strict=True)
 
     @staticmethod
     def output_lengths(lengths: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ A kind of media the checkpoint has no branch for is refused with a message, neve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import os
 import queue
@@ -36,7 +35,7 @@ from mm_llama.generation import check_settings, generate
 from mm_llama.data.audio_io import DecodedAudio
 from mm_llama.data.video import DecodedClip
 from mm_llama.inputs import InputError, check_media_kind, check_prompt, load_audio, load_image, load_video
-from mm_llama.model import MultimodalLlama
+from mm_llama.model import MultimodalLlama, without_weight_files
 from mm_llama.speech_generation import generate_from_speech
 from mm_llama.tokenizer import Tokenizer
 
@@ -116,13 +115,10 @@ class Assistant:
         model_cfg = hparams.get("model")
         if hparams.get("init_from"):
             overrides["init_from"] = None  # the earlier stage's weights are in this checkpoint already
-        for field in ("image_encoder", "speech_encoder"):
-            if getattr(getattr(model_cfg, field, None), "checkpoint", None) is not None:
-                # The encoder's weights are in the checkpoint itself (a pre-trained, frozen encoder
-                # included): do not read the stage-1 file it was built from, which may have moved.
-                model_cfg = dataclasses.replace(model_cfg, **{field: dataclasses.replace(getattr(model_cfg, field),
-                                                                                         checkpoint=None)})
-                overrides["model"] = model_cfg
+        if model_cfg is not None and without_weight_files(model_cfg) is not model_cfg:
+            # The parts' weights are in the checkpoint itself (pre-trained, frozen parts included):
+            # do not read the earlier stages' files they were built from, which may have moved.
+            overrides["model"] = without_weight_files(model_cfg)
         with warnings.catch_warnings():
             # The frozen LM is deliberately absent from checkpoints; AdapterModule.on_load_checkpoint
             # checks the LM's sha256 and the exact set of trained keys instead.

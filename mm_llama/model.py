@@ -11,6 +11,8 @@ and the same predicate drives ``requires_grad``, the optimizer and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import MISSING, dataclass, field, fields
 
 import torch
@@ -159,9 +161,26 @@ class ModelConfig:
             raise ValueError(f"unknown trainable group(s) {sorted(unknown)}; known: {sorted(TRAINABLE_GROUPS)}")
 
 
+def without_weight_files(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with every file a part would load its weights from dropped (image encoder, temporal
+    aggregator, speech encoder and adapter checkpoints).
+
+    For a model rebuilt from a checkpoint that holds those weights itself: the files of the
+    earlier stages that made them may have moved or be gone.
+    """
+    parts: dict[str, object] = {}
+    for name, attr in (("image_encoder", "checkpoint"), ("video", "aggregator_checkpoint"),
+                       ("speech_encoder", "checkpoint"), ("speech_adapter", "checkpoint")):
+        part = getattr(cfg, name)
+        if getattr(part, attr, None) is not None:
+            parts[name] = dataclasses.replace(part, **{attr: None})
+    return dataclasses.replace(cfg, **parts) if parts else cfg
+
+
 CrossAttentionConfig.__setstate__ = _fill_new_fields
 ModelConfig.__setstate__ = _fill_new_fields
 VideoConfig.__setstate__ = _fill_new_fields
+SpeechAdapterConfig.__setstate__ = _fill_new_fields
 
 
 @dataclass

@@ -62,7 +62,8 @@ def test_train_adapter_speech_writes_metrics_for_each_fusion(tiny_lm_dir, speech
     flags = ["--modality", "speech", "--fusion", fusion, "--lm", str(tiny_lm_dir), "--data-dir", str(speech_dir),
              "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--val-samples", "4", "--no-progress",
              # One pre-training stage each: BEST-RQ (encoder trains on) and CTC (encoder frozen).
-             "--speech-pretrain", "best_rq" if fusion == "embedding" else "ctc", "--speech-pretrain-steps", "2"]
+             "--speech-pretrain", "best_rq" if fusion == "embedding" else "ctc", "--speech-pretrain-steps", "2",
+             "--speech-adapter-pretrain-steps", "2"]  # after CTC only
     assert run_module.main(flags) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     out = tmp_path / "runs" / f"speech-{fusion}"
@@ -75,8 +76,10 @@ def test_train_adapter_speech_writes_metrics_for_each_fusion(tiny_lm_dir, speech
     checkpoint = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)
     encoder_trains = "speech_encoder" in checkpoint["hyper_parameters"]["model"].trainable
     assert encoder_trains == (fusion == "embedding")  # frozen after CTC (the cross_attention run here)
-    if fusion == "cross_attention":
+    if fusion == "cross_attention":  # CTC, then the adapter's token CTC; stage 2 started from both
         assert metrics["encoder_pretrain"]["method"] == "ctc"
+        assert metrics["encoder_pretrain"]["adapter"]["steps"] == 2 and (out / "speech_adapter.pt").is_file()
+        assert checkpoint["hyper_parameters"]["model"].speech_adapter.checkpoint == "runs/speech-cross_attention/speech_adapter.pt"
         stage1 = torch.load(out / "speech_encoder.pt", map_location="cpu", weights_only=True)
         assert all(torch.equal(checkpoint["state_dict"][f"model.speech_encoder.{k}"], v) for k, v in stage1.items())
     assert metrics["skipped"]["train"]["total"] == 0 and metrics["audio_adjusted"]["train"]["resampled"] > 0
@@ -247,3 +250,36 @@ def test_ctc_pretraining_learns_to_transcribe_espeak_clips():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
+
+
+def test_token_ctc_points_adapter_frames_at_the_lm_embeddings_of_the_spoken_tokens(tiny_lm_dir):
+    """The adapter's token-CTC stage on four real eSpeak clips (tiny encoder, tiny LM's embeddings):
+    the loss falls well below its start in 60 steps, and its state dict loads into the fused model."""
+    from mm_llama.training.ctc_pretrain import TokenCTCModule
+    from mm_llama.training.optim import OptimConfig
+
+    torch.manual_seed(0)
+    lm = load_language_model(str(tiny_lm_dir))
+    clips = _asr_clips()
+    audio, lengths = pad_audio([a for a, _ in clips])
+    batch = {"audio": audio, "audio_lengths": lengths, "meta": [{"text": t} for _, t in clips]}
+    vocab = sorted({t for _, text in clips for t in lm.tokenizer.encode(text)})
+    adapter = SpeechAdapterConfig(dim=32, heads=2, ffn_dim=64, dropout=0.0)
+    module = TokenCTCModule(TINY_ENCODER, adapter, lm.embed_tokens.weight[vocab].detach(),
+                            {t: i + 1 for i, t in enumerate(vocab)}, lm.tokenizer.encode,
+                            OptimConfig(lr=3e-3, warmup_steps=5, total_steps=60))
+    assert all(len(module.targets(text)) == len(lm.tokenizer.encode(text)) for _, text in clips)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    module.train()
+    losses = []
+    for _ in range(60):
+        loss = module.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
+    assert not any(p.requires_grad for p in module.encoder.parameters())
+    fused = MultimodalLlama(lm, ModelConfig(image_encoder=None, speech_encoder=TINY_ENCODER, speech_adapter=adapter,
+                                            cross_attention=CrossAttentionConfig(layers=())))
+    fused.speech_adapter.load_state_dict(module.adapter.state_dict(), strict=True)

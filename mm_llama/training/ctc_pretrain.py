@@ -14,12 +14,21 @@ Llama 3 pre-trains its Conformer self-supervised (BEST-RQ, :mod:`mm_llama.traini
 also available) on millions of hours; with a few thousand synthetic clips and minutes of CPU,
 supervised CTC is what gives the encoder phonetic features in time.
 
-Shape legend: ``b`` batch, ``t`` encoder frames (40 ms), ``c`` characters + blank.
+A second, as cheap phase trains the speech adapter the same way (:class:`TokenCTCModule`):
+with the encoder frozen, CTC over the frozen LM's *tokens* of the transcript, each frame
+scored by its cosine similarity with the LM's own input embedding of every token. The
+adapter thus learns to put, at the frames where a word is spoken, a vector that points
+where the LM's embedding of that word points: what embedding fusion hands the LM is then
+close to the transcript's own embeddings before the first step through the LM.
+
+Shape legend: ``b`` batch, ``t`` encoder frames (40 ms) or adapter frames (80 ms), ``c``
+characters + blank, ``V_c`` compact token vocabulary + blank, ``d`` LM width.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.speech_adapter import SpeechAdapter, SpeechAdapterConfig
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training.optim import OptimConfig, build_optimizer
@@ -149,4 +159,122 @@ def pretrain_speech_encoder_ctc(
                "loss": round(sum(tail) / len(tail), 4) if tail else None,
                "cer": round(float(cer), 4) if cer is not None else None}
     log.info("CTC pre-training: %s", summary)
+    return summary
+
+
+class TokenCTCModule(L.LightningModule):
+    """The speech adapter learns CTC over the LM's tokens, scored against the LM's input embeddings.
+
+    Args:
+        encoder: the (pre-trained) speech encoder's configuration; frozen here.
+        adapter: the speech adapter's configuration (trained).
+        embeddings: ``[V_c, d]`` the frozen LM's input embeddings of the compact vocabulary.
+        lookup: LM token id → compact id + 1 (0: not in the compact vocabulary, dropped).
+        tokenize: transcript → LM token ids.
+        optim: AdamW settings.
+        output_rms: the adapter's initial output RMS (as in the fused model).
+    """
+
+    def __init__(self, encoder: SpeechEncoderConfig, adapter: SpeechAdapterConfig, embeddings: Tensor,
+                 lookup: dict[int, int], tokenize, optim: OptimConfig, output_rms: float = 1.0) -> None:
+        super().__init__()
+        self.encoder = SpeechEncoder(encoder).requires_grad_(False)
+        self.adapter = SpeechAdapter(self.encoder.out_dim, embeddings.shape[1], adapter, output_rms=output_rms)
+        self.register_buffer("rows", F.normalize(embeddings.float(), dim=-1), persistent=False)  # [V_c - 1, d]
+        self.blank = nn.Parameter(torch.randn(embeddings.shape[1]) * 0.02)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # cosine → logits temperature
+        self.lookup, self.tokenize, self.optim = lookup, tokenize, optim
+
+    def train(self, mode: bool = True) -> TokenCTCModule:
+        super().train(mode)
+        self.encoder.eval()  # frozen: no SpecAugment, no dropout
+        return self
+
+    def targets(self, text: str) -> list[int]:
+        """Compact ids (1-based; 0 is the blank) of ``text``'s LM tokens; tokens outside the vocabulary dropped."""
+        return [k for k in (self.lookup.get(t, 0) for t in self.tokenize(text)) if k]
+
+    def loss(self, batch: dict[str, Any]) -> Tensor:
+        """Mean CTC loss per target token of the batch."""
+        with torch.no_grad():
+            out = self.encoder(batch["audio"], batch["audio_lengths"])
+        frames, mask = self.adapter(out.tokens, out.mask)  # [b, t, d], [b, t]
+        classes = torch.cat([F.normalize(self.blank, dim=-1)[None], self.rows])  # [V_c, d]
+        logits = F.normalize(frames, dim=-1) @ classes.T * self.log_scale.exp()  # [b, t, V_c]
+        targets = [torch.tensor(self.targets(m["text"]), dtype=torch.long) for m in batch["meta"]]
+        return F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), torch.cat(targets), mask.sum(1),
+                          torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite token-CTC loss {loss.item()} at step {self.global_step}")
+        self.log("token_ctc/loss", loss, prog_bar=True, batch_size=batch["audio"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        opt, sched = build_optimizer(named, lambda name: name.partition(".")[0], self.optim)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write the adapter's state dict (what ``SpeechAdapterConfig.checkpoint`` loads), atomically."""
+        path = Path(path)
+        with atomic_write(path, "wb") as file:
+            torch.save(self.adapter.state_dict(), file)
+        return path
+
+
+def pretrain_speech_adapter_ctc(
+    encoder: SpeechEncoderConfig,
+    adapter: SpeechAdapterConfig,
+    embed_tokens: Tensor,
+    tokenize,
+    datamodule: L.LightningDataModule,
+    steps: int,
+    out: str | Path,
+    *,
+    lr: float = 2e-3,
+    output_rms: float = 1.0,
+    vocab_scan_batches: int = 16,
+    trainer_defaults: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``steps`` of token CTC on the adapter (encoder frozen); save ``out/speech_adapter.pt``.
+
+    Args:
+        embed_tokens: the frozen LM's input embedding table ``[V, d]``.
+        tokenize: transcript → LM token ids (the LM's tokenizer).
+        vocab_scan_batches: training batches whose transcripts make the compact vocabulary.
+
+    Returns:
+        ``{"method": "token_ctc", "checkpoint", "steps", "seconds", "loss", "vocabulary"}``.
+    """
+    datamodule.setup("fit")
+    seen: set[int] = set()
+    for index, batch in enumerate(datamodule.train_dataloader()):
+        seen.update(t for m in batch["meta"] for t in tokenize(m["text"]))
+        if index + 1 == vocab_scan_batches:
+            break
+    vocab = sorted(seen)
+    lookup = {t: i + 1 for i, t in enumerate(vocab)}
+    module = TokenCTCModule(encoder, adapter, embed_tokens[vocab].detach().clone(), lookup, tokenize,
+                            OptimConfig(lr=lr, warmup_steps=min(20, steps // 5), total_steps=max(1, steps)),
+                            output_rms=output_rms)
+    history = TrainingHistory()
+    trainer = L.Trainer(**{**(trainer_defaults or {}), "max_steps": steps, "limit_val_batches": 0,
+                           "num_sanity_val_steps": 0, "enable_checkpointing": False,
+                           "logger": L.pytorch.loggers.CSVLogger(str(Path(out) / "logs"), name="token_ctc_pretrain"),
+                           "log_every_n_steps": 10, "callbacks": [history],
+                           "enable_progress_bar": progress, "enable_model_summary": False,
+                           "default_root_dir": str(out)})
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    seconds = time.perf_counter() - start
+    path = module.save_adapter(Path(out) / "speech_adapter.pt")
+    tail = [loss for _, loss in history.train_loss[-20:]]
+    summary = {"method": "token_ctc", "checkpoint": str(path), "steps": trainer.global_step,
+               "seconds": round(seconds, 2), "loss": round(sum(tail) / len(tail), 4) if tail else None,
+               "vocabulary": len(vocab)}
+    log.info("token-CTC pre-training of the adapter: %s", summary)
     return summary

@@ -134,6 +134,8 @@ class RunConfig:
             the encoder is then frozen in stage 2) or ``"best_rq"`` (self-supervised on the audio,
             :mod:`mm_llama.training.best_rq`; the encoder then trains with the adapters).
         speech_pretrain_steps: speech only: steps of that pre-training; 0 skips it.
+        speech_adapter_pretrain_steps: speech only, after CTC: steps of the adapter's token-CTC
+            stage (its frames learn to point at the LM's embeddings of the spoken tokens); 0 skips it.
         fusion: speech only: ``"embedding"`` (speech frames replace ``<|speech|>`` in the LM input,
             the paper) or ``"cross_attention"`` (they are the K/V of gated cross-attention blocks).
     """
@@ -163,6 +165,7 @@ class RunConfig:
     fusion: str = "embedding"
     speech_pretrain: str = "ctc"
     speech_pretrain_steps: int = 300
+    speech_adapter_pretrain_steps: int = 200
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -185,8 +188,9 @@ class RunConfig:
         if self.speech_pretrain not in SPEECH_PRETRAINING:
             raise ValueError(f"RunConfig.speech_pretrain must be one of {SPEECH_PRETRAINING}, "
                              f"got {self.speech_pretrain!r}")
-        if self.speech_pretrain_steps < 0:
-            raise ValueError(f"RunConfig.speech_pretrain_steps must be >= 0, got {self.speech_pretrain_steps}")
+        for name in ("speech_pretrain_steps", "speech_adapter_pretrain_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RunConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.fusion not in SPEECH_FUSIONS:
             raise ValueError(f"RunConfig.fusion must be one of {SPEECH_FUSIONS}, got {self.fusion!r}")
 
@@ -196,7 +200,9 @@ class RunConfig:
         # The video stage on an image checkpoint has its encoder already: no stage 1.
         on = self.spec.encoder_pretraining and self.image_checkpoint is None
         steps = self.encoder_pretrain_steps if on else 0
-        return dataclasses.replace(self.encoder_pretrain or EncoderPretrainConfig(), steps=steps)
+        # A clip is 8 frames through the encoder: half the image stage's batch keeps a step ~2 s here.
+        default = EncoderPretrainConfig(batch_size=32) if self.modality == "video" else EncoderPretrainConfig()
+        return dataclasses.replace(self.encoder_pretrain or default, steps=steps)
 
     @property
     def spec(self) -> Modality:
@@ -310,19 +316,28 @@ def _pretrain_speech_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path, 
     from mm_llama import load_language_model
     from mm_llama.model import MEDIA_TOKENS
     from mm_llama.training.best_rq import pretrain_speech_encoder
-    from mm_llama.training.ctc_pretrain import pretrain_speech_encoder_ctc
+    from mm_llama.training.ctc_pretrain import pretrain_speech_adapter_ctc, pretrain_speech_encoder_ctc
 
     datamodule = cfg.spec.datamodule(cfg, batch_size=32 if ctc else None)  # CTC steps are cheap: more clips
-    lm = load_language_model(cfg.lm)  # for its tokenizer (the data encodes the text too); freed after
+    lm = load_language_model(cfg.lm)  # for its tokenizer and embedding table; freed after
     speech_id = lm.cfg.vocab_size + MEDIA_TOKENS.index("speech")
     datamodule.connect(ModelInputs(tokenizer=lm.tokenizer, media_token_id=speech_id, image_size=1,
                                    system_prompt=datamodule.hparams.system_prompt))
+    embed_tokens, tokenize = lm.embed_tokens.weight.detach(), lm.tokenizer.encode
     del lm
     pretrain = pretrain_speech_encoder_ctc if ctc else pretrain_speech_encoder
     summary = pretrain(model_cfg.speech_encoder, datamodule, cfg.speech_pretrain_steps, out,
                        trainer_defaults=trainer_defaults(), progress=cfg.progress)
     encoder = dataclasses.replace(model_cfg.speech_encoder, checkpoint=summary["checkpoint"])
-    return dataclasses.replace(model_cfg, speech_encoder=encoder, trainable=trainable), summary
+    adapter = model_cfg.speech_adapter
+    if ctc and cfg.speech_adapter_pretrain_steps:
+        # The adapter's output starts at the embedding table's RMS under embedding fusion (as in the model).
+        rms = float(embed_tokens.pow(2).mean().sqrt()) if adapter.fusion == "embedding" else 1.0
+        summary["adapter"] = pretrain_speech_adapter_ctc(
+            encoder, adapter, embed_tokens, tokenize, datamodule, cfg.speech_adapter_pretrain_steps, out,
+            output_rms=rms, trainer_defaults=trainer_defaults(), progress=cfg.progress)
+        adapter = dataclasses.replace(adapter, checkpoint=summary["adapter"]["checkpoint"])
+    return dataclasses.replace(model_cfg, speech_encoder=encoder, speech_adapter=adapter, trainable=trainable), summary
 
 
 def _speech_metrics(cfg: RunConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:
@@ -635,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the encoder is then frozen) or best_rq (self-supervised) (default: %(default)s)")
     p.add_argument("--speech-pretrain-steps", type=int, default=d.speech_pretrain_steps,
                    help="speech: steps of that pre-training; 0: none (default: %(default)s)")
+    p.add_argument("--speech-adapter-pretrain-steps", type=int, default=d.speech_adapter_pretrain_steps,
+                   help="speech, after ctc: steps of the adapter's token-CTC stage against the LM's input "
+                        "embeddings; 0: none (default: %(default)s)")
     p.add_argument("--fusion", choices=SPEECH_FUSIONS, default=d.fusion,
                    help="speech: how speech frames reach the LM (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

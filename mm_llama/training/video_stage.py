@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mm_llama.checkpoint_files import checkpoint_read_errors
-from mm_llama.model import MEDIA_TOKENS, ModelConfig, MultimodalLlama
+from mm_llama.model import MEDIA_TOKENS, ModelConfig, MultimodalLlama, without_weight_files
 from mm_llama.video_adapter import VIDEO_GROUPS, VideoConfig
 
 
@@ -32,12 +32,11 @@ def _read(path: str | os.PathLike) -> dict[str, Any]:
 def video_stage_config(video: VideoConfig, image_checkpoint: str | os.PathLike) -> ModelConfig:
     """The model configuration of the video stage on top of ``image_checkpoint``'s model.
 
-    The image encoder's own ``checkpoint`` file is dropped: its weights are in the
-    image-stage checkpoint (and the stage-1 file may have moved).
+    The files its parts were loaded from are dropped (:func:`~mm_llama.model.without_weight_files`):
+    their weights are in the image-stage checkpoint (and the stage-1 file may have moved).
     """
     base = _read(image_checkpoint).get("hyper_parameters", {}).get("model") or ModelConfig()
-    encoder = dataclasses.replace(base.image_encoder, checkpoint=None)
-    return dataclasses.replace(base, image_encoder=encoder, video=video, trainable=VIDEO_GROUPS)
+    return dataclasses.replace(without_weight_files(base), video=video, trainable=VIDEO_GROUPS)
 
 
 def load_stage_weights(model: MultimodalLlama, path: str | os.PathLike, lm_sha256: str | None = None) -> list[str]:
