@@ -7,6 +7,8 @@ The 2-process runs (DDP, and FSDP on CPU over gloo) are in ``tests/test_distribu
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import lightning as L
@@ -184,6 +186,26 @@ def test_every_fsdp_unit_has_one_dtype_and_the_root_holds_only_the_frozen_lm(bf1
     without_projection = [m for m in fsdp_units(model) if m is not model.image_projection]
     with pytest.raises(ValueError, match=r"<root>.*bfloat16.*float32"):
         check_unit_dtypes(model, without_projection)
+
+
+def test_video_and_speech_branches_are_fsdp_units_of_one_dtype(tiny_lm_dir):
+    from adapters.speech_adapter import SpeechAdapterConfig
+    from encoders.speech import SpeechEncoderConfig
+    from mm_llama.video_adapter import VideoConfig
+
+    torch.manual_seed(0)
+    model_cfg = dataclasses.replace(
+        TINY_MODEL, video=VideoConfig(frames=4, frames_per_group=2, depth=1, heads=2, every=1),
+        speech_encoder=SpeechEncoderConfig(dim=32, depth=1, heads=2, ffn_dim=64),
+        speech_adapter=SpeechAdapterConfig(fusion="cross_attention", dim=32, heads=2, ffn_dim=64))
+    model = AdapterModule(lm=str(tiny_lm_dir), model=model_cfg, lm_dtype="bfloat16").model
+    units = fsdp_units(model)
+    for branch in (model.video.aggregator, model.video.projection, *model.video.cross_attn.values(),
+                   model.speech_encoder, model.speech_adapter):
+        assert any(unit is branch for unit in units), type(branch).__name__
+    check_unit_dtypes(model, units)  # no fp32 branch left in the bf16 root
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    assert all(n.startswith("lm.") for n, p in model.named_parameters() if id(p) not in in_units)
 
 
 # --------------------------------------------------------------------------- bf16 LM

@@ -47,6 +47,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from adapters import FusionEmbedding, GatedCrossAttention, MediaProjection
+from adapters.speech_adapter import SpeechAdapter
+from adapters.temporal import TemporalAggregator
+from encoders.speech import SpeechEncoder
 from encoders import ImageEncoder
 from mm_llama.llama import DecoderLayer
 
@@ -57,8 +60,12 @@ if TYPE_CHECKING:
 CHECKPOINTED_BLOCKS: tuple[type[nn.Module], ...] = (DecoderLayer, GatedCrossAttention)
 """Blocks whose activations are recomputed in backward, and what :func:`compile_blocks_` compiles."""
 
-FSDP_UNIT_CLASSES: tuple[type[nn.Module], ...] = (*CHECKPOINTED_BLOCKS, ImageEncoder, MediaProjection, FusionEmbedding)
-"""Modules that are an FSDP unit of their own (besides the K/V modules of :data:`MEDIA_KV_MODULES`)."""
+FSDP_UNIT_CLASSES: tuple[type[nn.Module], ...] = (
+    *CHECKPOINTED_BLOCKS, ImageEncoder, MediaProjection, FusionEmbedding,
+    TemporalAggregator, SpeechEncoder, SpeechAdapter,  # the video and speech branches' own modules
+)
+"""Modules that are an FSDP unit of their own (besides the K/V modules of :data:`MEDIA_KV_MODULES`):
+every trainable module, so that none lands in the root unit beside the (bf16) frozen LM."""
 
 MEDIA_KV_MODULES: tuple[str, ...] = ("k_proj", "v_proj", "k_norm")
 """Submodules of a :class:`GatedCrossAttention` used by ``media_kv``, outside the block's ``forward``."""
