@@ -218,6 +218,22 @@ def test_tiny_speech_fit_and_test_through_the_cli(tiny_lm_dir, speech_dir, tmp_p
 # --------------------------------------------------------------------------- CTC pre-training
 
 
+def _fit_ctc_stage(module, clips: list[tuple[torch.Tensor, str]], steps: int = 60) -> None:
+    """Train a CTC stage module on one batch of ``clips``; assert its loss fell well below its start."""
+    audio, lengths = pad_audio([a for a, _ in clips])
+    batch = {"audio": audio, "audio_lengths": lengths, "meta": [{"text": t} for _, t in clips]}
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    module.train()
+    losses = []
+    for _ in range(steps):
+        loss, _ = module.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
+
+
 def test_ctc_alphabet_and_greedy_decoding():
     from mm_llama.training.ctc_pretrain import CHARACTERS, encode_text, greedy_decode
 
@@ -238,18 +254,7 @@ def test_ctc_pretraining_learns_to_transcribe_espeak_clips():
 
     torch.manual_seed(0)
     clips = _asr_clips()
-    audio, lengths = pad_audio([a for a, _ in clips])
-    batch = {"audio": audio, "audio_lengths": lengths, "meta": [{"text": t} for _, t in clips]}
-    module = CTCModule(TINY_ENCODER, OptimConfig(lr=3e-3, warmup_steps=5, total_steps=60))
-    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(60):
-        loss, _, _ = module.loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
+    _fit_ctc_stage(CTCModule(TINY_ENCODER, OptimConfig(lr=3e-3, warmup_steps=5, total_steps=60)), clips)
 
 
 def test_token_ctc_points_adapter_frames_at_the_lm_embeddings_of_the_spoken_tokens(tiny_lm_dir):
@@ -261,24 +266,13 @@ def test_token_ctc_points_adapter_frames_at_the_lm_embeddings_of_the_spoken_toke
     torch.manual_seed(0)
     lm = load_language_model(str(tiny_lm_dir))
     clips = _asr_clips()
-    audio, lengths = pad_audio([a for a, _ in clips])
-    batch = {"audio": audio, "audio_lengths": lengths, "meta": [{"text": t} for _, t in clips]}
     vocab = sorted({t for _, text in clips for t in lm.tokenizer.encode(text)})
     adapter = SpeechAdapterConfig(dim=32, heads=2, ffn_dim=64, dropout=0.0)
     module = TokenCTCModule(TINY_ENCODER, adapter, lm.embed_tokens.weight[vocab].detach(),
                             {t: i + 1 for i, t in enumerate(vocab)}, lm.tokenizer.encode,
                             OptimConfig(lr=3e-3, warmup_steps=5, total_steps=60))
     assert all(len(module.targets(text)) == len(lm.tokenizer.encode(text)) for _, text in clips)
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
-    module.train()
-    losses = []
-    for _ in range(60):
-        loss = module.loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
+    _fit_ctc_stage(module, clips)
     assert not any(p.requires_grad for p in module.encoder.parameters())
     fused = MultimodalLlama(lm, ModelConfig(image_encoder=None, speech_encoder=TINY_ENCODER, speech_adapter=adapter,
                                             cross_attention=CrossAttentionConfig(layers=())))

@@ -66,7 +66,48 @@ def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[str]:
     return texts
 
 
-class CTCModule(L.LightningModule):
+class _CTCStage(L.LightningModule):
+    """What the two CTC stages share: AdamW over the trainable parameters, a finite-loss check,
+    the log, and writing one part's state dict for the fused model to load.
+
+    Subclasses set :attr:`name` (the log prefix) and implement ``loss(batch) -> (loss, extra)``.
+    """
+
+    name = "ctc"
+
+    def __init__(self, optim: OptimConfig) -> None:
+        super().__init__()
+        self.optim = optim
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def log_extra(self, batch: dict[str, Any], batch_idx: int, extra: Any) -> None:
+        """Log more than the loss (default: nothing)."""
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, extra = self.loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite {self.name} loss {loss.item()} at step {self.global_step}")
+        self.log(f"{self.name}/loss", loss, prog_bar=True, batch_size=batch["audio"].shape[0])
+        self.log_extra(batch, batch_idx, extra)
+        return loss
+
+    def configure_optimizers(self):
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        opt, sched = build_optimizer(named, lambda name: name.partition(".")[0], self.optim)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @staticmethod
+    def save_part(part: nn.Module, path: str | Path) -> Path:
+        """Write ``part``'s state dict (what its config's ``checkpoint`` loads), atomically."""
+        path = Path(path)
+        with atomic_write(path, "wb") as file:
+            torch.save(part.state_dict(), file)
+        return path
+
+
+class CTCModule(_CTCStage):
     """A :class:`~encoders.speech.SpeechEncoder` and a linear character head trained with CTC on
     the ``meta[i]["text"]`` (what is said) of speech batches.
 
@@ -75,51 +116,34 @@ class CTCModule(L.LightningModule):
         optim: AdamW settings (warm-up, cosine decay over ``total_steps``).
     """
 
+    name = "ctc"
+
     def __init__(self, encoder: SpeechEncoderConfig, optim: OptimConfig) -> None:
-        super().__init__()
+        super().__init__(optim)
         self.encoder = SpeechEncoder(encoder)
         self.head = nn.Linear(self.encoder.out_dim, len(CHARACTERS) + 1)
-        self.optim = optim
 
     def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """``audio [b, n]`` 16 kHz (``lengths [b]`` samples) → log-probabilities ``[b, t, c]`` and frames ``[b]``."""
         out = self.encoder(audio, lengths)
         return self.head(out.tokens).log_softmax(-1), out.mask.sum(1)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Mean CTC loss per character of the batch, with the log-probabilities and frame counts."""
         log_probs, frames = self(batch["audio"], batch["audio_lengths"])
         targets = [torch.tensor(encode_text(m["text"]), dtype=torch.long) for m in batch["meta"]]
         target_lengths = torch.tensor([len(t) for t in targets])
         loss = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), frames, target_lengths,
                           blank=0, reduction="mean", zero_infinity=True)  # too-fast speech: skipped, not inf
-        return loss, log_probs, frames
+        return loss, (log_probs, frames)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, log_probs, frames = self.loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite CTC loss {loss.item()} at step {self.global_step}")
-        b = batch["audio"].shape[0]
-        self.log("ctc/loss", loss, prog_bar=True, batch_size=b)
+    def log_extra(self, batch: dict[str, Any], batch_idx: int, extra: tuple[Tensor, Tensor]) -> None:
         if batch_idx % 10 == 0:  # greedy character error rate of this batch, for the log
             from torchmetrics.functional.text import char_error_rate
 
-            hyps = greedy_decode(log_probs.detach(), frames)
+            hyps = greedy_decode(extra[0].detach(), extra[1])
             refs = ["".join(CHARACTERS[k - 1] for k in encode_text(m["text"])) for m in batch["meta"]]
-            self.log("ctc/cer", char_error_rate(hyps, refs), prog_bar=True, batch_size=b)
-        return loss
-
-    def configure_optimizers(self):
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        opt, sched = build_optimizer(named, lambda name: name.partition(".")[0], self.optim)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def save_encoder(self, path: str | Path) -> Path:
-        """Write the encoder's state dict (what ``SpeechEncoderConfig.checkpoint`` loads), atomically."""
-        path = Path(path)
-        with atomic_write(path, "wb") as file:
-            torch.save(self.encoder.state_dict(), file)
-        return path
+            self.log("ctc/cer", char_error_rate(hyps, refs), prog_bar=True, batch_size=batch["audio"].shape[0])
 
 
 def pretrain_speech_encoder_ctc(
@@ -141,28 +165,16 @@ def pretrain_speech_encoder_ctc(
         last 20 steps; cer: greedy character error rate of the last logged training batch).
     """
     module = CTCModule(encoder, OptimConfig(lr=lr, warmup_steps=min(20, steps // 5), total_steps=max(1, steps)))
-    history = TrainingHistory()
-    trainer = L.Trainer(**{**(trainer_defaults or {}), "max_steps": steps, "limit_val_batches": 0,
-                           "num_sanity_val_steps": 0, "enable_checkpointing": False,
-                           "logger": L.pytorch.loggers.CSVLogger(str(Path(out) / "logs"), name="ctc_pretrain"),
-                           "log_every_n_steps": 10, "callbacks": [history],
-                           "enable_progress_bar": progress, "enable_model_summary": False,
-                           "default_root_dir": str(out)})
     datamodule.setup("fit")
-    start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
-    seconds = time.perf_counter() - start
-    path = module.save_encoder(Path(out) / "speech_encoder.pt")
-    tail = [loss for _, loss in history.train_loss[-20:]]
-    cer = trainer.callback_metrics.get("ctc/cer")
-    summary = {"method": "ctc", "checkpoint": str(path), "steps": trainer.global_step, "seconds": round(seconds, 2),
-               "loss": round(sum(tail) / len(tail), 4) if tail else None,
-               "cer": round(float(cer), 4) if cer is not None else None}
+    fitted = _fit(module, datamodule, steps, Path(out), trainer_defaults, progress)
+    cer = fitted.pop("cer")
+    summary = {"method": "ctc", "checkpoint": str(module.save_part(module.encoder, Path(out) / "speech_encoder.pt")),
+               **fitted, "cer": round(float(cer), 4) if cer is not None else None}
     log.info("CTC pre-training: %s", summary)
     return summary
 
 
-class TokenCTCModule(L.LightningModule):
+class TokenCTCModule(_CTCStage):
     """The speech adapter learns CTC over the LM's tokens, scored against the LM's input embeddings.
 
     Args:
@@ -175,15 +187,17 @@ class TokenCTCModule(L.LightningModule):
         output_rms: the adapter's initial output RMS (as in the fused model).
     """
 
+    name = "token_ctc"
+
     def __init__(self, encoder: SpeechEncoderConfig, adapter: SpeechAdapterConfig, embeddings: Tensor,
                  lookup: dict[int, int], tokenize, optim: OptimConfig, output_rms: float = 1.0) -> None:
-        super().__init__()
+        super().__init__(optim)
         self.encoder = SpeechEncoder(encoder).requires_grad_(False)
         self.adapter = SpeechAdapter(self.encoder.out_dim, embeddings.shape[1], adapter, output_rms=output_rms)
         self.register_buffer("rows", F.normalize(embeddings.float(), dim=-1), persistent=False)  # [V_c - 1, d]
         self.blank = nn.Parameter(torch.randn(embeddings.shape[1]) * 0.02)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # cosine → logits temperature
-        self.lookup, self.tokenize, self.optim = lookup, tokenize, optim
+        self.lookup, self.tokenize = lookup, tokenize
 
     def train(self, mode: bool = True) -> TokenCTCModule:
         super().train(mode)
@@ -194,7 +208,7 @@ class TokenCTCModule(L.LightningModule):
         """Compact ids (1-based; 0 is the blank) of ``text``'s LM tokens; tokens outside the vocabulary dropped."""
         return [k for k in (self.lookup.get(t, 0) for t in self.tokenize(text)) if k]
 
-    def loss(self, batch: dict[str, Any]) -> Tensor:
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, None]:
         """Mean CTC loss per target token of the batch."""
         with torch.no_grad():
             out = self.encoder(batch["audio"], batch["audio_lengths"])
@@ -202,27 +216,9 @@ class TokenCTCModule(L.LightningModule):
         classes = torch.cat([F.normalize(self.blank, dim=-1)[None], self.rows])  # [V_c, d]
         logits = F.normalize(frames, dim=-1) @ classes.T * self.log_scale.exp()  # [b, t, V_c]
         targets = [torch.tensor(self.targets(m["text"]), dtype=torch.long) for m in batch["meta"]]
-        return F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), torch.cat(targets), mask.sum(1),
+        loss = F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), torch.cat(targets), mask.sum(1),
                           torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite token-CTC loss {loss.item()} at step {self.global_step}")
-        self.log("token_ctc/loss", loss, prog_bar=True, batch_size=batch["audio"].shape[0])
-        return loss
-
-    def configure_optimizers(self):
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        opt, sched = build_optimizer(named, lambda name: name.partition(".")[0], self.optim)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def save_adapter(self, path: str | Path) -> Path:
-        """Write the adapter's state dict (what ``SpeechAdapterConfig.checkpoint`` loads), atomically."""
-        path = Path(path)
-        with atomic_write(path, "wb") as file:
-            torch.save(self.adapter.state_dict(), file)
-        return path
+        return loss, None
 
 
 def pretrain_speech_adapter_ctc(
@@ -261,20 +257,30 @@ def pretrain_speech_adapter_ctc(
     module = TokenCTCModule(encoder, adapter, embed_tokens[vocab].detach().clone(), lookup, tokenize,
                             OptimConfig(lr=lr, warmup_steps=min(20, steps // 5), total_steps=max(1, steps)),
                             output_rms=output_rms)
+    fitted = _fit(module, datamodule, steps, Path(out), trainer_defaults, progress)
+    fitted.pop("cer")
+    summary = {"method": "token_ctc", "checkpoint": str(module.save_part(module.adapter, Path(out) / "speech_adapter.pt")),
+               **fitted, "vocabulary": len(vocab)}
+    log.info("token-CTC pre-training of the adapter: %s", summary)
+    return summary
+
+
+def _fit(module: _CTCStage, datamodule: L.LightningDataModule, steps: int, out: Path,
+         trainer_defaults: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
+    """Train ``module`` for ``steps`` on the training split (CSV log in ``out/logs/<name>_pretrain``).
+
+    Returns ``{"steps", "seconds", "loss" (mean of the last 20 steps), "cer" (last logged, or None)}``.
+    """
     history = TrainingHistory()
     trainer = L.Trainer(**{**(trainer_defaults or {}), "max_steps": steps, "limit_val_batches": 0,
                            "num_sanity_val_steps": 0, "enable_checkpointing": False,
-                           "logger": L.pytorch.loggers.CSVLogger(str(Path(out) / "logs"), name="token_ctc_pretrain"),
+                           "logger": L.pytorch.loggers.CSVLogger(str(out / "logs"), name=f"{module.name}_pretrain"),
                            "log_every_n_steps": 10, "callbacks": [history],
                            "enable_progress_bar": progress, "enable_model_summary": False,
                            "default_root_dir": str(out)})
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
-    seconds = time.perf_counter() - start
-    path = module.save_adapter(Path(out) / "speech_adapter.pt")
     tail = [loss for _, loss in history.train_loss[-20:]]
-    summary = {"method": "token_ctc", "checkpoint": str(path), "steps": trainer.global_step,
-               "seconds": round(seconds, 2), "loss": round(sum(tail) / len(tail), 4) if tail else None,
-               "vocabulary": len(vocab)}
-    log.info("token-CTC pre-training of the adapter: %s", summary)
-    return summary
+    return {"steps": trainer.global_step, "seconds": round(time.perf_counter() - start, 2),
+            "loss": round(sum(tail) / len(tail), 4) if tail else None,
+            "cer": trainer.callback_metrics.get(f"{module.name}/cer")}
