@@ -182,7 +182,7 @@ class EncoderPretrainModule(L.LightningModule):
 
     def loss(self, batch: dict[str, Any]) -> Tensor:
         """Mean cross-entropy over the response tokens of ``batch``."""
-        if isinstance(self.encoder, ClipEncoder):
+        if "videos" in batch:
             media = self.encoder(batch["videos"], batch["frame_mask"])
         else:
             media = self.encoder(batch["images"])
