@@ -21,7 +21,6 @@ from encoders.preprocess import image_transform
 from mm_llama.cli import main as cli_main
 from mm_llama.data import spoken
 from mm_llama.data.audio_io import decode_audio
-from mm_llama.data.clips import ClipSpec, make_default_clip_shards
 from mm_llama.data.video import VideoFrames
 from mm_llama.demo.handlers import parse_request, preview_audio, preview_video, respond, unavailable_note
 from mm_llama.generation import generate
@@ -31,6 +30,7 @@ from mm_llama.speech_generation import generate_from_speech
 from mm_llama.training import run as run_module
 from tests.test_speech_training import tiny_speech_model
 from tests.test_video_data import _audio_only_mp4
+from tests.test_video_training import clips_dir  # noqa: F401  (the tiny clip shards, a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -58,14 +58,6 @@ def write(tmp_path, name: str, data: bytes):
 
 
 # --------------------------------------------------------------------------- a video checkpoint
-
-
-@pytest.fixture(scope="module")
-def clips_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clips")
-    make_default_clip_shards(root, n_train=8, n_val=4, n_test=4, samples_per_shard=4, min_shards=2,
-                             spec=ClipSpec(size=16), progress=False)
-    return root
 
 
 @pytest.fixture(scope="module")
