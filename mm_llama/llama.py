@@ -52,6 +52,44 @@ class KVCache:
         self.length += n
 
 
+class SharedPrefix:
+    """Keys/values of a prompt prefix that every row of a batch shares, computed once.
+
+    Training batches begin with the same chat header (``<|im_start|>system ... user\\n``)
+    before their media; those rows see no media, so their keys and values are the frozen
+    LM's alone. :meth:`compute` runs the prefix for one row without autograd; passed as the
+    ``cache`` of :meth:`LlamaLM.decode` for the rest of the batch, :meth:`update` prepends it
+    (broadcast over the batch, never written in place, so activation checkpointing and
+    autograd see plain tensors). Duck-types the :class:`KVCache` interface.
+
+    Attributes:
+        k, v: per layer ``[1, h_kv, p, h_d]``. length: ``p``.
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        self.k, self.v = k, v
+        self.length = k[0].shape[2]
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, lm: LlamaLM, prefix_embeds: torch.Tensor) -> SharedPrefix:
+        """The frozen LM's K/V of ``prefix_embeds [1, p, d]`` (a text-only prefix)."""
+        cache = KVCache(lm.cfg, 1, prefix_embeds.shape[1], device=prefix_embeds.device,
+                        dtype=lm.embed_tokens.weight.dtype)
+        lm.decode(prefix_embeds.to(cache.k[0].dtype), cache=cache)
+        return cls(cache.k, cache.v)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k, v [b, h_kv, s, h_d]`` → ``[b, h_kv, p + s, h_d]`` with the prefix in front."""
+        b = k.shape[0]
+        pk = self.k[layer].expand(b, -1, -1, -1).to(k.dtype)
+        pv = self.v[layer].expand(b, -1, -1, -1).to(v.dtype)
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+
+    def advance(self, n: int) -> None:
+        """Nothing to do: the prefix is read-only and ``length`` stays ``p``."""
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention through ``scaled_dot_product_attention``."""
 
@@ -70,7 +108,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None = None,
+        cache: KVCache | SharedPrefix | None = None,
     ) -> torch.Tensor:
         """``x [b, s, d]`` → ``[b, s, d]``; ``mask [b, 1, s, s_k]`` bool (True = attend) or None = causal."""
         b, s, _ = x.shape
@@ -144,7 +182,7 @@ class LlamaLM(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SharedPrefix | None = None,
         before_layer: LayerHook | None = None,
     ) -> torch.Tensor:
         """Run all blocks and the final norm.
@@ -154,7 +192,8 @@ class LlamaLM(nn.Module):
             positions: ``[b, s]`` RoPE positions; default ``cache.length + arange(s)``.
             key_padding_mask: ``[b, s_k]`` bool, True for real tokens (left padding in
                 batched generation). ``None`` means every key is real.
-            cache: KV cache to read from and append to (advanced by ``s``).
+            cache: KV cache to read from and append to (advanced by ``s``), or a
+                :class:`SharedPrefix` that ``hidden`` continues.
             before_layer: ``hook(layer_idx, hidden [b, s, d]) -> hidden`` called before each block.
 
         Returns:

@@ -35,7 +35,7 @@ from adapters.speech_fusion import SplicedInputs, splice_speech  # noqa: E402
 from encoders import ImageEncoder, ImageEncoderConfig, MediaEncoder  # noqa: E402
 from encoders.mllama_vision import MllamaVisionEncoder, MllamaVisionEncoderConfig, TiledImages  # noqa: E402
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig  # noqa: E402
-from mm_llama.llama import KVCache, LlamaLM  # noqa: E402
+from mm_llama.llama import KVCache, LlamaLM, SharedPrefix  # noqa: E402
 from mm_llama.lm import freeze  # noqa: E402
 from mm_llama.video_adapter import VideoAdapter, VideoConfig  # noqa: E402
 
@@ -345,8 +345,7 @@ class MultimodalLlama(nn.Module):
             # Right padding: causal attention keeps real positions from seeing pads, no mask needed.
             hidden = self.lm.decode(spliced.embeds, positions=spliced.positions)
             return labeled_cross_entropy(hidden, spliced.labels, self.lm.output_weight)
-        media = self.media_kv(*self.encode_speech(audio, lengths))
-        return labeled_cross_entropy(self.hidden_states(input_ids, media), labels, self.lm.output_weight)
+        return self.labeled_loss(input_ids, labels, self.media_kv(*self.encode_speech(audio, lengths)))
 
     def media_context(self, images: torch.Tensor | TiledImages) -> MediaContext:
         """Encode media once and compute every cross-attention block's K/V."""
@@ -386,7 +385,7 @@ class MultimodalLlama(nn.Module):
         row_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SharedPrefix | None = None,
     ) -> torch.Tensor:
         """``input_ids [b, s]`` → final-normed hidden ``[b, s, d]``.
 
@@ -432,9 +431,35 @@ class MultimodalLlama(nn.Module):
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None, *,
              videos: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over labeled positions (``labels [b, s]``, -100 = none)."""
-        media = self._context(images, videos, frame_mask)
-        hidden = self.hidden_states(input_ids, media)
-        return labeled_cross_entropy(hidden, labels, self.lm.output_weight)
+        return self.labeled_loss(input_ids, labels, self._context(images, videos, frame_mask))
+
+    def labeled_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, media: MediaContext | None) -> torch.Tensor:
+        """:meth:`loss` on encoded ``media``. The columns every row shares before its media
+        (the chat header) go through the frozen LM once, for one row (:class:`SharedPrefix`);
+        the result equals the plain forward's (tested), at ~25 % less LM compute for the
+        built-in prompts."""
+        p = shared_prefix_length(input_ids, labels, self.lm.cfg.vocab_size)
+        if p == 0:
+            return labeled_cross_entropy(self.hidden_states(input_ids, media), labels, self.lm.output_weight)
+        prefix = SharedPrefix.compute(self.lm, self.fusion_embed(input_ids[:1, :p], self.lm.embed_tokens))
+        hidden = self.hidden_states(input_ids[:, p:], media, row_mask=self.media_rows(input_ids)[:, p:], cache=prefix)
+        return labeled_cross_entropy(hidden, labels[:, p:], self.lm.output_weight)
+
+
+def shared_prefix_length(input_ids: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> int:
+    """Leading columns of ``input_ids [b, s]`` that are the same text token in every row,
+    unlabeled, and followed by at least one more column: what :class:`SharedPrefix` can skip.
+
+    Labels ``[b, s]`` are next-token targets read from the previous column, so the column
+    after the prefix must be unlabeled too. Batches of one row share nothing worth caching.
+    """
+    b, s = input_ids.shape
+    if b < 2 or s < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0) & (input_ids[0] < vocab_size)  # [s]
+    unlabeled = (labels == -100).all(0)  # [s]
+    ok = same[:-1] & unlabeled[:-1] & unlabeled[1:]  # column j can be prefix if j+1 is unlabeled too
+    return int(ok.long().cumprod(0).sum())
 
 
 def labeled_cross_entropy(

@@ -7,7 +7,9 @@ from encoders import ImageEncoderConfig
 from mm_llama.config import LlamaConfig
 from mm_llama.llama import KVCache, LlamaLM
 from mm_llama.lm import freeze
-from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama, labeled_cross_entropy
+from mm_llama.model import (
+    CrossAttentionConfig, ModelConfig, MultimodalLlama, labeled_cross_entropy, shared_prefix_length,
+)
 
 VOCAB = 97
 
@@ -139,6 +141,52 @@ def test_kv_cache_decode_equals_full_forward():
         for t in range(6, 10):
             steps.append(lm.logits(lm.decode(lm.embed(ids[:, t : t + 1]), cache=cache)))
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def _prefixed_batch(model, b=3, s=14, prefix=4, image_at=5):
+    """Rows that share ``prefix`` leading tokens, then differ; labels on the last 4 columns."""
+    ids = torch.randint(0, VOCAB, (b, s))
+    ids[:, :prefix] = ids[0, :prefix]
+    ids[:, image_at] = model.media_token_id("image")
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    return ids, labels
+
+
+def test_shared_prefix_length_stops_at_the_first_difference_media_or_label():
+    model = tiny_model()
+    ids, labels = _prefixed_batch(model, prefix=4, image_at=5)
+    ids[1, 4] = (ids[0, 4] + 1) % VOCAB
+    assert shared_prefix_length(ids, labels, VOCAB) == 4
+    ids[:, 4] = ids[0, 4]  # column 4 now shared too; column 5 is the media token in every row
+    assert shared_prefix_length(ids, labels, VOCAB) == 5
+    labels[:, 3] = ids[:, 3]  # a label at column 3 is predicted from column 2: the prefix stops at 2
+    assert shared_prefix_length(ids, labels, VOCAB) == 2
+    assert shared_prefix_length(ids[:1], labels[:1], VOCAB) == 0  # one row: nothing to share
+
+
+def test_loss_with_the_shared_prefix_equals_the_plain_forward_in_value_and_gradients():
+    model = tiny_model(gate_init=0.5)
+    ids, labels = _prefixed_batch(model)
+    images = torch.randn(3, 3, 16, 16)
+    assert shared_prefix_length(ids, labels, VOCAB) == 4
+
+    def loss_and_grads(shared: bool):
+        model.zero_grad(set_to_none=True)
+        if shared:
+            loss = model.loss(ids, labels, images)
+        else:
+            hidden = model.hidden_states(ids, model.media_context(images))
+            loss = labeled_cross_entropy(hidden, labels, model.lm.output_weight)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (shared, g_shared), (plain, g_plain) = loss_and_grads(True), loss_and_grads(False)
+    assert torch.allclose(shared, plain, atol=1e-6)
+    assert g_shared.keys() == g_plain.keys() and g_shared
+    for name in g_plain:
+        assert torch.allclose(g_shared[name], g_plain[name], atol=1e-6), name
+    assert all(p.grad is None for p in model.lm.parameters())
 
 
 def test_configs_pickled_before_a_field_existed_load_with_its_default():
