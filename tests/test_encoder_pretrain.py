@@ -126,3 +126,23 @@ def test_train_adapter_pretrains_freezes_and_skips_the_stage_on_resume(tiny_lm_d
     assert resumed["steps"] == 3 and resumed["encoder_pretrain"] is None
     state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert all(torch.equal(state[prefix + k], v) for k, v in saved.items())
+
+
+def test_a_clip_encoder_with_frozen_frames_trains_only_its_aggregator():
+    from mm_llama.training.encoder_pretrain import ClipEncoder
+    from mm_llama.video_adapter import VideoConfig, build_aggregator
+
+    torch.manual_seed(0)
+    frames = ImageEncoder(TINY_ENCODER)
+    clip = ClipEncoder(frames, build_aggregator(VideoConfig(frames=2, frames_per_group=2, depth=1, heads=2),
+                                                frames.out_dim, frames.num_tokens), frozen_frames=True)
+    inputs = ModelInputs(tokenizer=None, media_token_id=11, image_size=16, system_prompt="", frames=2)
+    module = EncoderPretrainModule(clip, inputs, torch.arange(12), EncoderPretrainConfig(width=16, heads=2, depth=1))
+    ids = torch.tensor([[1, 11, 3, 4, 5, 6], [1, 11, 2, 7, 8, 9]])
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:] = ids[:, 4:]
+    batch = {"videos": torch.randn(2, 2, 3, 16, 16), "frame_mask": torch.ones(2, 2, dtype=torch.bool),
+             "input_ids": ids, "labels": labels}
+    module.loss(batch).backward()
+    assert all(not p.requires_grad and p.grad is None for p in frames.parameters())
+    assert all(p.grad is not None for p in clip.aggregator.parameters())

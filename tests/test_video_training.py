@@ -71,6 +71,36 @@ def test_video_default_trains_everything_and_reports_the_ablations(tiny_lm_dir, 
     )
 
 
+def test_frame_encoder_from_an_image_run_stays_frozen_while_stage_1_trains_the_aggregator(
+        tiny_lm_dir, clips_dir, tmp_path, capsys, monkeypatch):
+    from encoders import ImageEncoder
+
+    spec = run_module.MODALITIES["video"]
+    tiny = dataclasses.replace(spec, model_config=lambda cfg: dataclasses.replace(TINY_MODEL, video=TINY_VIDEO))
+    monkeypatch.setitem(run_module.MODALITIES, "video", tiny)
+    torch.manual_seed(1)
+    image_run = ImageEncoder(TINY_MODEL.image_encoder).backbone.model.state_dict()  # an "image run's" stage 1
+    frame_file = tmp_path / "image_encoder.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in image_run.items()}, str(frame_file))
+    out = tmp_path / "video"
+    assert run_module.main(flags(tiny_lm_dir, clips_dir, out, "--encoder-pretrain-steps", "2",
+                                 "--frame-encoder", str(frame_file))) == 0
+    metrics = last_json(capsys)
+    assert metrics["encoder_pretrain"]["steps"] == 2
+    saved = safetensors.torch.load_file(out / "image_encoder.safetensors")
+    assert saved.keys() == image_run.keys() and all(torch.equal(saved[k], v) for k, v in image_run.items())
+    state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(state[f"model.image_encoder.backbone.model.{k}"], v) for k, v in image_run.items())
+    assert (out / "video_aggregator.safetensors").is_file()
+
+
+def test_frame_encoder_flag_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        run_module.RunConfig(modality="video", frame_encoder=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="options of --modality video"):
+        run_module.RunConfig(modality="image", frame_encoder=str(tmp_path / "x.safetensors"))
+
+
 def test_video_stage_on_an_image_checkpoint_moves_only_the_video_branch(tiny_checkpoint, clips_dir, tmp_path,
                                                                         capsys):
     lm_dir = tiny_checkpoint.parent / "lm"

@@ -140,17 +140,21 @@ class ClipEncoder(nn.Module):
     Args:
         encoder: the frame encoder (``s_f`` tokens of width ``d_e`` per frame).
         aggregator: the video branch's aggregator over ``d_e``-wide tokens.
+        frozen_frames: the frame encoder is already trained (on images) and stays fixed;
+            only the aggregator learns.
     """
 
-    def __init__(self, encoder: ImageEncoder, aggregator: TemporalAggregator) -> None:
+    def __init__(self, encoder: ImageEncoder, aggregator: TemporalAggregator, frozen_frames: bool = False) -> None:
         super().__init__()
         self.encoder, self.aggregator = encoder, aggregator
+        self.frozen_frames = frozen_frames
         self.out_dim = encoder.out_dim
 
     def forward(self, videos: Tensor, frame_mask: Tensor) -> EncoderOutput:
         """``videos [b, f, 3, H, W]``, ``frame_mask [b, f]`` → aggregated tokens ``[b, g * n_l, d_e]`` and mask."""
         b, f = videos.shape[:2]
-        out = self.encoder(videos.flatten(0, 1))  # tokens [b * f, s_f, d_e]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_frames):
+            out = self.encoder(videos.flatten(0, 1))  # tokens [b * f, s_f, d_e]
         tokens, mask = self.aggregator(out.tokens.view(b, f, *out.tokens.shape[1:]), frame_mask)
         return EncoderOutput(tokens, mask)
 
@@ -175,6 +179,8 @@ class EncoderPretrainModule(L.LightningModule):
                  cfg: EncoderPretrainConfig) -> None:
         super().__init__()
         self.encoder = encoder.requires_grad_(True)
+        if isinstance(encoder, ClipEncoder) and encoder.frozen_frames:
+            encoder.encoder.requires_grad_(False)
         self.inputs = inputs
         self.cfg = cfg
         self.register_buffer("lookup", lookup, persistent=False)

@@ -59,7 +59,7 @@ from mm_llama.training.report import (
 log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 200
-"""Optimizer steps of the default run."""
+"""Optimizer steps of a run whose modality does not set its own (:attr:`Modality.steps`)."""
 
 
 # ---------------------------------------------------------------- trainer defaults
@@ -105,7 +105,8 @@ class RunConfig:
         encoder: encoder backbone ``"<library>:<name>"`` (e.g. ``"open_clip:ViT-B-32"``);
             the CPU-sized shape of the default config (depth, width, patch) is kept.
             ``None``: the default config's backbone.
-        steps: optimizer steps (also the length of the cosine decay).
+        steps: optimizer steps (also the length of the cosine decay); ``None``: the modality's
+            default (:attr:`Modality.steps`: 400 for image, 200 for video and speech).
         batch_size: samples per step.
         lr: peak learning rate; ``None`` keeps :class:`OptimConfig`'s.
         out: output directory; ``None``: the modality's default (``runs/image``).
@@ -122,13 +123,18 @@ class RunConfig:
         model: full model configuration (overrides ``encoder``); ``None``: defaults.
         optim: full optimizer configuration (``lr``/``steps`` still apply); ``None``: defaults.
         encoder_pretrain_steps: steps of stage 1, the image encoder's caption pre-training
-            (:mod:`mm_llama.training.encoder_pretrain`); 0 skips it. Skipped on ``--resume``
-            (the encoder's weights are in the checkpoint).
+            (:mod:`mm_llama.training.encoder_pretrain`); 0 skips it; ``None``: the modality's
+            default (:attr:`Modality.encoder_pretrain_steps`: 600 for image, 250 for video).
+            Skipped on ``--resume`` (the encoder's weights are in the checkpoint).
         encoder_pretrain: the rest of stage 1's settings; ``None``: defaults.
         image_checkpoint: (video) an image-stage ``adapter.ckpt``: the video stage loads it and
             trains only the video branch (Llama 3 §7.4). ``None``: no trained image weights, so
             the default image configuration and the video branch train together on the clips.
         frames: (video) frames sampled per clip (``VideoConfig.frames``); ``None``: its default.
+        frame_encoder: (video) an image run's stage-1 encoder file (``image_encoder.safetensors``):
+            video's stage 1 starts the frame encoder from it and keeps it frozen, so only the
+            temporal aggregator learns from the clips (README, "Video"). ``None``: the frame
+            encoder starts random and learns with the aggregator.
         speech_pretrain: speech only: how the Conformer is pre-trained before the adapters:
             ``"ctc"`` (character CTC on the transcripts, :mod:`mm_llama.training.ctc_pretrain`;
             the encoder is then frozen in stage 2) or ``"best_rq"`` (self-supervised on the audio,
@@ -143,7 +149,7 @@ class RunConfig:
     modality: str = "image"
     lm: str = DEFAULT_LM
     encoder: str | None = None
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None
     batch_size: int = 8
     lr: float | None = None
     out: str | None = None
@@ -158,10 +164,11 @@ class RunConfig:
     progress: bool = True
     model: ModelConfig | None = None
     optim: OptimConfig | None = None
-    encoder_pretrain_steps: int = EncoderPretrainConfig().steps
+    encoder_pretrain_steps: int | None = None
     encoder_pretrain: EncoderPretrainConfig | None = None
     image_checkpoint: str | None = None
     frames: int | None = None
+    frame_encoder: str | None = None
     fusion: str = "embedding"
     speech_pretrain: str = "ctc"
     speech_pretrain_steps: int = 300
@@ -170,8 +177,17 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
             raise ValueError(f"modality {self.modality!r} is not implemented yet; implemented: {sorted(MODALITIES)}")
-        if self.modality != "video" and (self.image_checkpoint is not None or self.frames is not None):
-            raise ValueError("--image-checkpoint and --frames are options of --modality video")
+        if self.steps is None:
+            self.steps = self.spec.steps
+        if self.encoder_pretrain_steps is None:
+            self.encoder_pretrain_steps = self.spec.encoder_pretrain_steps
+        if self.modality != "video" and (self.image_checkpoint, self.frames, self.frame_encoder) != (None,) * 3:
+            raise ValueError("--image-checkpoint, --frames and --frame-encoder are options of --modality video")
+        if self.frame_encoder is not None and self.image_checkpoint is not None:
+            raise ValueError("--frame-encoder starts video's stage 1; --image-checkpoint skips it: give one")
+        if self.frame_encoder is not None and not Path(self.frame_encoder).is_file():
+            raise ValueError(f"--frame-encoder {self.frame_encoder}: no such file (an image run writes "
+                             "runs/image/image_encoder.safetensors)")
         if self.frames is not None and self.frames < 1:
             raise ValueError(f"RunConfig.frames must be None or >= 1, got {self.frames}")
         for name in ("steps", "batch_size", "val_samples", "eval_max_new_tokens"):
@@ -363,6 +379,8 @@ class Modality:
         pretrain_stage: ``(RunConfig, ModelConfig, out, resume=) -> (ModelConfig, summary | None)``,
             a stage run before the adapters on a fresh run (speech: CTC or BEST-RQ); on a resumed
             run it only returns stage 2's model configuration.
+        steps: default optimizer steps of the adapter stage.
+        encoder_pretrain_steps: default steps of stage 1 (when ``encoder_pretraining``).
     """
 
     model_config: Callable[[RunConfig], ModelConfig]
@@ -373,10 +391,15 @@ class Modality:
     extra_tests: Callable[..., dict[str, float]] | None = None
     extra_metrics: Callable[[RunConfig, L.LightningDataModule], dict[str, Any]] = lambda cfg, dm: {}
     pretrain_stage: Callable[..., tuple[ModelConfig, dict[str, Any] | None]] | None = None
+    steps: int = DEFAULT_STEPS
+    encoder_pretrain_steps: int = EncoderPretrainConfig().steps
 
 
 MODALITIES: dict[str, Modality] = {
-    "image": Modality(_image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image"),
+    # Image: stage 1 long enough for its decoder to answer 96.5 % of the test questions, then 400
+    # adapter steps (README, "Learning dynamics": both stages were sample-limited at 250 / 200).
+    "image": Modality(_image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image",
+                      steps=400, encoder_pretrain_steps=600),
     # Video's stage 1 trains encoder + aggregator on the clips' captions, unless --image-checkpoint
     # gives trained image weights (the video stage).
     "video": Modality(_video_model_config, _video_datamodule, data_dir="data/clips", out="runs/video",
@@ -516,9 +539,13 @@ def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tupl
                          image_size=model_cfg.image_encoder.image_size, system_prompt=datamodule.hparams.system_prompt,
                          frames=video.frames if video is not None else None)
     del lm
-    encoder = ImageEncoder(model_cfg.image_encoder)
+    encoder_cfg = model_cfg.image_encoder
+    if cfg.frame_encoder is not None:
+        encoder_cfg = dataclasses.replace(encoder_cfg, checkpoint=cfg.frame_encoder)
+    encoder = ImageEncoder(encoder_cfg)
     if video is not None:
-        encoder = ClipEncoder(encoder, build_aggregator(video, encoder.out_dim, encoder.num_tokens))
+        encoder = ClipEncoder(encoder, build_aggregator(video, encoder.out_dim, encoder.num_tokens),
+                              frozen_frames=cfg.frame_encoder is not None)
     stage1 = pretrain_image_encoder(encoder, inputs, datamodule, pre, out,
                                     trainer_defaults=trainer_defaults(), progress=cfg.progress)
     log.info("encoder pre-training: %s", stage1)
@@ -623,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image: backbone '<library>:<name>', e.g. timm:vit_tiny_patch16_224 or open_clip:ViT-B-32 "
                    f"(default: {ImageEncoderConfig().backbone}; the CPU-sized depth/width/patch are kept); "
                    f"speech: one of {', '.join(SPEECH_BACKBONES)} (default: conformer)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: " + ", ".join(f"{k} {m.steps}" for k, m in MODALITIES.items()) + ")")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {OptimConfig().lr})")
     p.add_argument("--out", default=None, help="output directory (default: runs/<modality>)")
@@ -636,15 +664,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-samples", type=int, default=d.val_samples,
                    help="validation samples per evaluation (default: %(default)s)")
     p.add_argument("--test-samples", type=int, default=None, help="test samples (default: the whole test split)")
-    p.add_argument("--encoder-pretrain-steps", type=int, default=d.encoder_pretrain_steps,
+    p.add_argument("--encoder-pretrain-steps", type=int, default=None,
                    help="steps of the image encoder's caption pre-training before the adapters (video: "
                         "encoder + temporal aggregator, on the clips; not with --image-checkpoint); 0: none "
-                        "(default: %(default)s)")
+                        "(default: image " + f"{MODALITIES['image'].encoder_pretrain_steps}, video "
+                        f"{MODALITIES['video'].encoder_pretrain_steps})")
     p.add_argument("--image-checkpoint", default=None,
                    help="(video) image-stage adapter.ckpt to start from; only the video branch then trains "
                         "(default: none, the image configuration trains with the video branch)")
     p.add_argument("--frames", type=int, default=None,
                    help=f"(video) frames sampled per clip (default: {VideoConfig().frames})")
+    p.add_argument("--frame-encoder", default=None,
+                   help="(video) an image run's image_encoder.safetensors: stage 1 keeps this frame encoder "
+                        "frozen and trains the temporal aggregator (default: none, both train from scratch)")
     p.add_argument("--speech-pretrain", choices=SPEECH_PRETRAINING, default=d.speech_pretrain,
                    help="speech: pre-training of the Conformer before the adapters: ctc (on the transcripts; "
                         "the encoder is then frozen) or best_rq (self-supervised) (default: %(default)s)")
