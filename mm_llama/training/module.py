@@ -126,9 +126,11 @@ class AdapterModule(L.LightningModule):
     def batch_loss(self, batch: dict[str, Any], media: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Response-token loss of an image, video or speech (``audio``) batch; ``media``
         overrides :meth:`media` (e.g. shuffled frames)."""
+        share = not is_sharded(self._trainer)  # FSDP: every rank must run the same LM forwards
         if "audio" in batch:
-            return self.model.speech_loss(batch["input_ids"], batch["labels"], batch["audio"], batch["audio_lengths"])
-        return self.model.loss(batch["input_ids"], batch["labels"], **(media or self.media(batch)))
+            return self.model.speech_loss(batch["input_ids"], batch["labels"], batch["audio"], batch["audio_lengths"],
+                                          share_prefix=share)
+        return self.model.loss(batch["input_ids"], batch["labels"], **(media or self.media(batch)), share_prefix=share)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.batch_loss(batch)
