@@ -400,8 +400,8 @@ MODALITIES: dict[str, Modality] = {
     # adapter steps (README, "Learning dynamics": both stages were sample-limited at 250 / 200).
     "image": Modality(_image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image",
                       steps=400, encoder_pretrain_steps=600),
-    # Video's stage 1 trains encoder + aggregator on the clips' captions, unless --image-checkpoint
-    # gives trained image weights (the video stage).
+    # Video's stage 1 trains encoder + aggregator on the clips' captions (only the aggregator with
+    # --frame-encoder), unless --image-checkpoint gives trained image weights (the video stage).
     "video": Modality(_video_model_config, _video_datamodule, data_dir="data/clips", out="runs/video",
                       extra_tests=frame_ablations),
     "speech": Modality(_speech_model_config, _speech_datamodule, data_dir="data/speech", out="runs/speech-{fusion}",
@@ -667,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-pretrain-steps", type=int, default=None,
                    help="steps of the image encoder's caption pre-training before the adapters (video: "
                         "encoder + temporal aggregator, on the clips; not with --image-checkpoint); 0: none "
-                        "(default: image " + f"{MODALITIES['image'].encoder_pretrain_steps}, video "
-                        f"{MODALITIES['video'].encoder_pretrain_steps})")
+                        "(default: " + ", ".join(f"{k} {m.encoder_pretrain_steps}" for k, m in MODALITIES.items()
+                                                 if m.encoder_pretraining) + ")")
     p.add_argument("--image-checkpoint", default=None,
                    help="(video) image-stage adapter.ckpt to start from; only the video branch then trains "
                         "(default: none, the image configuration trains with the video branch)")
