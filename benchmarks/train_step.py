@@ -23,14 +23,18 @@ from mm_llama.model import ModelConfig, MultimodalLlama
 from mm_llama.training.optim import OptimConfig, build_optimizer
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 FLOP/s of an ``n x n`` matmul on this process's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of an ``n x n`` matmul in ``dtype`` on ``device`` (CPU: this process's threads)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
     a @ b  # warm-up
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 

@@ -31,7 +31,8 @@ load from elsewhere on a shared machine falls on both alike:
 * ``saved_activation_mb``: what autograd saves for backward in one forward + loss (distinct
   storages, weights excluded): the activation memory, exact and independent of machine load;
 * ``matmul_peak_fraction``: FLOPs of one step (``torch.utils.flop_counter``) per second of
-  median step time, over the fp32 matmul peak of this machine (``train_step.matmul_peak_flops``);
+  median step time, over the matmul peak of this machine (``train_step.matmul_peak_flops``; fp32,
+  or bf16 with ``--precision bf16-mixed``: on a GPU this is the model FLOPs utilisation, MFU);
 * generation: greedy, the same prompt, exactly ``--new-tokens`` tokens (no early stop), KV
   cache on in both (HF's ``generate`` caches the cross-attention K/V of the image in its
   cache; ours computes them once per request). ``decode_tokens_per_s`` is
@@ -47,6 +48,7 @@ figures of both models under ``ours`` and ``hf``. ``--torchtune`` adds torchtune
 interpreter that imports torchtune (``--torchtune-python``)::
 
     python benchmarks/vs_hf_mllama.py [--batch-size 8] [--seq-len 128] [--steps 5] [--new-tokens 32] [--quick]
+    python benchmarks/vs_hf_mllama.py --device cuda --precision bf16-mixed   # on a GPU: memory is the GPU's
 """
 
 from __future__ import annotations
@@ -103,6 +105,10 @@ class Batch:
     image_pos: int
     prompt_len: int
 
+    def to(self, device: str) -> "Batch":
+        return Batch(self.ids.to(device), self.labels.to(device), self.images.to(device), self.image_pos,
+                     self.prompt_len)
+
 
 IMAGE_POS = 3  # after "<|im_start|>", "user", "\n"
 
@@ -135,6 +141,9 @@ class Runner:
     def param_groups(self) -> dict[str, int]:
         """Trainable parameter counts by part (``vision``, ``projector``, ``cross_attention``, ``other``)."""
         raise NotImplementedError
+
+    def to(self, device: str) -> None:
+        self.model.to(device)
 
 
 class OursRunner(Runner):
@@ -212,8 +221,8 @@ class HFRunner(Runner):
         model = MllamaForConditionalGeneration(config)
         # SmolLM2 ties input and output embeddings; HF's Mllama cannot tie (its table has 8 extra
         # rows), so its head is pointed at the table's first v rows: no extra 113 MB on HF's side.
-        embed = model.model.language_model.embed_tokens.weight
-        model.lm_head.weight = torch.nn.Parameter(embed[: t.vocab_size], requires_grad=False)
+        self.vocab_size = t.vocab_size
+        self._tie_head(model)
         for p in model.parameters():
             p.requires_grad_(False)
         trainable = [model.model.vision_model, model.model.multi_modal_projector,
@@ -223,13 +232,22 @@ class HFRunner(Runner):
         self.model, self.cross = model, cross
         self.attn_implementation = config._attn_implementation
 
+    def _tie_head(self, model) -> None:
+        embed = model.model.language_model.embed_tokens.weight
+        model.lm_head.weight = torch.nn.Parameter(embed[: self.vocab_size], requires_grad=False)
+
+    def to(self, device: str) -> None:
+        self.model.to(device)
+        self._tie_head(self.model)  # .to() copies the head apart from the table: view it again
+
     def _media_inputs(self, batch: Batch, b: int, s: int) -> dict[str, torch.Tensor]:
-        xmask = torch.zeros(b, s, 1, 1, dtype=torch.long)  # [b, s, images, tiles]
+        device = batch.ids.device
+        xmask = torch.zeros(b, s, 1, 1, dtype=torch.long, device=device)  # [b, s, images, tiles]
         xmask[:, batch.image_pos :] = 1  # rows at or after <|image|> see it
         return dict(
             pixel_values=batch.images[:b, None, None],  # [b, 1 image, 1 tile, 3, H, W]
-            aspect_ratio_ids=torch.ones(b, 1, dtype=torch.long),
-            aspect_ratio_mask=torch.ones(b, 1, 1, dtype=torch.long),
+            aspect_ratio_ids=torch.ones(b, 1, dtype=torch.long, device=device),
+            aspect_ratio_mask=torch.ones(b, 1, 1, dtype=torch.long, device=device),
             cross_attention_mask=xmask,
         )
 
@@ -384,7 +402,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def saved_activation_mb(runner: Runner, batch: Batch) -> float:
+def saved_activation_mb(runner: Runner, batch: Batch, autocast: torch.autocast) -> float:
     """MiB of distinct tensor storages autograd keeps for backward in one forward + loss.
 
     Weights (parameters and views of them) are excluded; what remains is the activation
@@ -400,7 +418,7 @@ def saved_activation_mb(runner: Runner, batch: Batch) -> float:
             storages[ptr] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         runner.loss(batch)
     return sum(storages.values()) / 2**20
 
@@ -428,13 +446,27 @@ class Worker:
         torch.manual_seed(0)
         vision = VisionSizes()
         self.runner = {"ours": OursRunner, "hf": HFRunner, "torchtune": TorchtuneRunner}[impl](vision)
+        self.device, self.cuda = args.device, args.device.startswith("cuda")
+        self.runner.to(self.device)
         self.batch = make_batch(args.batch_size, args.seq_len, args.response_len, LlamaConfig().vocab_size,
-                                vision.image_size)
+                                vision.image_size).to(self.device)
+        # bf16-mixed: fp32 weights, matmuls in bf16 under autocast (the recipe's GPU precision).
+        self.dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
+        self.autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
+                                       enabled=args.precision == "bf16-mixed")
         self.opt: torch.optim.Optimizer | None = None
-        self.peak_n = 1024 if args.quick else 2048  # side of the matmuls that measure the peak
-        self.report: dict = {"impl": impl, "threads": torch.get_num_threads()}
+        self.peak_n = 1024 if args.quick else (8192 if self.cuda else 2048)  # side of the peak-measuring matmuls
+        self.report: dict = {"impl": impl, "threads": torch.get_num_threads(), "device": self.device_name(),
+                             "precision": args.precision}
         if isinstance(self.runner, HFRunner):
             self.report["attn_implementation"] = self.runner.attn_implementation
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
     def train(self) -> dict:
         model = self.runner.model
@@ -448,11 +480,18 @@ class Worker:
             self.report["peak_rss_before_training_mb"] = peak_rss_mb()
             self.report["loaded_rss_mb"] = round(rss_mb(), 1)
             self.report["rss_peak_reset"] = reset_peak_rss()
+            if self.cuda:  # on a GPU the memory that counts is the device's
+                self.report["peak_gpu_before_training_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                self.report["loaded_gpu_mb"] = round(torch.cuda.memory_allocated(self.device) / 2**20, 1)
+                torch.cuda.reset_peak_memory_stats(self.device)
+        self.sync()
         start = time.perf_counter()
-        loss = self.runner.loss(self.batch)
+        with self.autocast:
+            loss = self.runner.loss(self.batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        self.sync()
         return {"s": time.perf_counter() - start}
 
     def train_done(self) -> dict:
@@ -460,21 +499,34 @@ class Worker:
         r = self.report
         r["peak_rss_mb"] = round(max(r.pop("peak_rss_before_training_mb"), train_peak), 1)
         r["train_increment_mb"] = round(train_peak - r["loaded_rss_mb"], 1) if r.pop("rss_peak_reset") else None
+        if self.cuda:
+            gpu_peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            r["peak_gpu_mb"] = round(max(r.pop("peak_gpu_before_training_mb"), gpu_peak), 1)
+            r["host_train_increment_mb"] = r["train_increment_mb"]
+            r["train_increment_mb"] = round(gpu_peak - r["loaded_gpu_mb"], 1)
         with FlopCounterMode(display=False) as counter:
             self.train()
         r["step_gflop"] = round(counter.get_total_flops() / 1e9, 2)
-        r["saved_activation_mb"] = round(saved_activation_mb(self.runner, self.batch), 1)
+        r["saved_activation_mb"] = round(saved_activation_mb(self.runner, self.batch, self.autocast), 1)
         r["trainable_params"] = sum(p.numel() for p in self.runner.model.parameters() if p.requires_grad)
         r["trainable_by_part"] = self.runner.param_groups()
-        r["matmul_peak_gflops"] = round(matmul_peak_flops(self.peak_n) / 1e9, 1)
+        r["matmul_peak_gflops"] = round(matmul_peak_flops(self.peak_n, device=self.device, dtype=self.dtype) / 1e9, 1)
         return {}
 
     @torch.no_grad()
     def generate(self, b: int, n: int) -> dict:
         self.runner.model.eval()
         stamps: list[float] = []
+
+        def stamp(_) -> None:
+            self.sync()
+            stamps.append(time.perf_counter())
+
+        self.sync()
         start = time.perf_counter()
-        self.runner.generate(self.batch, b, n, lambda _: stamps.append(time.perf_counter()))
+        with self.autocast:
+            self.runner.generate(self.batch, b, n, stamp)
+        self.sync()
         end = time.perf_counter()
         if len(stamps) != n:
             raise RuntimeError(f"expected {n} generated tokens, got {len(stamps)}")
@@ -587,6 +639,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--generate-batch", type=int, nargs="+", default=[1, 4], help="generation batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="generation runs per batch size (median reported)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny batch, 1+1 steps, 4 new tokens")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]; on cuda memory figures are the GPU's")
+    parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
+                        help="bf16-mixed: both models under bf16 autocast (fp32 weights)")
     parser.add_argument("--torchtune", action="store_true",
                         help="also measure torchtune's llama3_2_vision builders (needs torchtune + torchao)")
     parser.add_argument("--torchtune-python", default=sys.executable,
@@ -602,7 +657,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if bad and args.worker is None:
         parser.error(f"--generate-batch {bad} must lie in 1..--batch-size ({args.batch_size})")
     forwarded = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                 "--response-len", str(args.response_len), *(["--quick"] if args.quick else [])]
+                 "--response-len", str(args.response_len), "--device", args.device, "--precision", args.precision,
+                 *(["--quick"] if args.quick else [])]
     return args, forwarded
 
 
@@ -635,6 +691,7 @@ def main(argv: list[str] | None = None) -> None:
     summary["config"] = {
         "batch_size": args.batch_size, "seq_len": args.seq_len, "response_len": args.response_len,
         "steps": args.steps, "warmup": args.warmup, "new_tokens": args.new_tokens,
+        "device": ours["device"], "precision": args.precision,
         "generate_batch": args.generate_batch, "vision": asdict(VisionSizes()),
         "hf_cross_attention_layers": hf_cross_attention_layers(30, 4),
     }
