@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,7 +35,7 @@ from mm_llama.model import ModelConfig, MultimodalLlama  # noqa: E402
 from mm_llama.training.optim import OptimConfig, build_optimizer  # noqa: E402
 from mm_llama.training.run import RunConfig, run  # noqa: E402
 from mm_llama.training.scale import compile_blocks_  # noqa: E402
-from train_step import matmul_peak_flops  # noqa: E402
+from train_step import flop_counter, matmul_peak_flops  # noqa: E402
 
 
 def step_throughput(lm: str, batch: int, seq: int, compiled: bool, peak: float, steps: int = 10) -> dict:
@@ -72,7 +71,7 @@ def step_throughput(lm: str, batch: int, seq: int, compiled: bool, peak: float, 
         step()
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - start
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -11,16 +11,43 @@ large square matmuls on the same threads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 
 import psutil
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mm_llama import load_language_model
 from mm_llama.model import ModelConfig, MultimodalLlama
 from mm_llama.training.optim import OptimConfig, build_optimizer
+
+
+@contextlib.contextmanager
+def flop_counter() -> Iterator[FlopCounterMode]:
+    """``FlopCounterMode`` that also counts grouped-query attention.
+
+    Older torch releases (2.11, the GPU machine's) reject ``scaled_dot_product_attention`` with
+    ``enable_gqa=True`` in their FLOP formula ("query/key/value shapes are incompatible"). While
+    counting, K/V are repeated to the query heads first: the attention FLOPs are the same.
+    """
+    sdpa = F.scaled_dot_product_attention
+
+    def expanded(q, k, v, *args, enable_gqa: bool = False, **kwargs):
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = expanded
+    try:
+        with FlopCounterMode(display=False) as counter:
+            yield counter
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5, device: str = "cpu",
@@ -70,7 +97,7 @@ def main() -> None:
         opt.step()
 
     step()  # warm-up
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         step()
     flops_per_step = counter.get_total_flops()
     start = time.perf_counter()

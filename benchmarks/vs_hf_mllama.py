@@ -64,10 +64,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import matmul_peak_flops  # noqa: E402
+from train_step import flop_counter, matmul_peak_flops  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "hf", "torchtune")
 
@@ -504,7 +503,7 @@ class Worker:
             r["peak_gpu_mb"] = round(max(r.pop("peak_gpu_before_training_mb"), gpu_peak), 1)
             r["host_train_increment_mb"] = r["train_increment_mb"]
             r["train_increment_mb"] = round(gpu_peak - r["loaded_gpu_mb"], 1)
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             self.train()
         r["step_gflop"] = round(counter.get_total_flops() / 1e9, 2)
         r["saved_activation_mb"] = round(saved_activation_mb(self.runner, self.batch, self.autocast), 1)

@@ -180,3 +180,20 @@ def test_validation_summarises_every_rank_on_every_rank(runs, strategy):
     assert per_rank[0] != per_rank[1]
     metrics = [r["val"] for r in ranks(runs[strategy])]
     assert metrics[0] == metrics[1] and metrics[0]["n"] == sum(per_rank)
+
+
+def test_fsdp_on_one_process_saves_what_one_process_trains(tiny_lm_dir, tmp_path):
+    """One GPU with an FSDP config: FSDP falls back to ``NO_SHARD``, whose full-state-dict hook
+    failed on the root unit's frozen LM weights (seen on an H100). The checkpoint must come out
+    whole and equal to a plain one-process run's."""
+    shards = write_equal_label_shards(tmp_path, tiny_lm_dir)
+    common = ["parallel", "--lm", str(tiny_lm_dir), "--shards", "::".join(map(str, shards)), "--devices", "1",
+              "--batch-size", str(BATCH), "--epoch-length", str(EPOCH_LENGTH)]
+    run_scripts([*common, "--out", str(tmp_path / "ddp")], [*common, "--out", str(tmp_path / "fsdp"), "--strategy", "fsdp"])
+    init = torch.load(tmp_path / "fsdp" / "init.pt")
+    sharded, plain = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "ddp")
+    assert set(sharded) == set(plain) == set(init)
+    moved = max((sharded[k].float() - init[k].float()).abs().max().item() for k in init)
+    diff = max((sharded[k].float() - plain[k].float()).abs().max().item() for k in init)
+    assert moved > 1e-3, f"training barely moved the weights (max change {moved:.2e}): the comparison is void"
+    assert diff <= WEIGHT_ATOL, f"one-process FSDP and DDP differ by {diff:.2e} (> {WEIGHT_ATOL})"

@@ -38,12 +38,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
 from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE
 from torch import nn
 
 from adapters import FusionEmbedding, GatedCrossAttention, MediaProjection
@@ -175,6 +177,23 @@ class AdapterFSDPStrategy(FSDPStrategy):
         # After wrapping, as Lightning does: the checkpoint wrappers go inside the FSDP units.
         _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
         return wrapped
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The weights a checkpoint holds, whole (on rank 0 when sharded).
+
+        On one process FSDP runs ``NO_SHARD``, and its full-state-dict hook then fails on the root
+        unit ("FSDP assumes model.lm.embed_tokens.weight is in the state_dict", torch 2.11 to
+        2.14; seen on a 1-GPU machine with ``configs/fsdp_llama3_8b.yaml``). Nothing is sharded
+        then, so the parameters and buffers are read directly, under their plain names.
+        """
+        if self.world_size > 1:
+            return super().lightning_module_state_dict()
+        def plain(name: str) -> str:
+            return name.replace(f"{FSDP_WRAPPED_MODULE}.", "").replace(_CHECKPOINT_PREFIX, "")
+
+        # (The root unit's frozen LM tensors are not among them between steps; no checkpoint keeps those.)
+        named = [*self.model.named_parameters(), *self.model.named_buffers()]
+        return {plain(name): t.detach() for name, t in named}
 
 
 def is_sharded(trainer: L.Trainer | None) -> bool:
