@@ -590,14 +590,23 @@ def measure(args: argparse.Namespace, forwarded: list[str], impls: list[str]) ->
 
 
 def _measure(args: argparse.Namespace, remotes: list[Remote]) -> dict[str, dict]:
+    start = time.perf_counter()
+
+    def phase(name: str) -> None:  # on stderr: a run cut short still shows how far it got
+        print(f"[{time.perf_counter() - start:6.1f} s] {name}", file=sys.stderr, flush=True)
+
     for r in remotes:
         r.ask()  # ready: model built
+    phase("models built")
     interleaved(remotes, "train", args.warmup)
     steps = interleaved(remotes, "train", args.steps)
+    phase("training steps done")
     for r in remotes:
         r.ask("train_done")
+    phase("memory and FLOPs measured")
     gen: dict[str, dict] = {r.impl: {} for r in remotes}
     for b in args.generate_batch:
+        phase(f"generating at batch {b}")
         interleaved(remotes, f"generate {b} 4", 1)  # warm-up
         runs = interleaved(remotes, f"generate {b} {args.new_tokens}", args.repeats)
         for impl, rs in runs.items():
