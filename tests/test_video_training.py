@@ -14,6 +14,7 @@ import torch
 from mm_llama.data.clips import ClipSpec, make_default_clip_shards
 from mm_llama.training import run as run_module
 from mm_llama.video_adapter import VIDEO_GROUPS, VideoConfig
+from encoders import ImageEncoder
 from tests.test_training import TINY_MODEL
 
 TINY_VIDEO = VideoConfig(frames=4, frames_per_group=3, depth=1, heads=2, every=1)  # 2 groups, the last padded
@@ -46,7 +47,8 @@ def test_video_default_trains_everything_and_reports_the_ablations(tiny_lm_dir, 
     tiny = dataclasses.replace(spec, model_config=lambda cfg: dataclasses.replace(TINY_MODEL, video=TINY_VIDEO))
     monkeypatch.setitem(run_module.MODALITIES, "video", tiny)
     out = tmp_path / "video"
-    assert run_module.main(flags(tiny_lm_dir, clips_dir, out, "--encoder-pretrain-steps", "2")) == 0
+    assert run_module.main(flags(tiny_lm_dir, clips_dir, out, "--encoder-pretrain-steps", "2",
+                                 "--frame-pretrain-steps", "0")) == 0
     metrics = last_json(capsys)
     assert metrics == json.loads((out / "metrics.json").read_text())
     assert VIDEO_METRICS <= set(metrics) and metrics["modality"] == "video"
@@ -99,6 +101,42 @@ def test_frame_encoder_flag_is_checked(tmp_path):
         run_module.RunConfig(modality="video", frame_encoder=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="options of --modality video"):
         run_module.RunConfig(modality="image", frame_encoder=str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="options of --modality video"):
+        run_module.RunConfig(modality="image", frame_pretrain_steps=10)
+    with pytest.raises(ValueError, match="frame-pretrain-steps must be >= 0"):
+        run_module.RunConfig(modality="video", frame_pretrain_steps=-1)
+    video = run_module.RunConfig(modality="video")
+    assert video.frame_pretrain_steps == run_module.MODALITIES["image"].encoder_pretrain_steps
+
+
+def test_video_default_trains_its_frame_encoder_on_the_image_scenes_first(tiny_lm_dir, clips_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """No --frame-encoder: an image stage 1 on the image shards writes ``frames/image_encoder.safetensors``;
+    video's stage 1 keeps that encoder frozen (bit-identical in the video run's files) and trains the aggregator."""
+    from mm_llama.data.scenes import make_default_shards
+
+    shapes = tmp_path / "shapes"
+    make_default_shards(shapes, image_size=16, n_train=32, n_val=4, n_test=4, samples_per_shard=16, progress=False)
+    image, video = run_module.MODALITIES["image"], run_module.MODALITIES["video"]
+    monkeypatch.setitem(run_module.MODALITIES, "image", dataclasses.replace(
+        image, data_dir=str(shapes), model_config=lambda cfg: TINY_MODEL))
+    monkeypatch.setitem(run_module.MODALITIES, "video", dataclasses.replace(
+        video, model_config=lambda cfg: dataclasses.replace(TINY_MODEL, video=TINY_VIDEO)))
+    out = tmp_path / "video"
+    assert run_module.main(flags(tiny_lm_dir, clips_dir, out, "--encoder-pretrain-steps", "2",
+                                 "--frame-pretrain-steps", "3")) == 0
+    metrics = last_json(capsys)
+    frames = metrics["encoder_pretrain"]["frame_pretrain"]
+    assert frames["steps"] == 3 and frames["checkpoint"] == str(out / "frames" / "image_encoder.safetensors")
+    assert metrics["encoder_pretrain"]["steps"] == 2
+    assert metrics["encoder_pretrain"]["seconds"] >= frames["seconds"] > 0
+    trained = safetensors.torch.load_file(out / "frames" / "image_encoder.safetensors")
+    untrained = ImageEncoder(TINY_MODEL.image_encoder).backbone.model.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in untrained.items())  # the image stage moved it
+    in_video = safetensors.torch.load_file(out / "image_encoder.safetensors")  # video stage 1's file
+    assert in_video.keys() == trained.keys() and all(torch.equal(in_video[k], v) for k, v in trained.items())
+    state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(state[f"model.image_encoder.backbone.model.{k}"], v) for k, v in trained.items())
 
 
 def test_video_stage_on_an_image_checkpoint_moves_only_the_video_branch(tiny_checkpoint, clips_dir, tmp_path,

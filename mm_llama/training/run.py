@@ -133,8 +133,13 @@ class RunConfig:
         frames: (video) frames sampled per clip (``VideoConfig.frames``); ``None``: its default.
         frame_encoder: (video) an image run's stage-1 encoder file (``image_encoder.safetensors``):
             video's stage 1 starts the frame encoder from it and keeps it frozen, so only the
-            temporal aggregator learns from the clips (README, "Video"). ``None``: the frame
-            encoder starts random and learns with the aggregator.
+            temporal aggregator learns from the clips (README, "Video"). ``None``: trained here
+            first (``frame_pretrain_steps``).
+        frame_pretrain_steps: (video, without ``frame_encoder`` or ``image_checkpoint``) steps of an
+            image stage 1 on the image scenes (``data/shapes``, generated if missing) that trains the
+            frame encoder before video's stage 1, which then keeps it frozen as with ``frame_encoder``
+            (a random frame encoder keeps video's stage 1 at the caption prior). ``None``: the image
+            default (600); 0: none, the frame encoder starts random and learns with the aggregator.
         speech_pretrain: speech only: how the Conformer is pre-trained before the adapters:
             ``"ctc"`` (character CTC on the transcripts, :mod:`mm_llama.training.ctc_pretrain`;
             the encoder is then frozen in stage 2) or ``"best_rq"`` (self-supervised on the audio,
@@ -169,6 +174,7 @@ class RunConfig:
     image_checkpoint: str | None = None
     frames: int | None = None
     frame_encoder: str | None = None
+    frame_pretrain_steps: int | None = None
     fusion: str = "embedding"
     speech_pretrain: str = "ctc"
     speech_pretrain_steps: int = 300
@@ -181,8 +187,14 @@ class RunConfig:
             self.steps = self.spec.steps
         if self.encoder_pretrain_steps is None:
             self.encoder_pretrain_steps = self.spec.encoder_pretrain_steps
-        if self.modality != "video" and (self.image_checkpoint, self.frames, self.frame_encoder) != (None,) * 3:
-            raise ValueError("--image-checkpoint, --frames and --frame-encoder are options of --modality video")
+        video_options = (self.image_checkpoint, self.frames, self.frame_encoder, self.frame_pretrain_steps)
+        if self.modality != "video" and video_options != (None,) * 4:
+            raise ValueError("--image-checkpoint, --frames, --frame-encoder and --frame-pretrain-steps are options "
+                             "of --modality video")
+        if self.modality == "video" and self.frame_pretrain_steps is None:
+            self.frame_pretrain_steps = MODALITIES["image"].encoder_pretrain_steps
+        if self.frame_pretrain_steps is not None and self.frame_pretrain_steps < 0:
+            raise ValueError(f"--frame-pretrain-steps must be >= 0, got {self.frame_pretrain_steps}")
         if self.frame_encoder is not None and self.image_checkpoint is not None:
             raise ValueError("--frame-encoder starts video's stage 1; --image-checkpoint skips it: give one")
         if self.frame_encoder is not None and not Path(self.frame_encoder).is_file():
@@ -400,10 +412,11 @@ MODALITIES: dict[str, Modality] = {
     # adapter steps (README, "Learning dynamics": both stages were sample-limited at 250 / 200).
     "image": Modality(_image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image",
                       steps=400, encoder_pretrain_steps=600),
-    # Video's stage 1 trains encoder + aggregator on the clips' captions (only the aggregator with
-    # --frame-encoder), unless --image-checkpoint gives trained image weights (the video stage).
+    # Video: an image stage 1 trains the frame encoder on the image scenes (or --frame-encoder gives
+    # one); video's stage 1 then trains the temporal aggregator on the clips' captions with the frame
+    # encoder frozen; unless --image-checkpoint gives trained image weights (the video stage).
     "video": Modality(_video_model_config, _video_datamodule, data_dir="data/clips", out="runs/video",
-                      extra_tests=frame_ablations),
+                      extra_tests=frame_ablations, encoder_pretrain_steps=400),
     "speech": Modality(_speech_model_config, _speech_datamodule, data_dir="data/speech", out="runs/speech-{fusion}",
                        encoder_pretraining=False, extra_metrics=_speech_metrics, pretrain_stage=_pretrain_speech_encoder),
 }
@@ -539,15 +552,20 @@ def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tupl
                          image_size=model_cfg.image_encoder.image_size, system_prompt=datamodule.hparams.system_prompt,
                          frames=video.frames if video is not None else None)
     del lm
-    encoder_cfg = model_cfg.image_encoder
-    if cfg.frame_encoder is not None:
-        encoder_cfg = dataclasses.replace(encoder_cfg, checkpoint=cfg.frame_encoder)
+    encoder_cfg, frame_encoder, frames_stage = model_cfg.image_encoder, cfg.frame_encoder, None
+    if video is not None and frame_encoder is None and cfg.frame_pretrain_steps:
+        frames_stage = _pretrain_frame_encoder(cfg, model_cfg, out / "frames")
+        frame_encoder = frames_stage["checkpoint"]
+    if frame_encoder is not None:
+        encoder_cfg = dataclasses.replace(encoder_cfg, checkpoint=frame_encoder)
     encoder = ImageEncoder(encoder_cfg)
     if video is not None:
         encoder = ClipEncoder(encoder, build_aggregator(video, encoder.out_dim, encoder.num_tokens),
-                              frozen_frames=cfg.frame_encoder is not None)
+                              frozen_frames=frame_encoder is not None)
     stage1 = pretrain_image_encoder(encoder, inputs, datamodule, pre, out,
                                     trainer_defaults=trainer_defaults(), progress=cfg.progress)
+    if frames_stage is not None:
+        stage1 = {**stage1, "seconds": stage1["seconds"] + frames_stage["seconds"], "frame_pretrain": frames_stage}
     log.info("encoder pre-training: %s", stage1)
     if pre.freeze_encoder:
         return _freeze_encoder(model_cfg, stage1), stage1
@@ -555,6 +573,20 @@ def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tupl
     if video is not None:
         video = dataclasses.replace(video, aggregator_checkpoint=stage1["aggregator_checkpoint"])
     return dataclasses.replace(model_cfg, image_encoder=encoder_cfg, video=video), stage1
+
+
+def _pretrain_frame_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> dict[str, Any]:
+    """Video's stage 0: the image stage 1 on the image scenes, writing the frame encoder into
+    ``out`` (``<run>/frames``); returns its summary (``checkpoint``: the encoder file)."""
+    image_cfg = dataclasses.replace(
+        cfg, modality="image", data_dir=None, out=str(out), image_checkpoint=None, frames=None, frame_encoder=None,
+        frame_pretrain_steps=None, encoder_pretrain_steps=cfg.frame_pretrain_steps, encoder_pretrain=None,
+    )
+    log.info("frame encoder: %d steps of image stage 1 on %s", cfg.frame_pretrain_steps, image_cfg.spec.data_dir)
+    image_cfg.spec.datamodule(image_cfg).prepare_data()  # the image shards, generated if missing
+    out.mkdir(parents=True, exist_ok=True)
+    _, stage = _pretrain_encoder(image_cfg, dataclasses.replace(model_cfg, video=None), out)
+    return stage
 
 
 def _resume_checkpoint(cfg: RunConfig) -> Path | None:
@@ -676,7 +708,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"(video) frames sampled per clip (default: {VideoConfig().frames})")
     p.add_argument("--frame-encoder", default=None,
                    help="(video) an image run's image_encoder.safetensors: stage 1 keeps this frame encoder "
-                        "frozen and trains the temporal aggregator (default: none, both train from scratch)")
+                        "frozen and trains the temporal aggregator (default: none, trained here first, "
+                        "see --frame-pretrain-steps)")
+    p.add_argument("--frame-pretrain-steps", type=int, default=None,
+                   help="(video) steps of an image stage 1 on the image scenes that trains the frame encoder "
+                        "before video's stage 1 (not with --frame-encoder or --image-checkpoint); 0: none, the "
+                        f"frame encoder then trains from scratch with the aggregator (default: "
+                        f"{MODALITIES['image'].encoder_pretrain_steps})")
     p.add_argument("--speech-pretrain", choices=SPEECH_PRETRAINING, default=d.speech_pretrain,
                    help="speech: pre-training of the Conformer before the adapters: ctc (on the transcripts; "
                         "the encoder is then frozen) or best_rq (self-supervised) (default: %(default)s)")
