@@ -124,7 +124,7 @@ class RunConfig:
         optim: full optimizer configuration (``lr``/``steps`` still apply); ``None``: defaults.
         encoder_pretrain_steps: steps of stage 1, the image encoder's caption pre-training
             (:mod:`mm_llama.training.encoder_pretrain`); 0 skips it; ``None``: the modality's
-            default (:attr:`Modality.encoder_pretrain_steps`: 600 for image, 250 for video).
+            default (:attr:`Modality.encoder_pretrain_steps`: 600 for image, 400 for video).
             Skipped on ``--resume`` (the encoder's weights are in the checkpoint).
         encoder_pretrain: the rest of stage 1's settings; ``None``: defaults.
         image_checkpoint: (video) an image-stage ``adapter.ckpt``: the video stage loads it and
@@ -697,8 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation samples per evaluation (default: %(default)s)")
     p.add_argument("--test-samples", type=int, default=None, help="test samples (default: the whole test split)")
     p.add_argument("--encoder-pretrain-steps", type=int, default=None,
-                   help="steps of the image encoder's caption pre-training before the adapters (video: "
-                        "encoder + temporal aggregator, on the clips; not with --image-checkpoint); 0: none "
+                   help="steps of the image encoder's caption pre-training before the adapters (video: the "
+                        "temporal aggregator on the clips, the frame encoder too with --frame-pretrain-steps 0; "
+                        "not with --image-checkpoint); 0: none "
                         "(default: " + ", ".join(f"{k} {m.encoder_pretrain_steps}" for k, m in MODALITIES.items()
                                                  if m.encoder_pretraining) + ")")
     p.add_argument("--image-checkpoint", default=None,
