@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mm_llama import load_language_model
-from mm_llama.model import ModelConfig, MultimodalLlama
+from mm_llama.model import MultimodalLlama
 from mm_llama.training.optim import OptimConfig, build_optimizer
+from mm_llama.training.run import RunConfig, image_model_config
 
 
 @contextlib.contextmanager
@@ -77,9 +79,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    groups = ModelConfig().trainable
+    default = image_model_config(RunConfig(modality="image"))  # train_adapter.py's image model
+    groups = default.trainable
     trainable = groups if args.train_encoder else tuple(g for g in groups if g != "image_encoder")
-    model = MultimodalLlama(load_language_model(args.lm), ModelConfig(trainable=trainable)).train()
+    model = MultimodalLlama(load_language_model(args.lm), dataclasses.replace(default, trainable=trainable)).train()
     size = model.cfg.image_encoder.image_size
     b, s = args.batch_size, args.seq_len
     ids = torch.randint(0, model.lm.cfg.vocab_size, (b, s))

@@ -44,6 +44,12 @@ def test_image_config_validates(capsys):
     assert checkpoint["init_args"]["dirpath"] == "runs/image-cli/checkpoints"
     assert config["trainer"]["logger"]["class_path"].endswith("CSVLogger")
     assert config["trainer"]["precision"] == ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    # the CLI's image model is train_adapter.py's
+    from mm_llama.training.run import RunConfig, image_model_config
+
+    default = image_model_config(RunConfig(modality="image"))
+    assert config["model"]["model"]["cross_attention"]["hidden_dim"] == default.cross_attention.hidden_dim == 512
+    assert config["model"]["model"]["image_encoder"]["patch_size"] == default.image_encoder.patch_size
 
 
 @pytest.mark.parametrize(("old", "new", "key"), [

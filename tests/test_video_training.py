@@ -190,3 +190,8 @@ def test_video_stage_config_validates(monkeypatch, capsys):
     assert tuple(config["model"]["model"]["trainable"]) == VIDEO_GROUPS
     assert config["model"]["model"]["video"]["frames_per_group"] == 4
     assert config["model"]["optim"]["total_steps"] == config["trainer"]["max_steps"]
+    # init_from is train_adapter.py's image checkpoint: its image blocks must have the same shapes
+    from mm_llama.training.run import RunConfig, image_model_config
+
+    image = image_model_config(RunConfig(modality="image"))
+    assert config["model"]["model"]["cross_attention"]["hidden_dim"] == image.cross_attention.hidden_dim
