@@ -13,6 +13,12 @@ order, cannot tell apart:
 * ``appear``:  "The white star appears." / "The white star disappears." (at a random
   instant in the middle of the clip).
 
+The shape sits in a cell of the image scenes' 2x2 grid (centre jittered, as there), and a
+``move`` goes from one cell's centre to its neighbour's: the frame encoder, trained on the
+image scenes first (README, "Video"), sees shapes where it learned to see them, with one
+token per cell. (Version 1 put shapes anywhere in the middle of the frame, mostly across
+the four patches; stage 1 then learned little of colour and shape, README "Measured".)
+
 Clip lengths and frame rates are drawn uniformly (``ClipSpec``), so clips have from a
 handful to a few dozen frames, some fewer than the model samples (padding + mask).
 Generation is deterministic from the seed, like the image scenes.
@@ -35,17 +41,25 @@ from mm_llama.data.scenes import BACKGROUND, COLOURS, SHAPES, SPLITS, draw_shape
 from mm_llama.data.shard_sets import ensure_shard_set, plan_splits, write_split
 from mm_llama.data.video import encode_mp4
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: shapes on the 2x2 grid of the image scenes; moves between cells
 VIDEO_PROMPT = "Describe the video."
 VIDEO_PLACEHOLDER = "<|video|>"
 CLIP_TASKS = ("move", "colour", "appear")
-DIRECTIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
-    "from left to right": ((0.0, 0.5), (1.0, 0.5)),
-    "from right to left": ((1.0, 0.5), (0.0, 0.5)),
-    "from top to bottom": ((0.5, 0.0), (0.5, 1.0)),
-    "from bottom to top": ((0.5, 1.0), (0.5, 0.0)),
+CELL_CENTRES: tuple[float, float] = (0.25, 0.75)
+"""Centres of the 2x2 grid's cells along either axis, as fractions of the frame side."""
+
+JITTER = 0.06
+"""Largest offset of a shape's centre from its cell's centre, as a fraction of the frame side
+(the image scenes jitter by up to 0.8 of the free margin, 0.03 to 0.08 of the frame)."""
+
+DIRECTIONS: dict[str, tuple[int, float, float]] = {
+    "from left to right": (0, 0.25, 0.75),
+    "from right to left": (0, 0.75, 0.25),
+    "from top to bottom": (1, 0.25, 0.75),
+    "from bottom to top": (1, 0.75, 0.25),
 }
-"""Caption phrase → (start, end) position of the shape's centre, as fractions of the free range."""
+"""Caption phrase → (axis it moves along: 0 x, 1 y; start; end), the centre's coordinate on that
+axis as a fraction of the frame side: from one cell's centre to its neighbour's."""
 
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down, as the image scenes do
 
@@ -92,8 +106,8 @@ class ClipEvent:
         colours: one colour (``move``, ``appear``) or three in order (``colour``).
         direction: key of :data:`DIRECTIONS` (``move``), ``"appears"``/``"disappears"``
             (``appear``), or ``""``.
-        x: centre, fraction of the free horizontal range (where it does not move).
-        y: centre, fraction of the free vertical range.
+        x: centre, as a fraction of the frame width (where it does not move).
+        y: centre, as a fraction of the frame height (where it does not move).
         size: shape width as a fraction of the frame.
         switch: fraction of the clip at which an ``appear`` event happens.
     """
@@ -117,12 +131,11 @@ class ClipEvent:
         return f"The {self.colours[0]} {self.shape} {self.direction}."
 
     def state(self, t: float) -> tuple[str | None, float, float]:
-        """Colour (``None``: not shown) and centre (fractions of the free range) at time ``t`` in [0, 1]."""
+        """Colour (``None``: not shown) and centre (fractions of the frame) at time ``t`` in [0, 1]."""
         if self.task == "move":
-            (x0, y0), (x1, y1) = DIRECTIONS[self.direction]
-            x = self.x if x0 == x1 else x0 + (x1 - x0) * t
-            y = self.y if y0 == y1 else y0 + (y1 - y0) * t
-            return self.colours[0], x, y
+            axis, start, end = DIRECTIONS[self.direction]
+            along = start + (end - start) * t
+            return (self.colours[0], along, self.y) if axis == 0 else (self.colours[0], self.x, along)
         if self.task == "colour":
             return self.colours[min(2, int(t * 3))], self.x, self.y
         visible = (t >= self.switch) == (self.direction == "appears")
@@ -145,9 +158,14 @@ def sample_event(rng: random.Random) -> ClipEvent:
         direction = rng.choice(sorted(DIRECTIONS)) if task == "move" else rng.choice(("appears", "disappears"))
     return ClipEvent(
         task=task, shape=shape, colours=colours, direction=direction,
-        x=round(rng.uniform(0.2, 0.8), 3), y=round(rng.uniform(0.2, 0.8), 3),
+        x=_in_cell(rng), y=_in_cell(rng),
         size=round(rng.uniform(0.28, 0.36), 3), switch=round(rng.uniform(0.35, 0.65), 3),
     )  # fmt: skip
+
+
+def _in_cell(rng: random.Random) -> float:
+    """A coordinate near one of the grid's cell centres (fraction of the frame side)."""
+    return round(rng.choice(CELL_CENTRES) + rng.uniform(-JITTER, JITTER), 3)
 
 
 def render_frame(event: ClipEvent, t: float, size: int = 64) -> np.ndarray:
@@ -156,9 +174,7 @@ def render_frame(event: ClipEvent, t: float, size: int = 64) -> np.ndarray:
     image = Image.new("RGB", (side, side), BACKGROUND)
     colour, x, y = event.state(t)
     if colour is not None:
-        r = event.size * side / 2
-        free = side - 2 * r
-        draw_shape(ImageDraw.Draw(image), event.shape, COLOURS[colour], r + x * free, r + y * free, r)
+        draw_shape(ImageDraw.Draw(image), event.shape, COLOURS[colour], x * side, y * side, event.size * side / 2)
     return np.asarray(image.resize((size, size), Image.Resampling.BOX))
 
 
