@@ -187,6 +187,29 @@ def test_captions_need_temporal_order():
         assert all(np.array_equal(x, y) for x, y in zip(frames, reversed_frames)), forward.task
 
 
+def test_clip_shapes_sit_in_the_grid_cells():
+    """Shapes are where the image-trained frame encoder looks: near a cell centre of the 2x2 grid,
+    and a move starts and ends on cell centres (so its first and last frames show a whole shape in one cell)."""
+    import random
+
+    def near_centre(v: float) -> bool:
+        return min(abs(v - c) for c in clips.CELL_CENTRES) <= clips.JITTER + 1e-9
+
+    events = [clips.sample_event(random.Random(i)) for i in range(200)]
+    assert {e.task for e in events} == set(clips.CLIP_TASKS)
+    for e in events:
+        for t in (0.0, 1.0):
+            _, x, y = e.state(t)
+            assert near_centre(x) and near_centre(y), (e, t)
+        if e.task == "move":
+            (_, x0, y0), (_, x1, y1) = e.state(0.0), e.state(1.0)
+            assert {round(abs(x1 - x0), 6), round(abs(y1 - y0), 6)} == {0.0, 0.5}, e  # one cell, one axis
+    frame = clips.render_frame(events[0], 0.0, 64)
+    lit = np.argwhere(frame.max(axis=2) > 0)  # [n, 2] (row, col) of the shape's pixels
+    _, x, y = events[0].state(0.0)
+    assert abs(lit[:, 1].mean() / 64 - x) < 0.05 and abs(lit[:, 0].mean() / 64 - y) < 0.05
+
+
 def test_make_shards_video_cli(tmp_path, capsys):
     from mm_llama.cli import main
 
