@@ -228,3 +228,18 @@ def test_loader_workers_follow_the_core_count(monkeypatch, cores, workers):
     monkeypatch.setattr(run_module.os, "cpu_count", lambda: cores)
     assert run_module.default_num_workers() == workers
     assert run_module.RunConfig().num_workers == workers
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "speech"])
+@pytest.mark.parametrize("progress", [True, False])
+def test_no_progress_reaches_the_shard_generators(monkeypatch, tmp_path, modality, progress):
+    """``--no-progress`` also silences the bars of the built-in shard generators."""
+    from mm_llama.data import spoken
+    from mm_llama.training import datamodule
+
+    calls = []
+    monkeypatch.setattr(datamodule, "ensure_default_shards", lambda *a, **kw: calls.append(kw["progress"]))
+    monkeypatch.setattr(spoken, "make_default_shards", lambda *a, **kw: calls.append(kw["progress"]))
+    cfg = run_module.RunConfig(modality=modality, data_dir=str(tmp_path), progress=progress)
+    cfg.spec.datamodule(cfg).prepare_data()
+    assert calls == [progress]

@@ -171,6 +171,7 @@ class ImageDataModule(L.LightningDataModule):
             and counted as ``image_too_large`` without being decoded.
         modality: ``"image"`` (``png``/``jpg`` samples) or ``"video"`` (``mp4`` samples, decoded to
             the model's ``video.frames`` uniformly sampled frames, prompts with ``<|video|>``).
+        progress: show a progress bar while :meth:`prepare_data` writes the built-in shards.
     """
 
     def __init__(
@@ -192,6 +193,7 @@ class ImageDataModule(L.LightningDataModule):
         test_samples: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         modality: str = "image",
+        progress: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -273,7 +275,7 @@ class ImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Write the built-in shards (once per machine) for every split given no URLs."""
         if any(u is None for u in self.urls.values()):
-            ensure_default_shards(self.data_dir, modality=self.modality)
+            ensure_default_shards(self.data_dir, progress=self.hparams.progress, modality=self.modality)
 
     def setup(self, stage: str) -> None:
         """Build the datasets ``stage`` needs (``fit``: train + val; ``test``/``predict``: test)."""

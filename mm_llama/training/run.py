@@ -270,7 +270,7 @@ def _datamodule_args(cfg: RunConfig, batch_size: int | None) -> dict[str, Any]:
     """What every modality's data module takes from the run configuration."""
     return dict(data_dir=cfg.data_dir or cfg.spec.data_dir, batch_size=batch_size or cfg.batch_size,
                 num_workers=cfg.num_workers, seed=cfg.seed, val_samples=cfg.val_samples,
-                test_samples=cfg.test_samples)
+                test_samples=cfg.test_samples, progress=cfg.progress)
 
 
 def _image_datamodule(cfg: RunConfig, batch_size: int | None = None) -> ImageDataModule:

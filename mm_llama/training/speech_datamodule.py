@@ -45,6 +45,7 @@ class SpeechDataModule(ImageDataModule):
         test_samples: test / predict samples (``None``: the whole split).
         min_seconds: shorter clips are skipped and counted (``audio_too_short``).
         max_seconds: longer clips are truncated to this length and counted.
+        progress: show a progress bar while :meth:`prepare_data` writes the built-in shards.
     """
 
     def __init__(
@@ -65,11 +66,13 @@ class SpeechDataModule(ImageDataModule):
         test_samples: int | None = None,
         min_seconds: float = 0.1,
         max_seconds: float = 20.0,
+        progress: bool = True,
     ) -> None:
         super().__init__(data_dir=data_dir, train_urls=train_urls, val_urls=val_urls, test_urls=test_urls,
                          batch_size=batch_size, num_workers=num_workers, resampled=resampled,
                          epoch_length=epoch_length, shuffle_buffer=shuffle_buffer, max_len=max_len, seed=seed,
-                         system_prompt=system_prompt, val_samples=val_samples, test_samples=test_samples)
+                         system_prompt=system_prompt, val_samples=val_samples, test_samples=test_samples,
+                         progress=progress)
         for name in ("image_size", "max_image_pixels", "modality"):  # the parent's, meaningless here
             self._hparams.pop(name, None)
         self.audio = AudioConfig(min_seconds=min_seconds, max_seconds=max_seconds)
@@ -95,7 +98,7 @@ class SpeechDataModule(ImageDataModule):
             default_shard_urls(self.data_dir)
             return
         log.info("writing the built-in spoken shards to %s", self.data_dir)
-        spoken.make_default_shards(self.data_dir)
+        spoken.make_default_shards(self.data_dir, progress=self.hparams.progress)
 
     def _build(self, split: str) -> ShardDataset:
         assert self.inputs is not None
