@@ -50,13 +50,14 @@ CELL_CENTRES: tuple[float, float] = (0.25, 0.75)
 
 JITTER = 0.06
 """Largest offset of a shape's centre from its cell's centre, as a fraction of the frame side
-(the image scenes jitter by up to 0.8 of the free margin, 0.03 to 0.08 of the frame)."""
+(the image scenes jitter by up to 0.8 of the free margin, 0.03 to 0.10 of the frame)."""
 
+_NEAR, _FAR = CELL_CENTRES
 DIRECTIONS: dict[str, tuple[int, float, float]] = {
-    "from left to right": (0, 0.25, 0.75),
-    "from right to left": (0, 0.75, 0.25),
-    "from top to bottom": (1, 0.25, 0.75),
-    "from bottom to top": (1, 0.75, 0.25),
+    "from left to right": (0, _NEAR, _FAR),
+    "from right to left": (0, _FAR, _NEAR),
+    "from top to bottom": (1, _NEAR, _FAR),
+    "from bottom to top": (1, _FAR, _NEAR),
 }
 """Caption phrase → (axis it moves along: 0 x, 1 y; start; end), the centre's coordinate on that
 axis as a fraction of the frame side: from one cell's centre to its neighbour's."""
@@ -146,6 +147,11 @@ def _clip_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"mm-llama-clips/v{GENERATOR_VERSION}/{seed}/{split}/{index}")
 
 
+def _in_cell(rng: random.Random) -> float:
+    """A coordinate near one of the grid's cell centres (fraction of the frame side)."""
+    return round(rng.choice(CELL_CENTRES) + rng.uniform(-JITTER, JITTER), 3)
+
+
 def sample_event(rng: random.Random) -> ClipEvent:
     """Draw a task, a shape, its colour(s) and placement."""
     task = rng.choice(CLIP_TASKS)
@@ -161,11 +167,6 @@ def sample_event(rng: random.Random) -> ClipEvent:
         x=_in_cell(rng), y=_in_cell(rng),
         size=round(rng.uniform(0.28, 0.36), 3), switch=round(rng.uniform(0.35, 0.65), 3),
     )  # fmt: skip
-
-
-def _in_cell(rng: random.Random) -> float:
-    """A coordinate near one of the grid's cell centres (fraction of the frame side)."""
-    return round(rng.choice(CELL_CENTRES) + rng.uniform(-JITTER, JITTER), 3)
 
 
 def render_frame(event: ClipEvent, t: float, size: int = 64) -> np.ndarray:
