@@ -11,10 +11,15 @@ the same, the accuracy is meaningless. Prints one JSON line.
   block compiled (:func:`mm_llama.training.scale.compile_blocks_`). ``mfu`` is the step's
   FLOPs (``torch.utils.flop_counter``) per second over the measured bf16 matmul peak of the
   device (``mfu_vs_spec``: over ``--peak-tflops``, the data-sheet dense bf16 figure);
+* ``--llama3-8b``: the same rows for Llama 3.1 8B's shape with the paper's ViT-H/14
+  (``configs/fsdp_llama3_8b.yaml``'s model), random, built in place on the GPU (no run);
+* ``--profile F``: a ``torch.profiler`` table of three eager steps (top ops by GPU and by host
+  time) in ``F.b<batch>.txt``;
 * ``run``: :func:`mm_llama.training.run.run` with the default recipe (both stages, default
   steps, batch size and evaluation), unless ``--no-run``.
 
     python benchmarks/gpu_check.py --lm /path/SmolLM2-135M-Instruct.Q4_1.gguf --out /tmp/gpu_check
+    python benchmarks/gpu_check.py --no-run --llama3-8b --batches 2 8 --seq 256 --no-compile
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from encoders.image import ImageEncoderConfig  # noqa: E402
+from mm_llama.config import LlamaConfig, RopeScaling  # noqa: E402
+from mm_llama.llama import LlamaLM  # noqa: E402
 from mm_llama.lm import load_language_model  # noqa: E402
 from mm_llama.model import ModelConfig, MultimodalLlama  # noqa: E402
 from mm_llama.training.optim import OptimConfig, build_optimizer  # noqa: E402
@@ -38,15 +46,45 @@ from mm_llama.training.scale import compile_blocks_  # noqa: E402
 from train_step import flop_counter, matmul_peak_flops  # noqa: E402
 
 
-def step_throughput(lm: str, batch: int, seq: int, compiled: bool, peak: float, steps: int = 10) -> dict:
+# Llama 3.1 8B's decoder and the paper's ViT-H/14 image encoder, as configs/fsdp_llama3_8b.yaml
+# has them (random weights: the speed of a step does not depend on the values).
+LLAMA3_8B = LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                        norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(), max_seq_len=2048,
+                        tie_embeddings=False)
+VIT_H14 = ImageEncoderConfig(backbone="open_clip:ViT-H-14", image_size=224, patch_size=None, depth=None,
+                             width=None, heads=None, intermediate_layers=(3, 7, 15, 23, 30), n_global_layers=8,
+                             drop_cls=True)
+
+
+def build_model(lm: str | None, device: str = "cuda", shape: LlamaConfig = LLAMA3_8B,
+                encoder: ImageEncoderConfig = VIT_H14) -> MultimodalLlama:
+    """The fused model on ``device`` with its frozen LM in bf16 and the rest in fp32: ``lm``
+    loaded, or (``None``) a random LM of ``shape`` with ``encoder``, built in place."""
+    if lm is not None:
+        model = MultimodalLlama(load_language_model(lm), ModelConfig()).to(device)
+        model.lm.to(torch.bfloat16)  # frozen weights in bf16; adapters stay fp32 under autocast
+        return model
+    torch.set_default_dtype(torch.bfloat16)  # the 8B LM is built in bf16 (16 GB), never in fp32
+    try:
+        with torch.device(device):
+            decoder = LlamaLM(shape)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.device(device):  # encoder and adapters: fp32 master weights
+        return MultimodalLlama(decoder, ModelConfig(image_encoder=encoder))
+
+
+def step_throughput(lm: str | None, batch: int, seq: int, compiled: bool, peak: float, steps: int = 10,
+                    profile: Path | None = None) -> dict:
     """Steps/s, tokens/s, MFU and peak memory of the fused model's training step.
 
     The batch: ``<|im_start|>user\\n<|image|>`` then random prompt tokens; the last 8 tokens
-    of every row are the labelled answer (the built-in data's shape).
+    of every row are the labelled answer (the built-in data's shape). ``lm=None``: Llama 3.1
+    8B's shape (:data:`LLAMA3_8B`, :data:`VIT_H14`). ``profile``: also write a
+    ``torch.profiler`` table of 3 steps (top ops by GPU and by CPU time) to that file.
     """
     torch.manual_seed(0)
-    model = MultimodalLlama(load_language_model(lm), ModelConfig()).cuda().train()
-    model.lm.to(torch.bfloat16)  # frozen weights in bf16; adapters stay fp32 under autocast
+    model = build_model(lm).train()
     if compiled:
         compile_blocks_(model)
     ids = torch.randint(10, 300, (batch, seq), device="cuda")  # [b, s]
@@ -81,17 +119,36 @@ def step_throughput(lm: str, batch: int, seq: int, compiled: bool, peak: float, 
     torch.cuda.synchronize()
     dt = (time.perf_counter() - start) / steps
     flops = counter.get_total_flops()
-    return {"batch": batch, "seq": seq, "compiled": compiled, "warmup_s": round(warmup_s, 1),
+    if profile is not None:
+        write_profile(step, profile)
+    return {"trainable_params": sum(p.numel() for _, p in named), "batch": batch, "seq": seq, "compiled": compiled, "warmup_s": round(warmup_s, 1),
             "step_ms": round(dt * 1e3, 2), "tokens_per_s": round(batch * seq / dt),
             "samples_per_s": round(batch / dt, 1), "step_tflop": round(flops / 1e12, 4),
             "achieved_tflops": round(flops / dt / 1e12, 2), "mfu": round(flops / dt / peak, 4),
             "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20), "loss_finite": bool(torch.isfinite(loss))}
 
 
+def write_profile(step, path: Path, steps: int = 3) -> None:
+    """``torch.profiler`` over ``steps`` training steps: where the GPU's time goes, and the host's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {steps} steps\n## by GPU time\n" + table.table(sort_by="cuda_time_total", row_limit=25)
+                    + "\n## by host time\n" + table.table(sort_by="cpu_time_total", row_limit=25))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/gpu_check")
     parser.add_argument("--lm", default=None, help="frozen LM (.gguf / HF dir); default: random SmolLM2-shaped")
+    parser.add_argument("--llama3-8b", action="store_true",
+                        help="throughput of Llama 3.1 8B's shape with ViT-H/14 (random, built on the GPU)")
+    parser.add_argument("--profile", default=None, help="write a torch.profiler table of the eager step here")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 64], help="throughput batch sizes")
     parser.add_argument("--seq", type=int, default=48, help="throughput tokens per row")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="data-sheet dense bf16 peak (H100 SXM)")
@@ -101,7 +158,7 @@ def main() -> None:
     assert torch.cuda.is_available(), "no CUDA device"
     out = Path(args.out)
     lm = args.lm
-    if lm is None:
+    if lm is None and not args.llama3_8b:
         from tests.conftest import write_tiny_lm_dir
 
         lm = str(write_tiny_lm_dir(out / "lm", n_layers=30, dim=576))
@@ -111,13 +168,16 @@ def main() -> None:
     for compiled in (False,) if args.no_compile else (False, True):
         for b in args.batches:
             try:
-                row = step_throughput(lm, b, args.seq, compiled, peak)
+                profile = Path(f"{args.profile}.b{b}.txt") if args.profile and not compiled else None
+                row = step_throughput(None if args.llama3_8b else lm, b, args.seq, compiled, peak, profile=profile)
                 row["mfu_vs_spec"] = round(row["achieved_tflops"] / args.peak_tflops, 4)
             except Exception as err:  # a failed variant is a finding, not the end of the check
                 row = {"batch": b, "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:500]}
+                del err
+                torch.cuda.empty_cache()
             print(json.dumps(row), flush=True)
             result["throughput"].append(row)
-    if not args.no_run:
+    if not (args.no_run or args.llama3_8b):
         start = time.perf_counter()
         metrics = run(RunConfig(lm=lm, out=str(out / "run"), data_dir=str(out / "shapes"), num_workers=6,
                                 progress=False))

@@ -292,9 +292,10 @@ class MultimodalLlama(nn.Module):
                 [{"role": "user", "content": "Describe the image."},
                  {"role": "assistant", "content": "A red square in the top left and a blue circle."}]
             )
-            ids = torch.tensor([tok.encode(text)])
-        else:
-            ids = torch.randint(0, self.lm.cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+            ids = torch.tensor([tok.encode(text)], device="cpu")
+        else:  # drawn on the CPU (also under a `torch.device("cuda")` context): the same ids everywhere
+            ids = torch.randint(0, self.lm.cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0),
+                                device="cpu")
         rms: dict[int, float] = {}
 
         def record(i: int, h: torch.Tensor) -> torch.Tensor:

@@ -53,3 +53,31 @@ def test_data_loader_reports_loader_rate_against_the_step(tiny_lm_dir):
     assert out["loader_samples_per_s"] > 0 and out["mean_padded_len"] > 0
     assert out["headroom"] == pytest.approx(out["loader_samples_per_s"] / 2.0, rel=0.01)
     assert out["loader_is_bottleneck"] == (out["loader_samples_per_s"] < 2.0)
+
+
+def test_gpu_check_builds_a_random_lm_shape_in_place():
+    """``gpu_check.py --llama3-8b`` builds its LM of a given shape in bf16 directly on the
+    device and the trainable part in fp32; here a small shape on the CPU, one training loss."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import gpu_check
+
+    from encoders.image import ImageEncoderConfig
+    from mm_llama.config import LlamaConfig, RopeScaling
+
+    shape = LlamaConfig(vocab_size=500, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                        rope_scaling=RopeScaling(), tie_embeddings=False)
+    encoder = ImageEncoderConfig(backbone="timm:vit_tiny_patch16_224", image_size=32, patch_size=16, depth=2, width=32,
+                                 heads=2, intermediate_layers=(0,))
+    model = gpu_check.build_model(None, device="cpu", shape=shape, encoder=encoder)
+    assert {p.dtype for p in model.lm.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert model.lm.cfg == shape
+    ids = torch.randint(10, 300, (2, 12))
+    ids[:, 3] = model.media_token_id("image")
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(ids, labels, torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(loss)
