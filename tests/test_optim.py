@@ -33,6 +33,9 @@ def test_every_trainable_parameter_is_in_exactly_one_group():
     assert sorted(seen) == sorted(id(p) for _, p in named)
     enc = [g for g in opt.param_groups if g["name"] == "image_encoder"][0]
     assert enc["initial_lr"] == pytest.approx(0.5e-3)
+    assert not opt.defaults["fused"]  # fused AdamW only when every parameter is on a GPU
+    opt, _ = build_optimizer(iter(named), model.group_of, OptimConfig())  # a one-shot iterator is enough
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(named)
 
 
 def test_bad_optim_settings_are_refused():

@@ -92,7 +92,14 @@ def param_groups(
 
 
 def build_optimizer(named, group_of, cfg: OptimConfig, ndims: dict[str, int] | None = None):
-    """AdamW over ``named`` trainable parameters plus its LambdaLR schedule (``ndims``: see :func:`param_groups`)."""
-    opt = torch.optim.AdamW(param_groups(named, group_of, cfg, ndims), betas=cfg.betas)
+    """AdamW over ``named`` trainable parameters plus its LambdaLR schedule (``ndims``: see :func:`param_groups`).
+
+    When every parameter is on a GPU, AdamW runs as one fused CUDA kernel (``fused=True``): in
+    the profile of an H100 training step torch's default multi-tensor AdamW took 23 % of the GPU's
+    time (README, "GPU path"). Elsewhere torch picks its default.
+    """
+    named = list(named)
+    on_gpu = bool(named) and all(p.is_cuda for _, p in named)
+    opt = torch.optim.AdamW(param_groups(named, group_of, cfg, ndims), betas=cfg.betas, fused=True if on_gpu else None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     return opt, sched
