@@ -109,6 +109,14 @@ def test_frame_encoder_flag_is_checked(tmp_path):
     assert video.frame_pretrain_steps == run_module.MODALITIES["image"].encoder_pretrain_steps
 
 
+def test_video_default_model_has_the_image_defaults_mlp_width_in_both_branches():
+    model = run_module.MODALITIES["video"].model_config(run_module.RunConfig(modality="video", frames=4))
+    assert model.cross_attention.hidden_dim == model.video.hidden_dim == run_module.CROSS_ATTENTION_MLP
+    assert model.video.frames == 4
+    image = run_module.image_model_config(run_module.RunConfig(modality="image"))
+    assert image.cross_attention == model.cross_attention and image.image_encoder == model.image_encoder
+
+
 def test_video_default_trains_its_frame_encoder_on_the_image_scenes_first(tiny_lm_dir, clips_dir, tmp_path, capsys,
                                                                          monkeypatch):
     """No --frame-encoder: an image stage 1 on the image shards writes ``frames/image_encoder.safetensors``;
