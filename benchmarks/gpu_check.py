@@ -121,7 +121,8 @@ def step_throughput(lm: str | None, batch: int, seq: int, compiled: bool, peak: 
     flops = counter.get_total_flops()
     if profile is not None:
         write_profile(step, profile)
-    return {"trainable_params": sum(p.numel() for _, p in named), "batch": batch, "seq": seq, "compiled": compiled, "warmup_s": round(warmup_s, 1),
+    return {"trainable_params": sum(p.numel() for _, p in named), "batch": batch, "seq": seq, "compiled": compiled,
+            "warmup_s": round(warmup_s, 1),
             "step_ms": round(dt * 1e3, 2), "tokens_per_s": round(batch * seq / dt),
             "samples_per_s": round(batch / dt, 1), "step_tflop": round(flops / 1e12, 4),
             "achieved_tflops": round(flops / dt / 1e12, 2), "mfu": round(flops / dt / peak, 4),
