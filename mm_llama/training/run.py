@@ -288,8 +288,8 @@ def _video_model_config(cfg: RunConfig) -> ModelConfig:
     frames = {"frames": cfg.frames} if cfg.frames is not None else {}
     if cfg.image_checkpoint is not None:  # the paper's video stage: the image model's blocks as they were
         return video_stage_config(VideoConfig(**frames), cfg.image_checkpoint)
-    return ModelConfig(image_encoder=_encoder_config(cfg), video=VideoConfig(hidden_dim=CROSS_ATTENTION_MLP, **frames),
-                       cross_attention=CrossAttentionConfig(hidden_dim=CROSS_ATTENTION_MLP))
+    # The image default (its encoder and cross-attention) with a video branch of the same MLP width.
+    return dataclasses.replace(image_model_config(cfg), video=VideoConfig(hidden_dim=CROSS_ATTENTION_MLP, **frames))
 
 
 def _video_datamodule(cfg: RunConfig, batch_size: int | None = None) -> ImageDataModule:
