@@ -94,7 +94,9 @@ class GatedCrossAttention(nn.Module):
         Args:
             hidden: ``[b, s, d]`` residual stream of the frozen LM.
             kv: from :meth:`media_kv`, each ``[b, h_kv, s_e, h_d]``.
-            media_mask: ``[b, s_e]`` bool, True for real (non-padding) media tokens.
+            media_mask: ``[b, s_e]`` bool, True for real (non-padding) media tokens, or
+                ``[b, s, s_e]``: which of them each text row may see (packed rows,
+                :mod:`mm_llama.packing`).
             row_mask: ``[b, s]`` bool, True for text rows that may see media (at or
                 after the sample's media token). Other rows pass through unchanged,
                 in both the attention and the MLP branch (``row_mask_mode="both"``), or
@@ -107,14 +109,16 @@ class GatedCrossAttention(nn.Module):
         k, v = kv
         q = self.q_proj(self.attn_norm(hidden)).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         q = self.q_norm(q)  # [b, h, s, h_d]
+        if media_mask.dim() == 2:
+            media_mask = media_mask[:, None, :]  # [b, 1, s_e]: the same keys for every row
         # A row with no real media key would softmax over nothing (NaN); such rows are
         # zeroed by row_mask below, so letting them see all keys is harmless.
-        keys_ok = media_mask | ~media_mask.any(dim=1, keepdim=True)  # [b, s_e]
+        keys_ok = media_mask | ~media_mask.any(dim=-1, keepdim=True)  # [b, 1 | s, s_e]
         if self.row_mask_mode == "both":
-            attn_mask = keys_ok[:, None, None, :]  # [b, 1, 1, s_e]
+            attn_mask = keys_ok[:, None]  # [b, 1, 1 | s, s_e]
         else:  # a row seeing no real media token attends to every media token, unmasked
-            row_mask = row_mask & media_mask.any(dim=1, keepdim=True)  # [b, s]
-            attn_mask = (keys_ok[:, None, :] | ~row_mask[:, :, None])[:, None]  # [b, 1, s, s_e]
+            row_mask = row_mask & media_mask.any(dim=-1)  # [b, s]
+            attn_mask = (keys_ok | ~row_mask[:, :, None])[:, None]  # [b, 1, s, s_e]
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_heads != self.n_heads
         )  # [b, h, s, h_d]

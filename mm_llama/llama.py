@@ -182,6 +182,7 @@ class LlamaLM(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         cache: KVCache | SharedPrefix | None = None,
         before_layer: LayerHook | None = None,
     ) -> torch.Tensor:
@@ -192,6 +193,8 @@ class LlamaLM(nn.Module):
             positions: ``[b, s]`` RoPE positions; default ``cache.length + arange(s)``.
             key_padding_mask: ``[b, s_k]`` bool, True for real tokens (left padding in
                 batched generation). ``None`` means every key is real.
+            attn_mask: bool ``[b, 1, s, s_k]`` (True = attend), replacing the causal mask
+                that ``key_padding_mask`` would give (packed rows, :mod:`mm_llama.packing`).
             cache: KV cache to read from and append to (advanced by ``s``), or a
                 :class:`SharedPrefix` that ``hidden`` continues.
             before_layer: ``hook(layer_idx, hidden [b, s, d]) -> hidden`` called before each block.
@@ -204,7 +207,9 @@ class LlamaLM(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + s, device=hidden.device).expand(b, s)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
-        mask = self._mask(b, s, past, key_padding_mask, hidden.device)
+        if attn_mask is not None and key_padding_mask is not None:
+            raise ValueError("give attn_mask or key_padding_mask, not both")
+        mask = attn_mask if attn_mask is not None else self._mask(b, s, past, key_padding_mask, hidden.device)
         for i, layer in enumerate(self.layers):
             if before_layer is not None:
                 hidden = before_layer(i, hidden)

@@ -37,6 +37,7 @@ from encoders.mllama_vision import MllamaVisionEncoder, MllamaVisionEncoderConfi
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig  # noqa: E402
 from mm_llama.llama import KVCache, LlamaLM, SharedPrefix  # noqa: E402
 from mm_llama.lm import freeze  # noqa: E402
+from mm_llama.packing import PackedRows, packing_pays  # noqa: E402
 from mm_llama.video_adapter import VideoAdapter, VideoConfig  # noqa: E402
 
 MEDIA_TOKENS: tuple[str, ...] = ("image", "video", "speech")
@@ -196,6 +197,17 @@ class MediaContext:
     mask: torch.Tensor
     video_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     video_mask: torch.Tensor | None = None
+
+    def packed(self, rows: PackedRows) -> MediaContext:
+        """The same media for the packed row of ``rows``: K/V ``[1, h_kv, b * s_e, h_d]`` and
+        per-token masks ``[1, n, b * s_e]`` (each token sees its own sample's media)."""
+        video = self.video_kv is not None
+        return MediaContext(
+            {i: rows.media_kv(kv) for i, kv in self.kv.items()},
+            rows.media_mask(self.mask),
+            {i: rows.media_kv(kv) for i, kv in self.video_kv.items()} if video else None,
+            rows.media_mask(self.video_mask) if video else None,
+        )
 
 
 class MultimodalLlama(nn.Module):
@@ -387,12 +399,14 @@ class MultimodalLlama(nn.Module):
         row_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         cache: KVCache | SharedPrefix | None = None,
     ) -> torch.Tensor:
         """``input_ids [b, s]`` → final-normed hidden ``[b, s, d]``.
 
         ``row_mask [b, s]`` marks text rows that see media; by default, rows at or after
         the sample's first media placeholder. ``media=None`` is the text-only path.
+        ``attn_mask`` replaces the causal self-attention mask (see :meth:`LlamaLM.decode`).
         """
         hidden = self.fusion_embed(input_ids, self.lm.embed_tokens)  # [b, s, d]
         hook = None
@@ -409,7 +423,7 @@ class MultimodalLlama(nn.Module):
                 return h if blk is None else blk(h, media.kv[i], media.mask, row_mask).to(h.dtype)
 
         return self.lm.decode(hidden, positions=positions, key_padding_mask=key_padding_mask,
-                              cache=cache, before_layer=hook)
+                              attn_mask=attn_mask, cache=cache, before_layer=hook)
 
     def media_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[b, s]`` bool: rows at or after the first media placeholder of their sample."""
@@ -432,24 +446,46 @@ class MultimodalLlama(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None, *,
              videos: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
-             share_prefix: bool = True) -> torch.Tensor:
+             share_prefix: bool = True, pack: bool = True) -> torch.Tensor:
         """Mean next-token cross-entropy over labeled positions (``labels [b, s]``, -100 = none)."""
         return self.labeled_loss(input_ids, labels, self._context(images, videos, frame_mask),
-                                 share_prefix=share_prefix)
+                                 share_prefix=share_prefix, pack=pack)
+
+    @property
+    def _packable(self) -> bool:
+        """Packed rows need every block in ``row_mask_mode="both"``: in ``"mlp_only"`` (Mllama's)
+        a row that sees no media still reads its own sample's media, which a packed row's
+        per-token mask cannot single out."""
+        return all(m.row_mask_mode == "both" for m in self.modules() if isinstance(m, GatedCrossAttention))
 
     def labeled_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, media: MediaContext | None, *,
-                     share_prefix: bool = True) -> torch.Tensor:
-        """:meth:`loss` on encoded ``media``. The columns every row shares before its media
-        (the chat header) go through the frozen LM once, for one row (:class:`SharedPrefix`);
-        the result equals the plain forward's (tested), at ~25 % less LM compute for the
-        built-in prompts. ``share_prefix=False`` always runs the plain forward: under FSDP every
-        rank must run the same module calls, and whether a batch shares a prefix depends on its data."""
+                     share_prefix: bool = True, pack: bool = True) -> torch.Tensor:
+        """:meth:`loss` on encoded ``media``, computing only what the loss reads.
+
+        - The columns every row shares before its media (the chat header) go through the
+          frozen LM once, for one row (:class:`SharedPrefix`): ~25 % less LM compute for the
+          built-in prompts. ``share_prefix=False`` always runs the plain forward: under FSDP
+          every rank must run the same module calls, and whether a batch shares a prefix
+          depends on its data.
+        - ``pack``: the rows, each cut after its last labelled column, run end to end as one
+          row without padding (:mod:`mm_llama.packing`), when :func:`packing_pays`.
+
+        Both give the plain forward's loss and gradients up to float rounding (tested).
+        ``input_ids``/``labels`` ``[b, s]``, right-padded.
+        """
         p = shared_prefix_length(input_ids, labels, self.lm.cfg.vocab_size) if share_prefix else 0
-        if p == 0:
-            return labeled_cross_entropy(self.hidden_states(input_ids, media), labels, self.lm.output_weight)
-        prefix = SharedPrefix.compute(self.lm, self.fusion_embed(input_ids[:1, :p], self.lm.embed_tokens))
-        hidden = self.hidden_states(input_ids[:, p:], media, row_mask=self.media_rows(input_ids)[:, p:], cache=prefix)
-        return labeled_cross_entropy(hidden, labels[:, p:], self.lm.output_weight)
+        prefix = None
+        if p:
+            prefix = SharedPrefix.compute(self.lm, self.fusion_embed(input_ids[:1, :p], self.lm.embed_tokens))
+        ids, labels, row_mask = input_ids[:, p:], labels[:, p:], self.media_rows(input_ids)[:, p:]
+        rows = PackedRows.from_labels(labels) if pack and ids.shape[0] > 1 and self._packable else None
+        if rows is not None and packing_pays(self.lm.cfg, rows, past=p):
+            hidden = self.hidden_states(rows.pack(ids), None if media is None else media.packed(rows),
+                                        row_mask=rows.pack(row_mask), positions=rows.positions(p),
+                                        attn_mask=rows.attention_mask(p), cache=prefix)
+            return labeled_cross_entropy(hidden, rows.labels(labels), self.lm.output_weight)
+        hidden = self.hidden_states(ids, media, row_mask=row_mask, cache=prefix)
+        return labeled_cross_entropy(hidden, labels, self.lm.output_weight)
 
 
 def shared_prefix_length(input_ids: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> int:

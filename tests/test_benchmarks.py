@@ -81,3 +81,12 @@ def test_gpu_check_builds_a_random_lm_shape_in_place():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model.loss(ids, labels, torch.randn(2, 3, 32, 32))
     assert torch.isfinite(loss)
+
+
+def test_packing_benchmark_packs_real_batches_and_matches_the_padded_loss(tiny_lm_dir):
+    out = run_json("packing.py", "--lm", str(tiny_lm_dir), "--batches", "2", "--batch-size", "4")
+    assert out["batches"] == 2 and 0 <= out["batches_packed"] <= 2
+    assert 0 < out["packed_columns"] <= out["padded_columns"]
+    assert out["column_fraction"] == pytest.approx(out["packed_columns"] / out["padded_columns"], abs=1e-3)
+    assert out["speedup"] == pytest.approx(out["padded_step_s"] / out["packed_step_s"], rel=0.03)  # times rounded
+    assert out["max_loss_diff"] < 1e-4
