@@ -16,6 +16,8 @@ values) with one shape:
 
 The batch is chat-like: ``<|im_start|>user\\n<|image|>`` then prompt tokens, then a response
 whose ``--response-len`` tokens are the only labelled ones; rows before the image see no media.
+``--ragged`` gives the rows random lengths (right padding, HF gets the ``attention_mask``): ours
+then packs them (``mm_llama/packing.py``), HF computes the padding.
 
 Each model lives in its own subprocess (``--worker``), so peak RSS is its own; the parent
 drives both one step (or one generation) at a time, alternating which goes first, so that
@@ -103,26 +105,45 @@ class Batch:
     images: torch.Tensor
     image_pos: int
     prompt_len: int
+    attention_mask: torch.Tensor | None = None  # [b, s], 0 on right padding (``--ragged``)
 
     def to(self, device: str) -> "Batch":
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return Batch(self.ids.to(device), self.labels.to(device), self.images.to(device), self.image_pos,
-                     self.prompt_len)
+                     self.prompt_len, mask)
 
 
 IMAGE_POS = 3  # after "<|im_start|>", "user", "\n"
 
 
-def make_batch(b: int, s: int, response_len: int, vocab: int, image_size: int, seed: int = 0) -> Batch:
-    """A chat-like batch: ``<|im_start|>user\\n<|image|> prompt ... <|im_start|>assistant\\n response``."""
+PAD_ID = 2
+
+
+def make_batch(b: int, s: int, response_len: int, vocab: int, image_size: int, seed: int = 0,
+               ragged: bool = False) -> Batch:
+    """A chat-like batch: ``<|im_start|>user\\n<|image|> prompt ... <|im_start|>assistant\\n response``.
+
+    ``ragged``: row lengths drawn uniformly from ``[s // 2, s]`` (the first row ``s``), each row
+    right-padded with an ``attention_mask``, its response at the end of its own tokens, as the
+    rows of a real batch (the built-in data's stage-2 batches are ~70 % real tokens).
+    """
     if not IMAGE_POS < s - response_len - 2:
         raise ValueError(f"seq_len {s} leaves no prompt before a response of {response_len} tokens")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (b, s), generator=g)  # [b, s]
     ids[:, IMAGE_POS] = vocab  # <|image|>: one past the frozen vocabulary in both models
+    lengths = torch.full((b,), s)
+    if ragged:
+        shortest = max(s // 2, IMAGE_POS + response_len + 3)
+        lengths = torch.randint(shortest, s + 1, (b,), generator=g)
+        lengths[0] = s
     labels = torch.full_like(ids, -100)
-    labels[:, s - response_len :] = ids[:, s - response_len :]  # the response only
+    for r, n in enumerate(lengths.tolist()):
+        labels[r, n - response_len : n] = ids[r, n - response_len : n]  # the response only
+        ids[r, n:] = PAD_ID
     images = torch.randn(b, 3, image_size, image_size, generator=g)
-    return Batch(ids, labels, images, IMAGE_POS, s - response_len)
+    mask = (torch.arange(s)[None] < lengths[:, None]).long() if ragged else None
+    return Batch(ids, labels, images, IMAGE_POS, s - response_len, mask)
 
 
 # --- the two models -------------------------------------------------------------------------
@@ -252,7 +273,8 @@ class HFRunner(Runner):
 
     def loss(self, batch: Batch) -> torch.Tensor:
         b, s = batch.ids.shape
-        return self.model(input_ids=batch.ids, labels=batch.labels, **self._media_inputs(batch, b, s)).loss
+        return self.model(input_ids=batch.ids, labels=batch.labels, attention_mask=batch.attention_mask,
+                          **self._media_inputs(batch, b, s)).loss
 
     def generate(self, batch: Batch, b: int, new_tokens: int, on_token) -> None:
         from transformers.generation.streamers import BaseStreamer
@@ -448,7 +470,7 @@ class Worker:
         self.device, self.cuda = args.device, args.device.startswith("cuda")
         self.runner.to(self.device)
         self.batch = make_batch(args.batch_size, args.seq_len, args.response_len, LlamaConfig().vocab_size,
-                                vision.image_size).to(self.device)
+                                vision.image_size, ragged=args.ragged).to(self.device)
         # bf16-mixed: fp32 weights, matmuls in bf16 under autocast (the recipe's GPU precision).
         self.dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
         self.autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
@@ -647,6 +669,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--generate-batch", type=int, nargs="+", default=[1, 4], help="generation batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="generation runs per batch size (median reported)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny batch, 1+1 steps, 4 new tokens")
+    parser.add_argument("--ragged", action="store_true",
+                        help="training rows of random lengths in [seq_len / 2, seq_len], right-padded")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]; on cuda memory figures are the GPU's")
     parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
                         help="bf16-mixed: both models under bf16 autocast (fp32 weights)")
@@ -666,7 +690,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error(f"--generate-batch {bad} must lie in 1..--batch-size ({args.batch_size})")
     forwarded = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                  "--response-len", str(args.response_len), "--device", args.device, "--precision", args.precision,
-                 *(["--quick"] if args.quick else [])]
+                 *(["--quick"] if args.quick else []), *(["--ragged"] if args.ragged else [])]
     return args, forwarded
 
 
@@ -698,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = versus(hf)
     summary["config"] = {
         "batch_size": args.batch_size, "seq_len": args.seq_len, "response_len": args.response_len,
-        "steps": args.steps, "warmup": args.warmup, "new_tokens": args.new_tokens,
+        "ragged": args.ragged, "steps": args.steps, "warmup": args.warmup, "new_tokens": args.new_tokens,
         "device": ours["device"], "precision": args.precision,
         "generate_batch": args.generate_batch, "vision": asdict(VisionSizes()),
         "hf_cross_attention_layers": hf_cross_attention_layers(30, 4),

@@ -31,6 +31,19 @@ def test_hf_cross_attention_layers_interleave_like_ours():
     assert hf_cross_attention_layers(8, 4) == [3, 8]
 
 
+def test_ragged_benchmark_batch_is_right_padded_with_the_response_at_each_rows_end():
+    sys.path.insert(0, str(BENCHMARKS))
+    from vs_hf_mllama import IMAGE_POS, PAD_ID, make_batch
+
+    batch = make_batch(6, 40, 8, 97, 16, ragged=True)
+    lengths = batch.attention_mask.sum(1)
+    assert lengths[0] == 40 and (lengths >= 20).all() and len(set(lengths.tolist())) > 1
+    for r, n in enumerate(lengths.tolist()):
+        assert (batch.labels[r] != -100).nonzero().flatten().tolist() == list(range(n - 8, n))
+        assert (batch.ids[r, n:] == PAD_ID).all() and batch.ids[r, IMAGE_POS] == 97
+    assert make_batch(2, 40, 8, 97, 16).attention_mask is None  # the default: every row full
+
+
 def test_vs_hf_mllama_quick_prints_ratios():
     out = run_json("vs_hf_mllama.py", "--quick")
     for key in ("train_step_speedup", "peak_memory_ratio", "peak_rss_ratio", "generate_speedup"):
