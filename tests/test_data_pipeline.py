@@ -14,7 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from mm_llama.data import scenes
+from mm_llama.data import pipeline, scenes
 from mm_llama.data.collate import collate
 from mm_llama.data.examples import CAPTION_PROMPT, IGNORE_INDEX
 from mm_llama.data.pipeline import (
@@ -152,6 +152,30 @@ def test_corrupt_samples_skipped_and_counted(corrupt_shard, caplog):
     assert "bad_png" in caplog.text and "bad_image" in caplog.text
     (txt,) = [s for s in samples if s["meta"]["__key__"] == "txt_caption"]
     assert txt["meta"]["prompt"] == CAPTION_PROMPT and txt["meta"]["response"] == "A red square in the top left."
+
+
+def test_encodings_are_memoised_per_text_and_every_sample_gets_its_own_tensors(shards, monkeypatch):
+    dataset = make_dataset(shards, train=False)
+    first = list(dataset)
+    encoded = []
+    real = pipeline.encode_example
+    monkeypatch.setattr(pipeline, "encode_example", lambda *a, **k: encoded.append(a[1:3]) or real(*a, **k))
+    for sample in first:  # a consumer writing into its samples must not reach the cache
+        sample["input_ids"].zero_()
+        sample["labels"].zero_()
+    second = list(dataset)
+    assert encoded == []  # the second pass re-encoded no text
+    monkeypatch.setattr(pipeline, "encode_example", real)
+    for cached, fresh in zip(second, make_dataset(shards, train=False), strict=True):
+        assert torch.equal(cached["input_ids"], fresh["input_ids"]) and torch.equal(cached["labels"], fresh["labels"])
+
+
+def test_corrupt_texts_are_not_memoised_but_counted_every_time(corrupt_shard):
+    url, good_keys, expected = corrupt_shard
+    dataset = make_dataset(url, train=False, max_len=96)
+    for _ in range(2):
+        assert sorted(s["meta"]["__key__"] for s in dataset) == sorted(good_keys)
+    assert {k: v for k, v in dataset.counter.counts().items() if v} == {k: 2 * v for k, v in expected.items()}
 
 
 def test_unreadable_shard_is_counted_not_fatal(shards, tmp_path):

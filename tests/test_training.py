@@ -159,6 +159,27 @@ def test_datamodule_refuses_an_image_size_the_encoder_does_not_take(tiny_lm_dir,
         datamodule.connect(model_inputs(trained["module"]))
 
 
+def test_evaluation_loaders_batch_eval_batch_size_and_training_keeps_batch_size(shapes_dir, trained):
+    from mm_llama.training.datamodule import model_inputs
+
+    datamodule = ImageDataModule(data_dir=str(shapes_dir), batch_size=2, eval_batch_size=5, num_workers=0,
+                                 val_samples=None, shuffle_buffer=0)
+    datamodule.connect(model_inputs(trained["module"]))
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    assert {len(b["input_ids"]) for b in datamodule.train_dataloader()} == {2}
+    assert [len(b["input_ids"]) for b in datamodule.val_dataloader()] == [5, 3]  # the 8 validation samples
+    assert [len(b["input_ids"]) for b in datamodule.test_dataloader()] == [5, 3]
+    default = ImageDataModule(data_dir=str(shapes_dir), batch_size=3, num_workers=0)
+    default.connect(model_inputs(trained["module"]))
+    default.setup("test")
+    assert [len(b["input_ids"]) for b in default.test_dataloader()] == [3, 3, 2]  # None: the training batch
+    with pytest.raises(ValueError, match="eval_batch_size must be None or >= 1, got 0"):
+        ImageDataModule(data_dir=str(shapes_dir), eval_batch_size=0)
+    with pytest.raises(ValueError, match="RunConfig.eval_batch_size must be >= 1"):
+        run_module.RunConfig(eval_batch_size=0)
+
+
 def test_default_urls_come_from_the_manifest(shapes_dir, tmp_path):
     assert default_shard_urls(shapes_dir)["test"].endswith("test-{000000..000001}.tar")
     with pytest.raises(FileNotFoundError, match="make-shards"):
@@ -193,6 +214,10 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
     assert metrics["skipped"]["train"]["total"] == 0 and metrics["trainable_params"] > 0
     for name in ("adapter.ckpt", "last.ckpt", "config.yaml", "training_curve.png", "samples.png"):
         assert (out / name).is_file(), name
+    predictions = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == N_TEST  # every test sample, judged as metrics.json counts it
+    assert sum(p["correct"] for p in predictions) / N_TEST == pytest.approx(metrics["exact_match"])
+    assert {"prompt", "response", "prediction", "task", "heldout", "__key__"} <= set(predictions[0])
     adapter = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)
     assert "optimizer_states" not in adapter and "lm_identity" in adapter
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temporary file

@@ -85,6 +85,10 @@ SKIP_KINDS: dict[str, str] = {
     "bad_video": "mp4 is empty, truncated or cannot be decoded",
 }
 
+ENCODE_CACHE_SIZE = 65_536
+"""Distinct (prompt, response) pairs whose encoding a decode stage keeps (per DataLoader worker);
+beyond it, new pairs are encoded each time (a few MB of token ids at most)."""
+
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 MediaDecoder = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
 """Raw tar sample → its media tensors (e.g. ``{"video": ..., "frame_mask": ...}``); raises
@@ -440,6 +444,7 @@ class _DecodeAndEncode:
         self.tokenizer, self.transform, self.media_token_id = tokenizer, transform, media_token_id
         self.max_len, self.system_prompt, self.counter = max_len, system_prompt, counter
         self.media, self.media_placeholder, self.max_pixels = media, media_placeholder, max_pixels
+        self._encoded: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         if self.media is None:
@@ -447,23 +452,37 @@ class _DecodeAndEncode:
         else:
             media = self.media(sample)
         meta = decode_text(sample)
-        try:
-            encoded = encode_example(
-                self.tokenizer,
-                meta["prompt"],
-                meta["response"],
-                media_placeholder=self.media_placeholder,
-                media_token_id=self.media_token_id,
-                system=self.system_prompt,
-                max_len=self.max_len,
-            )
-        except ExampleTooLong as exn:
-            raise CorruptSample("too_long", str(exn)) from exn
-        except BadExample as exn:
-            raise CorruptSample("bad_text", str(exn)) from exn
+        encoded = self.encode(meta["prompt"], meta["response"])
         meta["__key__"] = sample["__key__"]
         meta["__url__"] = sample.get("__url__")
         return {**encoded, **media, "meta": meta}
+
+    def encode(self, prompt: str, response: str) -> dict[str, torch.Tensor]:
+        """:func:`encode_example` of one conversation, memoised: datasets repeat their texts (the
+        built-in scenes' 20,000 training samples hold 2,436 distinct prompt + response pairs), and
+        rendering the chat template and tokenising them again was 30 % of the loader's time
+        (0.57 vs 0.40 ms a sample over 19,200 training samples, batch 64, 2-core CPU).
+        Returns fresh tensors (copies of the cached ones); failures are not cached."""
+        key = (prompt, response)
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            try:
+                encoded = encode_example(
+                    self.tokenizer,
+                    prompt,
+                    response,
+                    media_placeholder=self.media_placeholder,
+                    media_token_id=self.media_token_id,
+                    system=self.system_prompt,
+                    max_len=self.max_len,
+                )
+            except ExampleTooLong as exn:
+                raise CorruptSample("too_long", str(exn)) from exn
+            except BadExample as exn:
+                raise CorruptSample("bad_text", str(exn)) from exn
+            if len(self._encoded) < ENCODE_CACHE_SIZE:
+                self._encoded[key] = encoded
+        return {name: tensor.clone() for name, tensor in encoded.items()}
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:

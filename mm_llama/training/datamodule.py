@@ -19,6 +19,7 @@ a resumed run is the uninterrupted run's, batch for batch (tested).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -152,7 +153,9 @@ class ImageDataModule(L.LightningDataModule):
             ``None`` for the built-in ones.
         val_urls: validation shards, or ``None`` for the built-in ones.
         test_urls: test shards, or ``None`` for the built-in ones (also used by ``predict``).
-        batch_size: samples per batch and rank.
+        batch_size: training samples per batch and rank.
+        eval_batch_size: validation / test / predict samples per batch and rank; ``None``: ``batch_size``.
+            Evaluation generates answers without gradients, so a larger batch is cheaper per sample.
         num_workers: DataLoader worker processes per rank and split.
         image_size: side of the encoder's input; ``None`` takes the model's. When given,
             it must equal the model's (it is checked).
@@ -181,6 +184,7 @@ class ImageDataModule(L.LightningDataModule):
         val_urls: str | None = None,
         test_urls: str | None = None,
         batch_size: int = 16,
+        eval_batch_size: int | None = None,
         num_workers: int = 2,
         image_size: int | None = None,
         resampled: bool = False,
@@ -202,9 +206,10 @@ class ImageDataModule(L.LightningDataModule):
         self.modality = modality
         self.data_dir = data_dir
         self.urls: dict[str, str | None] = {"train": train_urls, "val": val_urls, "test": test_urls}
-        for name, cap in (("val_samples", val_samples), ("test_samples", test_samples)):
+        for name, cap in (("val_samples", val_samples), ("test_samples", test_samples),
+                          ("eval_batch_size", eval_batch_size)):
             if cap is not None and cap < 1:
-                raise ValueError(f"ImageDataModule.{name} must be None or >= 1, got {cap}")
+                raise ValueError(f"{type(self).__name__}.{name} must be None or >= 1, got {cap}")
         if image_size is not None and image_size < 1:
             raise ValueError(f"ImageDataModule.image_size must be None or >= 1, got {image_size}")
         self.image_size = image_size
@@ -326,7 +331,10 @@ class ImageDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"the {split} dataset was not built: call setup() for its stage first")
         assert self.inputs is not None
-        return build_loader(self.datasets[split], self.config, self.inputs.tokenizer.pad_id,
+        cfg = self.config
+        if split != "train":
+            cfg = dataclasses.replace(cfg, batch_size=self.hparams.eval_batch_size or cfg.batch_size)
+        return build_loader(self.datasets[split], cfg, self.inputs.tokenizer.pad_id,
                             pin_memory=torch.cuda.is_available(), **self._collate())
 
     def _collate(self) -> dict[str, Any]:

@@ -191,6 +191,15 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def write_predictions(samples: list[dict[str, Any]], path: str | Path) -> None:
+    """Write evaluated ``samples`` (``last_eval["samples"]``: prompt, response, prediction,
+    ``correct`` and the rest of each sample's metadata) to ``path``, one JSON object a line,
+    atomically: the file for error analysis (``jq 'select(.correct == false)'``)."""
+    with atomic_write(path, "w") as file:
+        for sample in samples:
+            file.write(json.dumps(json_safe(sample), sort_keys=True) + "\n")
+
+
 def write_metrics(metrics: dict[str, Any], path: str | Path) -> str:
     """Write ``metrics`` as strict JSON to ``path`` (atomically: the previous file stays whole
     until the new one is complete); returns the one-line JSON string."""

@@ -33,7 +33,8 @@ class SpeechDataModule(ImageDataModule):
         train_urls: training shards, or ``None`` for the built-in ones.
         val_urls: validation shards, or ``None``.
         test_urls: test shards, or ``None`` (also used by ``predict``).
-        batch_size: samples per batch and rank.
+        batch_size: training samples per batch and rank.
+        eval_batch_size: validation / test / predict samples per batch and rank; ``None``: ``batch_size``.
         num_workers: DataLoader worker processes per rank and split.
         resampled: draw training shards with replacement (needs ``epoch_length``).
         epoch_length: training samples per epoch over all ranks; ``None`` = one pass.
@@ -55,6 +56,7 @@ class SpeechDataModule(ImageDataModule):
         val_urls: str | None = None,
         test_urls: str | None = None,
         batch_size: int = 8,
+        eval_batch_size: int | None = None,
         num_workers: int = 0,
         resampled: bool = False,
         epoch_length: int | None = None,
@@ -69,7 +71,7 @@ class SpeechDataModule(ImageDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__(data_dir=data_dir, train_urls=train_urls, val_urls=val_urls, test_urls=test_urls,
-                         batch_size=batch_size, num_workers=num_workers, resampled=resampled,
+                         batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, resampled=resampled,
                          epoch_length=epoch_length, shuffle_buffer=shuffle_buffer, max_len=max_len, seed=seed,
                          system_prompt=system_prompt, val_samples=val_samples, test_samples=test_samples,
                          progress=progress)
