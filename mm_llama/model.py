@@ -126,6 +126,9 @@ class ModelConfig:
         cross_attention: placement and behaviour of the gated cross-attention blocks.
         trainable: the groups of :data:`TRAINABLE_GROUPS` that train.
         projection: one of :data:`PROJECTIONS`.
+        media_positions: add a learned vector per image-token position to the projected tokens
+            (:class:`~adapters.projection.MediaProjection`; needs an encoder with a fixed token
+            count, ``num_tokens``). A video's frames share them.
         fusion_rows: rows of the trainable special-token table after the frozen vocabulary
             (at least one per media token; Llama 3.2 Vision has 8).
         video: the video branch (temporal aggregator + video cross-attention); ``None``: an
@@ -138,6 +141,7 @@ class ModelConfig:
     cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     trainable: tuple[str, ...] = tuple(TRAINABLE_GROUPS)
     projection: str = "linear_norm"
+    media_positions: bool = False
     fusion_rows: int = len(MEDIA_TOKENS)
     video: VideoConfig | None = None
     speech_encoder: SpeechEncoderConfig | None = None
@@ -221,8 +225,14 @@ class MultimodalLlama(nn.Module):
         lm_cfg = lm.cfg
         if cfg.image_encoder is not None:
             self.image_encoder = IMAGE_ENCODERS[type(cfg.image_encoder)](cfg.image_encoder)
+            positions = 0
+            if cfg.media_positions:
+                positions = getattr(self.image_encoder, "num_tokens", None)
+                if not isinstance(positions, int):
+                    raise ValueError(f"media_positions needs an image encoder with a fixed token count; "
+                                     f"{type(self.image_encoder).__name__} has none")
             self.image_projection = MediaProjection(self.image_encoder.out_dim, lm_cfg.dim, lm_cfg.norm_eps,
-                                                    norm=cfg.projection == "linear_norm")
+                                                    norm=cfg.projection == "linear_norm", positions=positions)
         if cfg.speech_encoder is not None:
             self.speech_encoder = SpeechEncoder(cfg.speech_encoder)
             # Embedding fusion: frames sit among token embeddings, so start them at the table's scale.
@@ -380,7 +390,7 @@ class MultimodalLlama(nn.Module):
         out = self.image_encoder(videos.flatten(0, 1))  # tokens [b * f, s_f, d_e]
         frames = out.tokens.view(b, f, *out.tokens.shape[1:])  # [b, f, s_f, d_e]
         s_f = frames.shape[2]
-        image_tokens = self.image_projection(frames.flatten(1, 2))  # [b, f * s_f, d]
+        image_tokens = self.image_projection(frames).flatten(1, 2)  # [b, f * s_f, d]
         image_mask = (out.mask.view(b, f, s_f) & frame_mask[:, :, None]).flatten(1)  # [b, f * s_f]
         video_tokens, video_mask = self.video(frames, frame_mask)  # [b, g * n_l, d], [b, g * n_l]
         context = self.media_kv(image_tokens, image_mask)

@@ -203,3 +203,22 @@ def test_configs_pickled_before_a_field_existed_load_with_its_default():
     restored = pickle.loads(pickle.dumps(old))
     assert restored == cfg
     assert restored.speech_adapter == ModelConfig().speech_adapter and restored.cross_attention.row_mask_mode == "both"
+
+
+def test_media_positions_give_each_token_slot_its_own_vector_and_keep_identity_at_init():
+    enc = ImageEncoderConfig(backbone="timm:vit_tiny_patch16_224", image_size=16, patch_size=8, depth=2, width=32,
+                             heads=2, intermediate_layers=(0,))
+    model = MultimodalLlama(tiny_lm(), ModelConfig(enc, media_positions=True)).eval()
+    proj = model.image_projection
+    assert proj.position_embed.shape == (4, 48)  # 2 x 2 patches, the LM's width
+    assert "image_projection.position_embed" in model.trainable_state_dict()
+    same = torch.randn(1, 4, model.image_encoder.out_dim).expand(1, 4, -1)  # one feature in every slot
+    out = proj(same)
+    assert torch.allclose(out - proj.position_embed, proj.norm(proj.proj(same)))
+    assert (out[0, 0] - out[0, 1]).abs().max() > 0.1  # the slots differ by their position only
+    with pytest.raises(ValueError, match="4 position embeddings but got 5 tokens"):
+        proj(torch.randn(1, 5, model.image_encoder.out_dim))
+    ids, images = batch(model)
+    with torch.no_grad():  # gates at 0: still the text-only LM
+        assert torch.equal(model.lm.logits(model.hidden_states(ids, model.media_context(images))),
+                           model.lm.logits(model.hidden_states(ids, None)))

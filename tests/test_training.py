@@ -248,6 +248,45 @@ def test_unknown_modality_says_so(capsys):
     assert "unknown modality 'smell'" in err and "image, video, speech" in err
 
 
+def test_auto_precision_is_bf16_on_a_bf16_gpu_only_and_explicit_values_win(monkeypatch):
+    monkeypatch.setattr(run_module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run_module, "cpu_has_native_bf16", lambda: True)  # still fp32: see RunConfig.precision
+    for modality in ("image", "video", "speech"):
+        assert run_module.RunConfig(modality=modality).trainer_precision() == "32-true"
+    for explicit in ("32-true", "bf16-mixed"):
+        cfg = run_module.RunConfig(modality="speech", precision=explicit)
+        assert cfg.trainer_precision() == explicit == cfg.trainer_defaults()["precision"]
+    with pytest.raises(ValueError, match="RunConfig.precision must be one of"):
+        run_module.RunConfig(precision="16-mixed")
+
+
+def test_bf16_run_holds_the_frozen_lm_in_bf16_and_never_changes_it(tiny_lm_dir, shapes_dir, tmp_path, capsys,
+                                                                   monkeypatch, tiny_image_modality):
+    seen = {}
+
+    class Recording(AdapterModule):
+        def on_fit_start(self):
+            seen["start"] = (self.model.lm.embed_tokens.weight.dtype, parameters_digest(self.model.lm))
+
+        def on_fit_end(self):
+            seen["end"] = parameters_digest(self.model.lm)
+            seen["trainable"] = {p.dtype for p in self.parameters() if p.requires_grad}
+
+    monkeypatch.setattr(run_module, "AdapterModule", Recording)
+    out = tmp_path / "bf16"
+    assert run_module.main(["--modality", "image", "--lm", str(tiny_lm_dir), "--data-dir", str(shapes_dir),
+                            "--out", str(out), "--batch-size", "4", "--num-workers", "0", "--val-samples", "4",
+                            "--no-progress", "--encoder-pretrain-steps", "2", "--steps", "2",
+                            "--precision", "bf16-mixed"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["precision"] == "bf16-mixed" and metrics["steps"] == 2
+    dtype, before = seen["start"]
+    assert dtype == torch.bfloat16 and seen["end"] == before  # frozen means frozen, in bf16 too
+    assert seen["trainable"] == {torch.float32}  # fp32 master weights under autocast
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"]["lm_dtype"] == "bfloat16" and config["trainer"]["precision"] == "bf16-mixed"
+
+
 @pytest.mark.parametrize("cores, workers", [(1, 0), (2, 0), (None, 0), (4, 2), (64, 2)])
 def test_loader_workers_follow_the_core_count(monkeypatch, cores, workers):
     monkeypatch.setattr(run_module.os, "cpu_count", lambda: cores)
