@@ -63,6 +63,12 @@ IMAGE_ENCODERS: dict[type, type[MediaEncoder]] = {
 }
 """Image encoder class by the type of :attr:`ModelConfig.image_encoder`."""
 
+BF16_CPU_PACK_MULTIPLE = 32
+"""Packed rows are padded to a multiple of this many tokens when matmuls run in bf16 on a CPU:
+oneDNN's bf16 path keeps memory per distinct matrix shape, and a packed row's length changes every
+step (60 default stage-2 steps: +680 MB with exact lengths, +190 MB with multiples of 32; fp32
+levels off. Stop 18, README "Results")."""
+
 PROJECTIONS: tuple[str, ...] = ("linear_norm", "linear")
 """``linear_norm``: Linear + RMSNorm (default); ``linear``: Linear + bias only (Llama 3.2 Vision)."""
 
@@ -461,6 +467,13 @@ class MultimodalLlama(nn.Module):
         return self.labeled_loss(input_ids, labels, self._context(images, videos, frame_mask),
                                  share_prefix=share_prefix, pack=pack)
 
+    def _pack_multiple(self, device: torch.device) -> int:
+        """Length multiple of a packed row: :data:`BF16_CPU_PACK_MULTIPLE` where matmuls run in
+        bf16 on a CPU (a bf16 LM, or autocast), whose memory grows with every new shape; else 1."""
+        bf16 = self.lm.embed_tokens.weight.dtype == torch.bfloat16 or (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return BF16_CPU_PACK_MULTIPLE if device.type == "cpu" and bf16 else 1
+
     @property
     def _packable(self) -> bool:
         """Packed rows need every block in ``row_mask_mode="both"``: in ``"mlp_only"`` (Mllama's)
@@ -488,7 +501,9 @@ class MultimodalLlama(nn.Module):
         if p:
             prefix = SharedPrefix.compute(self.lm, self.fusion_embed(input_ids[:1, :p], self.lm.embed_tokens))
         ids, labels, row_mask = input_ids[:, p:], labels[:, p:], self.media_rows(input_ids)[:, p:]
-        rows = PackedRows.from_labels(labels) if pack and ids.shape[0] > 1 and self._packable else None
+        rows = None
+        if pack and ids.shape[0] > 1 and self._packable:
+            rows = PackedRows.from_labels(labels, multiple=self._pack_multiple(ids.device))
         if rows is not None and packing_pays(self.lm.cfg, rows, past=p):
             hidden = self.hidden_states(rows.pack(ids), None if media is None else media.packed(rows),
                                         row_mask=rows.pack(row_mask), positions=rows.positions(p),

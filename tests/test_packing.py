@@ -10,7 +10,7 @@ import torch
 
 from adapters import GatedCrossAttention
 from mm_llama.config import LlamaConfig
-from mm_llama.model import labeled_cross_entropy
+from mm_llama.model import BF16_CPU_PACK_MULTIPLE, labeled_cross_entropy
 from mm_llama.packing import PackedRows, packing_pays
 from mm_llama.video_adapter import VideoConfig
 from tests.test_model import VOCAB, tiny_model
@@ -59,6 +59,24 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(share_prefix):
     hidden = model.hidden_states(ids, model.media_context(images))
     assert torch.allclose(labeled_cross_entropy(hidden, labels, model.lm.output_weight), padded[0], atol=1e-6)
     assert all(p.grad is None for p in model.lm.parameters())
+
+
+def test_rows_padded_to_a_multiple_give_the_same_loss_and_gradients(monkeypatch):
+    model = tiny_model(gate_init=0.5)
+    ids, labels = ragged_batch(model)  # 3 rows of 14, 9, 11 columns: 34 kept, 8 spare
+    rows = PackedRows.from_labels(labels, multiple=16)
+    assert rows.tokens == 42  # 48 wanted, but only the batch's 8 dropped columns can be added
+    assert PackedRows.from_labels(labels, multiple=4).tokens == 36
+    assert PackedRows.from_labels(labels, multiple=17).tokens == 34  # already a multiple
+    images = torch.randn(3, 3, 16, 16)
+    padded = loss_and_grads(model, ids, labels, pack=False, images=images)
+    cpu = torch.device("cpu")
+    assert model._pack_multiple(cpu) == 1  # fp32 on a CPU: exact lengths
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model._pack_multiple(cpu) == BF16_CPU_PACK_MULTIPLE
+    # the padded-length path in fp32 arithmetic (22 tokens after the shared prefix, padded to 24)
+    monkeypatch.setattr(type(model), "_pack_multiple", lambda self, device: 4)
+    assert_same(loss_and_grads(model, ids, labels, pack=True, images=images), padded)
 
 
 def test_packed_loss_equals_the_padded_batch_for_videos_with_missing_frames():

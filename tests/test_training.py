@@ -248,10 +248,12 @@ def test_unknown_modality_says_so(capsys):
     assert "unknown modality 'smell'" in err and "image, video, speech" in err
 
 
-def test_auto_precision_is_bf16_on_a_bf16_gpu_only_and_explicit_values_win(monkeypatch):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_is_bf16_only_for_image_on_a_cpu_with_native_bf16(monkeypatch, native_bf16):
     monkeypatch.setattr(run_module.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(run_module, "cpu_has_native_bf16", lambda: True)  # still fp32: see RunConfig.precision
-    for modality in ("image", "video", "speech"):
+    monkeypatch.setattr(run_module, "cpu_has_native_bf16", lambda: native_bf16)
+    assert run_module.RunConfig().trainer_precision() == ("bf16-mixed" if native_bf16 else "32-true")
+    for modality in ("video", "speech"):  # not measured in bf16 on a CPU: fp32
         assert run_module.RunConfig(modality=modality).trainer_precision() == "32-true"
     for explicit in ("32-true", "bf16-mixed"):
         cfg = run_module.RunConfig(modality="speech", precision=explicit)

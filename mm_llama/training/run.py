@@ -133,11 +133,10 @@ class RunConfig:
         seed: seeds weights initialisation and data order.
         num_workers: DataLoader workers per split; default :func:`default_num_workers`.
         precision: one of :data:`PRECISIONS`. ``"bf16-mixed"`` holds the frozen LM in bf16 and
-            trains the fp32 adapters (and stage 1's encoder) under bf16 autocast; ``"auto"``: that on
-            a CUDA GPU with bf16, else ``"32-true"``. On a CPU with native bf16 matmul
-            (:func:`cpu_has_native_bf16`) ``"bf16-mixed"`` trained the image default in 18 % less time
-            to the same accuracy, but its memory grows with the varying packed shapes (3.0 GB peak
-            against 2.3 GB; README "Results"), so it is not the CPU default.
+            trains the fp32 adapters (and stage 1's encoder) under bf16 autocast. ``"auto"``: that on
+            a CUDA GPU with bf16, and on a CPU with native bf16 matmul (:func:`cpu_has_native_bf16`)
+            for the modalities measured that way (:attr:`Modality.cpu_bf16`: image, 22 % less
+            training time at the same accuracy, stop 18); else ``"32-true"``.
         val_every: validate every this many steps; ``None``: twice per run (each validation
             generates ``val_samples`` answers, ``eval_batch_size`` at a time).
         val_samples: validation samples per evaluation (the first ones of the split).
@@ -264,7 +263,9 @@ class RunConfig:
         """The Lightning precision of this run (``precision`` with ``"auto"`` resolved)."""
         if self.precision != "auto":
             return self.precision
-        return default_precision()
+        if torch.cuda.is_available():
+            return default_precision()
+        return "bf16-mixed" if self.spec.cpu_bf16 and cpu_has_native_bf16() else "32-true"
 
     def trainer_defaults(self) -> dict[str, Any]:
         """:func:`trainer_defaults` at this run's precision (every stage's trainer starts from it)."""
@@ -448,6 +449,8 @@ class Modality:
             run it only returns stage 2's model configuration.
         steps: default optimizer steps of the adapter stage.
         encoder_pretrain_steps: default steps of stage 1 (when ``encoder_pretraining``).
+        cpu_bf16: ``precision="auto"`` trains in bf16-mixed on a CPU with native bf16 matmul
+            (measured for image: README "Results"); off: fp32 on every CPU.
     """
 
     model_config: Callable[[RunConfig], ModelConfig]
@@ -460,13 +463,14 @@ class Modality:
     pretrain_stage: Callable[..., tuple[ModelConfig, dict[str, Any] | None]] | None = None
     steps: int = DEFAULT_STEPS
     encoder_pretrain_steps: int = EncoderPretrainConfig().steps
+    cpu_bf16: bool = False
 
 
 MODALITIES: dict[str, Modality] = {
     # Image: stage 1 long enough for its decoder to answer 96.5 % of the test questions, then 400
     # adapter steps (README, "Learning dynamics": both stages were sample-limited at 250 / 200).
     "image": Modality(image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image",
-                      steps=400, encoder_pretrain_steps=600),
+                      steps=400, encoder_pretrain_steps=600, cpu_bf16=True),
     # Video: an image stage 1 trains the frame encoder on the image scenes (or --frame-encoder gives
     # one); video's stage 1 then trains the temporal aggregator on the clips' captions with the frame
     # encoder frozen; unless --image-checkpoint gives trained image weights (the video stage). Stage 2
@@ -639,7 +643,8 @@ def _pretrain_frame_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -
     """Video's stage 0: the image stage 1 on the image scenes, writing the frame encoder into
     ``out`` (``<run>/frames``); returns its summary (``checkpoint``: the encoder file)."""
     image_cfg = dataclasses.replace(
-        cfg, modality="image", data_dir=None, out=str(out), image_checkpoint=None, frames=None, frame_encoder=None,
+        cfg, modality="image", precision=cfg.trainer_precision(),  # the video run's, not image's auto
+        data_dir=None, out=str(out), image_checkpoint=None, frames=None, frame_encoder=None,
         frame_pretrain_steps=None, encoder_pretrain_steps=cfg.frame_pretrain_steps, encoder_pretrain=None,
     )
     log.info("frame encoder: %d steps of image stage 1 on %s", cfg.frame_pretrain_steps, image_cfg.spec.data_dir)
@@ -755,8 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt if it exists")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: bf16-mixed (frozen LM in bf16, fp32 adapters) on a bf16 GPU, else 32-true; "
-                        "bf16-mixed also pays on a CPU with AVX512-BF16/AMX (default: %(default)s)")
+                   help="auto: bf16-mixed (frozen LM in bf16, fp32 adapters) on a bf16 GPU, and for image on a "
+                        "CPU with native bf16 matmul (AVX512-BF16/AMX); else 32-true (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers (default: %(default)s)")
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: steps / 2)")
     p.add_argument("--val-samples", type=int, default=d.val_samples,
