@@ -259,6 +259,49 @@ def test_missing_remote_shard_is_skipped_counted_and_named(shards, http_root, ca
     assert "cat failed (exit status 1)" in pipe_line and "Pipe object" not in pipe_line
 
 
+def tasks_of(samples) -> dict[str, set[str]]:
+    by_task: dict[str, set[str]] = {}
+    for sample in samples:
+        by_task.setdefault(sample["meta"]["task"], set()).add(sample["meta"]["__key__"])
+    return by_task
+
+
+def test_task_weights_thin_the_named_task_in_training_only(shards):
+    everything = tasks_of(make_dataset(shards, train=False))
+    assert set(everything) == {"caption", "colour", "count", "where"} and len(everything["count"]) >= 6
+
+    no_count = make_dataset(shards, train=True, task_weights={"count": 0.0})
+    no_count.set_epoch(0)
+    got = tasks_of(no_count)
+    assert "count" not in got and got == {t: k for t, k in everything.items() if t != "count"}  # nothing else lost
+    assert no_count.counter.total == 0  # a sampling choice, not a skip
+
+    half = make_dataset(shards, train=True, task_weights={"count": 0.5, "caption": 1.0})
+    mixes = []
+    for epoch in (0, 1):
+        half.set_epoch(epoch)
+        got = tasks_of(half)
+        assert got["caption"] == everything["caption"] and got["where"] == everything["where"]
+        assert got["count"] < everything["count"]  # a strict subset: a 0.5 draw over >= 6 samples
+        mixes.append(got["count"])
+    assert mixes[0] != mixes[1]  # drawn again each epoch...
+    again = make_dataset(shards, train=True, task_weights={"count": 0.5})
+    assert keys(again, 1) == keys(half, 1)  # ...reproducibly
+
+    evaluation = make_dataset(shards, train=False, task_weights={"count": 0.0})
+    assert tasks_of(evaluation) == everything  # validation and test read every sample
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"count": 1.5}, r"task_weights\['count'\] is a keep probability in \[0, 1\], got 1.5"),
+    ({"count": "half"}, "must map task names to numbers"),
+    ([("count", 0.5)], "must be a mapping"),
+])  # fmt: skip
+def test_task_weights_are_validated(weights, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig("a.tar", task_weights=weights)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         DataConfig("a.tar", batch_size=0)

@@ -202,7 +202,8 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
     out = tmp_path / "run"
     flags = ["--modality", "image", "--lm", str(tiny_lm_dir), "--data-dir", str(shapes_dir), "--out", str(out),
              "--batch-size", "4", "--num-workers", "0", "--val-every", "1", "--val-samples", "4", "--no-progress",
-             "--encoder-pretrain-steps", "0"]  # stage 1: tests/test_encoder_pretrain.py
+             "--encoder-pretrain-steps", "0",  # stage 1: tests/test_encoder_pretrain.py
+             "--task-weights", "count=0.5"]
     assert run_module.main([*flags, "--steps", "2"]) == 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     metrics = json.loads(last_line)
@@ -223,7 +224,9 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temporary file
     from mm_llama.training.checkpoint_io import CLASS_PATH
 
-    assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["plugins"] == [{"class_path": CLASS_PATH}]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["trainer"]["plugins"] == [{"class_path": CLASS_PATH}]
+    assert config["data"]["init_args"]["task_weights"] == {"count": 0.5}  # stage 2's training mix, as run
 
     # the resolved config is a valid LightningCLI config
     from mm_llama.cli import main as cli_main
@@ -238,6 +241,24 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
     assert resumed["steps"] == 3 and resumed["resumed_from"] == str(out / "last.ckpt")
     history = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]["TrainingHistory"]
     assert [step for step, _ in history["train_loss"]] == [1, 2, 3]  # the curve survives the resume
+
+
+def test_task_weights_flag(capsys):
+    parse = run_module.parse_task_weights
+    assert parse("count=0.25") == {"count": 0.25}
+    assert parse(" count=0.25, caption=1 ") == {"count": 0.25, "caption": 1.0}
+    assert parse("all") == {}
+    default = run_module.MODALITIES["image"].task_weights
+    assert run_module.RunConfig().task_weights == default  # the modality's mix unless given
+    assert run_module.RunConfig(task_weights={}).task_weights == {}
+    for bad in ("count", "count=2", "count=half", "=0.5", ","):
+        with pytest.raises(SystemExit):
+            run_module.build_parser().parse_args(["--task-weights", bad])
+        assert "--task-weights" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="speech shards have none"):
+        run_module.RunConfig(modality="speech", task_weights={"count": 0.5})
+    with pytest.raises(ValueError, match=r"RunConfig.task_weights\['count'\] is a keep probability"):
+        run_module.RunConfig(task_weights={"count": -1})
 
 
 def test_unknown_modality_says_so(capsys):

@@ -5,7 +5,8 @@ Stages, in order::
     shard list ─ (train) epoch-seeded shard shuffle, identical on every rank
                ─ wds.split_by_node ─ wds.split_by_worker
     or resampled shards, drawn per (seed, epoch, rank, worker)
-    ─ wds.tarfile_to_samples ─ (train) epoch-seeded sample shuffle buffer
+    ─ wds.tarfile_to_samples ─ (train, with task_weights) task mix
+    ─ (train) epoch-seeded sample shuffle buffer
     ─ decode image + text, encode_example  → {input_ids, labels, image, meta}
 
 The pipeline is assembled from ``wds.DataPipeline`` stages rather than the
@@ -31,6 +32,7 @@ lives in shared memory, so persistent DataLoader workers see it too.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -119,6 +121,11 @@ class DataConfig:
             chat template's default.
         max_image_pixels: images with more pixels (width x height) are skipped and
             counted as ``image_too_large`` from their header, never decoded.
+        task_weights: training mix by the ``task`` field of a sample's json: the probability
+            that a training sample of that task is kept (tasks not named: 1). The draw is
+            seeded by (``seed``, epoch, sample key), so it is reproducible, the same on every
+            rank, and different each epoch. Dropped samples are a sampling choice, not
+            skips: :class:`SkipCounter` does not count them. ``None``: every sample.
     """
 
     train_urls: str
@@ -134,6 +141,7 @@ class DataConfig:
     image_size: int = 64
     system_prompt: str | None = None
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    task_weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.train_urls, str) or not self.train_urls.strip():
@@ -158,6 +166,19 @@ class DataConfig:
             raise ValueError(f"DataConfig.image_size must be >= 1, got {self.image_size}")
         if self.max_image_pixels < 1:
             raise ValueError(f"DataConfig.max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if self.task_weights is not None:
+            check_task_weights(self.task_weights, "DataConfig.task_weights")
+
+
+def check_task_weights(weights: Any, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``weights`` maps task names to numbers in [0, 1]."""
+    if not isinstance(weights, dict):
+        raise ValueError(f"{name} must be a mapping task -> keep probability, got {weights!r}")
+    for task, weight in weights.items():
+        if not isinstance(task, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"{name} must map task names to numbers, got {task!r}: {weight!r}")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"{name}[{task!r}] is a keep probability in [0, 1], got {weight}")
 
 
 # ---------------------------------------------------------------- shared state
@@ -345,6 +366,30 @@ class _ResampledShards(IterableDataset):
         rng = _stage_rng("resample", self.seed, self.epoch.get(), rank, worker)
         while True:
             yield {"url": rng.choice(self.urls)}
+
+
+class _TaskMix:
+    """Keeps a raw training sample with the probability its json's ``task`` has in
+    ``weights`` (1 for other tasks, samples without a task and unreadable json, which
+    decoding then counts). The draw is a hash of (seed, epoch, key): reproducible and
+    rank-independent, so a resumed run replays the same mix."""
+
+    def __init__(self, weights: dict[str, float], seed: int, epoch: SharedEpoch) -> None:
+        self.weights, self.seed, self.epoch = dict(weights), seed, epoch
+
+    def keep(self, sample: dict[str, Any]) -> bool:
+        try:
+            task = json.loads(sample["json"]).get("task")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return True
+        weight = self.weights.get(task, 1.0) if isinstance(task, str) else 1.0
+        if weight >= 1.0:
+            return True
+        digest = hashlib.blake2b(f"mix/{self.seed}/{self.epoch.get()}/{sample.get('__key__')}".encode(), digest_size=8)
+        return int.from_bytes(digest.digest(), "little") / 2**64 < weight
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        return (sample for sample in src if self.keep(sample))
 
 
 class _EpochSampleShuffle:
@@ -549,7 +594,7 @@ def build_dataset(
         transform: PIL RGB image → tensor; ``None`` uses ``ResizeToTensor(cfg.image_size)``.
         media_token_id: id of ``<|image|>`` in the fusion embedding (``>= vocab_size``).
         train: shuffle shards and samples (seeded by ``cfg.seed`` and the epoch),
-            resample if ``cfg.resampled``, and apply ``cfg.epoch_length``.
+            resample if ``cfg.resampled``, apply ``cfg.task_weights`` and ``cfg.epoch_length``.
             Evaluation reads every shard once, in order.
         cfg: the data configuration.
         counter: where skips are counted; a new one when ``None`` (``dataset.counter``).
@@ -599,6 +644,8 @@ def build_dataset(
                 len(shard_urls), world_size, max(1, cfg.num_workers),
             )  # fmt: skip
     stages.append(wds.tarfile_to_samples(handler=counter.handler))
+    if train and cfg.task_weights is not None:
+        stages.append(_TaskMix(cfg.task_weights, cfg.seed, epoch))
     if train and cfg.shuffle_buffer > 0:
         stages.append(_EpochSampleShuffle(cfg.shuffle_buffer, cfg.seed, epoch))
     stages.append(decode if decode_stage is None else decode_stage)

@@ -175,6 +175,9 @@ class ImageDataModule(L.LightningDataModule):
         modality: ``"image"`` (``png``/``jpg`` samples) or ``"video"`` (``mp4`` samples, decoded to
             the model's ``video.frames`` uniformly sampled frames, prompts with ``<|video|>``).
         progress: show a progress bar while :meth:`prepare_data` writes the built-in shards.
+        task_weights: the training mix: the probability that a training sample whose json
+            ``task`` is named is kept (others: 1), e.g. ``{"count": 0.25}``; validation and test
+            read every sample. ``None``: all (:attr:`DataConfig.task_weights`).
     """
 
     def __init__(
@@ -198,6 +201,7 @@ class ImageDataModule(L.LightningDataModule):
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         modality: str = "image",
         progress: bool = True,
+        task_weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -236,6 +240,7 @@ class ImageDataModule(L.LightningDataModule):
             image_size=image_size,
             system_prompt=system_prompt,
             max_image_pixels=hp.max_image_pixels,
+            task_weights=hp.task_weights,
         )
 
     # --- wiring to the model ----------------------------------------------------------

@@ -39,6 +39,7 @@ from mm_llama.model import CrossAttentionConfig, ModelConfig
 from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training import checkpoint_io
 from mm_llama.training.checkpoint_io import AtomicCheckpointIO
+from mm_llama.data.pipeline import check_task_weights
 from mm_llama.training.datamodule import ImageDataModule, ModelInputs
 from mm_llama.training.encoder_pretrain import EncoderPretrainConfig, pretrain_image_encoder
 from mm_llama.training.module import DEFAULT_LM, AdapterModule, normalise_answer
@@ -172,6 +173,9 @@ class RunConfig:
             stage (its frames learn to point at the LM's embeddings of the spoken tokens); 0 skips it.
         fusion: speech only: ``"embedding"`` (speech frames replace ``<|speech|>`` in the LM input,
             the paper) or ``"cross_attention"`` (they are the K/V of gated cross-attention blocks).
+        task_weights: stage 2's training mix: keep probability of a training sample by its
+            json ``task`` (others: 1), e.g. ``{"count": 0.25}``; ``{}``: every sample. ``None``: the
+            modality's default (:attr:`Modality.task_weights`). Stage 1 and evaluation read every sample.
     """
 
     modality: str = "image"
@@ -203,6 +207,7 @@ class RunConfig:
     fusion: str = "embedding"
     speech_pretrain: str = "ctc"
     speech_pretrain_steps: int = 300
+    task_weights: dict[str, float] | None = None
     speech_adapter_pretrain_steps: int = 200
 
     def __post_init__(self) -> None:
@@ -212,6 +217,11 @@ class RunConfig:
             self.steps = self.spec.steps
         if self.encoder_pretrain_steps is None:
             self.encoder_pretrain_steps = self.spec.encoder_pretrain_steps
+        if self.task_weights is None:
+            self.task_weights = dict(self.spec.task_weights)
+        check_task_weights(self.task_weights, "RunConfig.task_weights")
+        if self.task_weights and self.modality == "speech":
+            raise ValueError("--task-weights weighs image and video tasks; the speech shards have none")
         video_options = (self.image_checkpoint, self.frames, self.frame_encoder, self.frame_pretrain_steps)
         if self.modality != "video" and video_options != (None,) * 4:
             raise ValueError("--image-checkpoint, --frames, --frame-encoder and --frame-pretrain-steps are options "
@@ -315,8 +325,9 @@ def _datamodule_args(cfg: RunConfig, batch_size: int | None) -> dict[str, Any]:
                 val_samples=cfg.val_samples, test_samples=cfg.test_samples, progress=cfg.progress)
 
 
-def _image_datamodule(cfg: RunConfig, batch_size: int | None = None) -> ImageDataModule:
-    return ImageDataModule(**_datamodule_args(cfg, batch_size))
+def _image_datamodule(cfg: RunConfig, batch_size: int | None = None,
+                      task_weights: dict[str, float] | None = None) -> ImageDataModule:
+    return ImageDataModule(**_datamodule_args(cfg, batch_size), task_weights=task_weights or None)
 
 
 def _video_model_config(cfg: RunConfig) -> ModelConfig:
@@ -331,8 +342,9 @@ def _video_model_config(cfg: RunConfig) -> ModelConfig:
     return dataclasses.replace(image_model_config(cfg), video=VideoConfig(hidden_dim=CROSS_ATTENTION_MLP, **frames))
 
 
-def _video_datamodule(cfg: RunConfig, batch_size: int | None = None) -> ImageDataModule:
-    return ImageDataModule(**_datamodule_args(cfg, batch_size), modality="video")
+def _video_datamodule(cfg: RunConfig, batch_size: int | None = None,
+                      task_weights: dict[str, float] | None = None) -> ImageDataModule:
+    return ImageDataModule(**_datamodule_args(cfg, batch_size), modality="video", task_weights=task_weights or None)
 
 
 def frame_ablations(trainer: L.Trainer, module: AdapterModule, datamodule: L.LightningDataModule,
@@ -378,7 +390,9 @@ def _speech_model_config(cfg: RunConfig) -> ModelConfig:
     )
 
 
-def _speech_datamodule(cfg: RunConfig, batch_size: int | None = None) -> SpeechDataModule:
+def _speech_datamodule(cfg: RunConfig, batch_size: int | None = None,
+                       task_weights: dict[str, float] | None = None) -> SpeechDataModule:
+    assert not task_weights, "RunConfig rejects task weights for speech"
     return SpeechDataModule(**_datamodule_args(cfg, batch_size))
 
 
@@ -434,8 +448,9 @@ class Modality:
 
     Attributes:
         model_config: ``RunConfig -> ModelConfig``.
-        datamodule: ``(RunConfig, batch_size=None) -> LightningDataModule`` (with a
-            ``skipped()`` method); ``batch_size`` overrides the run's (stage 1 uses its own).
+        datamodule: ``(RunConfig, batch_size=None, task_weights=None) -> LightningDataModule`` (with a
+            ``skipped()`` method); ``batch_size`` overrides the run's (stage 1 uses its own);
+            ``task_weights`` is stage 2's training mix (:attr:`RunConfig.task_weights`).
         data_dir: default directory of the built-in shards.
         out: default output directory (``{fusion}`` is replaced by the run's fusion mode).
         encoder_pretraining: run stage 1 (caption pre-training of the image encoder on the
@@ -451,6 +466,7 @@ class Modality:
         encoder_pretrain_steps: default steps of stage 1 (when ``encoder_pretraining``).
         cpu_bf16: ``precision="auto"`` trains in bf16-mixed on a CPU with native bf16 matmul
             (measured for image: README "Results"); off: fp32 on every CPU.
+        task_weights: default training mix of stage 2 (:attr:`RunConfig.task_weights`).
     """
 
     model_config: Callable[[RunConfig], ModelConfig]
@@ -464,6 +480,7 @@ class Modality:
     steps: int = DEFAULT_STEPS
     encoder_pretrain_steps: int = EncoderPretrainConfig().steps
     cpu_bf16: bool = False
+    task_weights: dict[str, float] = field(default_factory=dict)
 
 
 MODALITIES: dict[str, Modality] = {
@@ -501,7 +518,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     optim = dataclasses.replace(
         cfg.optim or OptimConfig(), total_steps=cfg.steps, **({"lr": cfg.lr} if cfg.lr is not None else {})
     )
-    datamodule = cfg.spec.datamodule(cfg)
+    datamodule = cfg.spec.datamodule(cfg, task_weights=cfg.task_weights)  # stage 2's training mix
     datamodule.prepare_data()  # shards before the LM, so a missing-data error comes first
     stage1 = None
     if cfg.spec.pretrain_stage is not None:
@@ -797,8 +814,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "embeddings; 0: none (default: %(default)s)")
     p.add_argument("--fusion", choices=SPEECH_FUSIONS, default=d.fusion,
                    help="speech: how speech frames reach the LM (default: %(default)s)")
+    p.add_argument("--task-weights", type=parse_task_weights, default=None, metavar="TASK=P[,TASK=P]",
+                   help="stage 2's training mix: keep a training sample of TASK with probability P (others: "
+                        "1), e.g. count=0.25; 'all' keeps every sample (default: the modality's, image: "
+                        f"{_format_task_weights(MODALITIES['image'].task_weights)})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
+
+
+def parse_task_weights(text: str) -> dict[str, float]:
+    """``"count=0.25,caption=0.5"`` → ``{"count": 0.25, "caption": 0.5}``; ``"all"`` → ``{}``.
+
+    Raises:
+        argparse.ArgumentTypeError: a malformed item or a probability outside [0, 1].
+    """
+    if text.strip().lower() == "all":
+        return {}
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not task.strip() or not 0.0 <= weight <= 1.0:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected TASK=P with P in [0, 1] (e.g. count=0.25)")
+        weights[task.strip()] = weight
+    if not weights:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TASK=P[,TASK=P] or 'all'")
+    return weights
+
+
+def _format_task_weights(weights: dict[str, float]) -> str:
+    return ",".join(f"{task}={weight:g}" for task, weight in weights.items()) or "all"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
