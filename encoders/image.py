@@ -31,6 +31,10 @@ from torch.utils.checkpoint import checkpoint
 from encoders.base import EncoderOutput, MediaEncoder
 
 
+PATCH_ATTENTION: tuple[str, ...] = ("global", "self")
+"""Values of :attr:`ImageEncoderConfig.patch_attention`."""
+
+
 @dataclass(frozen=True)
 class ImageEncoderConfig:
     """Shape and source of the image encoder.
@@ -75,6 +79,10 @@ class ImageEncoderConfig:
             in open_clip, a few percent of the patch signal). Ignored when a
             ``checkpoint`` is loaded. Measured on the built-in scenes, sincos did *not*
             help (README, "Learning dynamics").
+        patch_attention: what the backbone's self-attention lets a token see: ``"global"``
+            (default; every token, as in every ViT) or ``"self"`` (only itself, so the blocks act
+            on each patch alone: a token then describes its own patch and nothing of the others,
+            and a cross-attention query can find an object by its content). timm backbones only.
     """
 
     backbone: str = "timm:vit_tiny_r_s16_p8_224"
@@ -89,6 +97,7 @@ class ImageEncoderConfig:
     checkpoint: str | None = None
     drop_cls: bool = True
     pos_embed_init: str = "library"
+    patch_attention: str = "global"
 
     def __post_init__(self) -> None:
         # YAML / jsonargparse hand over lists; the field is hashable and immutable.
@@ -119,6 +128,10 @@ class ImageEncoderConfig:
             raise ValueError(f"n_global_layers must be >= 0, got {self.n_global_layers}")
         if self.pos_embed_init not in ("sincos", "library"):
             raise ValueError(f"pos_embed_init must be 'sincos' or 'library', got {self.pos_embed_init!r}")
+        if self.patch_attention not in PATCH_ATTENTION:
+            raise ValueError(f"patch_attention must be one of {PATCH_ATTENTION}, got {self.patch_attention!r}")
+        if self.patch_attention != "global" and self.library != "timm":
+            raise ValueError(f"patch_attention={self.patch_attention!r} needs a timm backbone, got {self.backbone!r}")
 
     @property
     def library(self) -> str:
@@ -242,6 +255,16 @@ class TimmViT(ViTBackbone):
         self.heads = model.blocks[0].attn.num_heads
         self.num_prefix_tokens = model.num_prefix_tokens
         self.grid_size = tuple(model.patch_embed.grid_size)
+        self.self_only = config.patch_attention == "self"
+
+    def attention_mask(self, images: Tensor) -> Tensor | None:
+        """``None`` for global attention; for ``patch_attention="self"`` an additive ``[n, n]`` mask
+        (``n = p + g``): 0 on the diagonal, -inf elsewhere, so each token attends to itself alone."""
+        if not self.self_only:
+            return None
+        n = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        blocked = ~torch.eye(n, dtype=torch.bool, device=images.device)
+        return torch.zeros(n, n, dtype=images.dtype, device=images.device).masked_fill_(blocked, float("-inf"))
 
     def forward(self, images: Tensor, layers: tuple[int, ...]) -> tuple[Tensor, list[Tensor]]:
         """Run the ViT; see :meth:`ViTBackbone.forward`.
@@ -249,11 +272,12 @@ class TimmViT(ViTBackbone):
         Shapes: ``b`` batch, ``p`` prefix tokens, ``g`` patches, ``w`` width.
         ``images`` ``[b, 3, H, W]`` -> final ``[b, p + g, w]``, each intermediate ``[b, p + g, w]``.
         """
+        mask = self.attention_mask(images)  # [p + g, p + g] or None
         if not layers:  # timm's forward_intermediates needs at least one index
-            return self.model.forward_features(images), []
+            return self.model.forward_features(images, attn_mask=mask), []
         has_prefix = self.num_prefix_tokens > 0
         final, intermediates = self.model.forward_intermediates(
-            images, indices=list(layers), output_fmt="NLC", return_prefix_tokens=has_prefix
+            images, indices=list(layers), output_fmt="NLC", return_prefix_tokens=has_prefix, attn_mask=mask
         )
         if has_prefix:  # timm hands back (patches [b, g, w], prefix [b, p, w]) pairs
             intermediates = [torch.cat([prefix, patches], dim=1) for patches, prefix in intermediates]

@@ -50,6 +50,7 @@ def test_image_config_validates(capsys):
     default = image_model_config(RunConfig(modality="image"))
     assert config["model"]["model"]["cross_attention"]["hidden_dim"] == default.cross_attention.hidden_dim == 512
     assert config["model"]["model"]["image_encoder"]["patch_size"] == default.image_encoder.patch_size
+    assert config["data"]["init_args"]["task_weights"] == RunConfig(modality="image").task_weights == {"count": 0.25}  # stage 2's mix
 
 
 @pytest.mark.parametrize(("old", "new", "key"), [

@@ -201,6 +201,8 @@ def test_checkpoint_keeps_its_own_position_embedding(tmp_path) -> None:
         ({"depth": 0}, "depth must be > 0 or None, got 0"),
         ({"n_global_layers": -2}, "-2"),
         ({"pos_embed_init": "learned"}, "pos_embed_init"),
+        ({"patch_attention": "local"}, "patch_attention must be one of"),
+        ({"backbone": "open_clip:ViT-B-32", "patch_attention": "self"}, "needs a timm backbone"),
     ],
 )
 def test_bad_config_values_raise(overrides: dict, message: str) -> None:
@@ -283,3 +285,30 @@ def test_default_encoder_is_a_hybrid_vit(patch_size: int | None, tokens: int) ->
 def test_a_patch_larger_than_the_hybrid_stem_grid_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="multiple of the patch size"):
         ImageEncoder(ImageEncoderConfig(patch_size=32))  # 64 px -> a 16x16 stem map: no 32-patch fits
+
+
+@pytest.mark.parametrize("patch_attention", ["global", "self"])
+def test_self_patch_attention_keeps_each_token_to_its_own_patch(patch_attention: str) -> None:
+    """Disturb one patch's embedding (after the stem, before the blocks): with ``"self"`` the
+    other tokens come out bit-for-bit the same, with ``"global"`` they change."""
+    torch.manual_seed(0)
+    encoder = ImageEncoder(ImageEncoderConfig(patch_attention=patch_attention)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    clean = encoder(images).tokens  # [2, 4, 576]
+
+    def disturb_first_patch(module, args, output):  # output: [b, g, w] patch embeddings
+        output = output.clone()
+        output[:, 0] += torch.randn_like(output[:, 0])
+        return output
+
+    handle = encoder.backbone.model.patch_embed.register_forward_hook(disturb_first_patch)
+    try:
+        disturbed = encoder(images).tokens
+    finally:
+        handle.remove()
+    assert not torch.allclose(disturbed[:, 0], clean[:, 0], atol=1e-3)
+    others = (disturbed[:, 1:] - clean[:, 1:]).abs().max().item()
+    if patch_attention == "self":
+        assert others < 1e-5
+    else:
+        assert others > 1e-3
