@@ -75,7 +75,7 @@ class SpeechDataModule(ImageDataModule):
                          epoch_length=epoch_length, shuffle_buffer=shuffle_buffer, max_len=max_len, seed=seed,
                          system_prompt=system_prompt, val_samples=val_samples, test_samples=test_samples,
                          progress=progress)
-        for name in ("image_size", "max_image_pixels", "modality"):  # the parent's, meaningless here
+        for name in ("image_size", "max_image_pixels", "modality", "task_weights"):  # the parent's, meaningless here
             self._hparams.pop(name, None)
         self.audio = AudioConfig(min_seconds=min_seconds, max_seconds=max_seconds)
         self.adjustments = {split: AudioAdjustments() for split in self.counters}
