@@ -83,6 +83,16 @@ class ImageEncoderConfig:
             (default; every token, as in every ViT) or ``"self"`` (only itself, so the blocks act
             on each patch alone: a token then describes its own patch and nothing of the others,
             and a cross-attention query can find an object by its content). timm backbones only.
+            It does not stop every leak: a hybrid backbone's stem normalises with whole-image statistics.
+        tiles: tiles per side. ``1`` (default) encodes the whole image. ``t > 1`` cuts it into
+            ``t x t`` square tiles of ``image_size / t`` pixels, each encoded alone like a separate
+            image, as Llama 3's encoder treats the tiles of a large image. No token then holds
+            anything of another tile, the stem's norm included. A fixed 2-D sine-cosine table of the
+            tile's row and column (centred over the tiles, unit RMS) is added to its final-block output,
+            because every tile gets the same patch position embedding. Tokens come tile by tile in
+            reading order, then patch by patch; with one patch per tile that is the untiled order. The
+            global layers, if any, still see every tile. Measured on the built-in scenes with ``2``:
+            76.6 % against 89.3 % (README, "Results", stop 21).
     """
 
     backbone: str = "timm:vit_tiny_r_s16_p8_224"
@@ -98,6 +108,7 @@ class ImageEncoderConfig:
     drop_cls: bool = True
     pos_embed_init: str = "library"
     patch_attention: str = "global"
+    tiles: int = 1
 
     def __post_init__(self) -> None:
         # YAML / jsonargparse hand over lists; the field is hashable and immutable.
@@ -130,6 +141,10 @@ class ImageEncoderConfig:
             raise ValueError(f"pos_embed_init must be 'sincos' or 'library', got {self.pos_embed_init!r}")
         if self.patch_attention not in PATCH_ATTENTION:
             raise ValueError(f"patch_attention must be one of {PATCH_ATTENTION}, got {self.patch_attention!r}")
+        if self.tiles <= 0:
+            raise ValueError(f"tiles must be > 0, got {self.tiles}")
+        if self.image_size % self.tiles:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of tiles {self.tiles}")
         if self.patch_attention != "global" and self.library != "timm":
             raise ValueError(f"patch_attention={self.patch_attention!r} needs a timm backbone, got {self.backbone!r}")
 
@@ -137,6 +152,11 @@ class ImageEncoderConfig:
     def library(self) -> str:
         """The part of :attr:`backbone` before the first ``:``."""
         return self.backbone.partition(":")[0]
+
+    @property
+    def tile_size(self) -> int:
+        """Side of one tile in pixels: the image size the backbone is built for."""
+        return self.image_size // self.tiles
 
     @property
     def model_name(self) -> str:
@@ -234,11 +254,11 @@ class TimmViT(ViTBackbone):
         )
         try:
             model = timm.create_model(
-                config.model_name, pretrained=False, num_classes=0, img_size=config.image_size, **sizes
+                config.model_name, pretrained=False, num_classes=0, img_size=config.tile_size, **sizes
             )
         except AssertionError as exn:  # timm asserts on shapes (e.g. a hybrid's stem grid vs patch)
             raise ValueError(
-                f"timm cannot build {config.model_name!r} for {config.image_size}x{config.image_size} images "
+                f"timm cannot build {config.model_name!r} for {config.tile_size}x{config.tile_size} images "
                 f"with {sizes}: the image (or, for a hybrid ViT, its stem's feature map) must be a multiple "
                 f"of the patch size ({exn or 'shape assertion'})"
             ) from exn
@@ -303,7 +323,7 @@ class OpenClipViT(ViTBackbone):
                 f"open_clip model {config.model_name!r} has no plain ViT vision tower "
                 "(timm- or ResNet-based); use a 'timm:' backbone"
             )
-        vision_cfg.update(image_size=config.image_size)
+        vision_cfg.update(image_size=config.tile_size)
         vision_cfg.update(_overrides(config, {"patch_size": "patch_size", "depth": "layers", "width": "width"}))
         width = vision_cfg.get("width", defaults.width)
         if config.heads is not None:  # open_clip sizes heads by their width
@@ -425,7 +445,16 @@ class ImageEncoder(MediaEncoder):
         )
         self.out_dim = self.backbone.width * (1 + len(config.intermediate_layers))
         g_h, g_w = self.backbone.grid_size
-        self.num_tokens = g_h * g_w + (0 if config.drop_cls else self.backbone.num_prefix_tokens)
+        self.num_tokens = config.tiles**2 * (g_h * g_w + (0 if config.drop_cls else self.backbone.num_prefix_tokens))
+        if config.tiles > 1:  # fixed, so the backbone's state dict stays the checkpoint format
+            table = sincos_position_embedding(config.tiles, config.tiles, self.backbone.width)  # [t*t, w]
+            # Only what differs between tiles, at unit RMS: as loud as the normed final output. (The raw
+            # table is nearly constant over 2-3 coordinates; measured, tiles then lost their places.)
+            table = table - table.mean(0)
+            table = table / table.pow(2).mean().sqrt()
+            self.register_buffer("tile_position", table.unsqueeze(1), persistent=False)  # [t*t, 1, w]
+        else:
+            self.tile_position = None
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
@@ -450,14 +479,22 @@ class ImageEncoder(MediaEncoder):
         size = self.config.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(f"images must be [b, 3, {size}, {size}], got {tuple(images.shape)}")
-        final, intermediates = self.backbone(images, self.config.intermediate_layers)  # [b, p + g, w] each
+        b, t = images.shape[0], self.config.tiles
+        if t > 1:  # [b, 3, t*z, t*z] -> [b*t*t, 3, z, z], tiles in reading order
+            z = self.config.tile_size
+            images = images.unflatten(2, (t, z)).unflatten(4, (t, z)).permute(0, 2, 4, 1, 3, 5).flatten(0, 2)
+        final, intermediates = self.backbone(images, self.config.intermediate_layers)  # [b*t*t, p + g, w] each
+        if t > 1:  # every tile gets its place; then [b*t*t, p + g, w] -> [b, t*t*(p + g), w]
+            final = (final.unflatten(0, (b, t * t)) + self.tile_position.to(final.dtype)).flatten(1, 2)
+            intermediates = [x.unflatten(0, (b, t * t)).flatten(1, 2) for x in intermediates]
         for block in self.global_layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 final = checkpoint(block, final, use_reentrant=False)
             else:
                 final = block(final)
-        tokens = torch.cat([final, *intermediates], dim=-1)  # [b, p + g, d_e]
-        if self.config.drop_cls:
-            tokens = tokens[:, self.backbone.num_prefix_tokens :]  # [b, g, d_e]
+        tokens = torch.cat([final, *intermediates], dim=-1)  # [b, t*t*(p + g), d_e]
+        if self.config.drop_cls:  # each tile's prefix tokens
+            p = self.backbone.num_prefix_tokens
+            tokens = tokens.unflatten(1, (t * t, -1))[:, :, p:].flatten(1, 2)  # [b, t*t*g, d_e]
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # [b, s_e]
         return EncoderOutput(tokens=tokens, mask=mask)

@@ -203,6 +203,8 @@ def test_checkpoint_keeps_its_own_position_embedding(tmp_path) -> None:
         ({"pos_embed_init": "learned"}, "pos_embed_init"),
         ({"patch_attention": "local"}, "patch_attention must be one of"),
         ({"backbone": "open_clip:ViT-B-32", "patch_attention": "self"}, "needs a timm backbone"),
+        ({"tiles": 0}, "tiles must be > 0, got 0"),
+        ({"image_size": 32, "tiles": 3}, "image_size 32 is not a multiple of tiles 3"),
     ],
 )
 def test_bad_config_values_raise(overrides: dict, message: str) -> None:
@@ -312,3 +314,32 @@ def test_self_patch_attention_keeps_each_token_to_its_own_patch(patch_attention:
         assert others < 1e-5
     else:
         assert others > 1e-3
+
+
+@pytest.mark.parametrize("backbone", ["timm:vit_tiny_r_s16_p8_224", "open_clip:ViT-B-32"])
+def test_tiles_are_encoded_alone_and_keep_their_place(backbone: str) -> None:
+    """``tiles=2``: repainting the top-left tile changes its own tokens only, bit for bit (the hybrid
+    stem's GroupNorm included); the same pixels in two tiles give the same intermediate features
+    and final features that differ by the tiles' positions only."""
+    torch.manual_seed(0)
+    sizes = {} if backbone.startswith("timm:") else {"patch_size": 16, "depth": 2, "width": 64, "heads": 2}
+    encoder = ImageEncoder(ImageEncoderConfig(backbone=backbone, tiles=2, intermediate_layers=(0,), **sizes)).eval()
+    per_tile = encoder.num_tokens // 4
+    assert encoder.config.tile_size == 32 and per_tile >= 1
+    images = torch.randn(2, 3, 64, 64)
+    images[:, :, 32:, 32:] = images[:, :, :32, :32]  # bottom right = top left
+    with torch.no_grad():
+        clean = encoder(images).tokens  # [2, 4 * per_tile, d_e]
+        repainted = images.clone()
+        repainted[:, :, :32, :32] = torch.randn(2, 3, 32, 32)
+        changed = encoder(repainted).tokens
+    assert clean.shape == (2, encoder.num_tokens, encoder.out_dim)
+    assert not torch.allclose(changed[:, :per_tile], clean[:, :per_tile], atol=1e-3)
+    assert torch.equal(changed[:, per_tile:], clean[:, per_tile:])
+    top_left, bottom_right = clean[:, :per_tile], clean[:, 3 * per_tile :]
+    w = encoder.backbone.width
+    torch.testing.assert_close(top_left[..., w:], bottom_right[..., w:])  # intermediates: no position
+    offset = bottom_right[..., :w] - top_left[..., :w]
+    expected = encoder.tile_position[3] - encoder.tile_position[0]  # [1, w]
+    torch.testing.assert_close(offset, expected.expand_as(offset), atol=1e-5, rtol=0)
+    assert expected.abs().max() > 0.1
