@@ -205,6 +205,8 @@ def test_checkpoint_keeps_its_own_position_embedding(tmp_path) -> None:
         ({"backbone": "open_clip:ViT-B-32", "patch_attention": "self"}, "needs a timm backbone"),
         ({"tiles": 0}, "tiles must be > 0, got 0"),
         ({"image_size": 32, "tiles": 3}, "image_size 32 is not a multiple of tiles 3"),
+        ({"stem_norm": "batch"}, "stem_norm must be one of"),
+        ({"backbone": "open_clip:ViT-B-32", "stem_norm": "layer"}, "needs a hybrid timm backbone"),
     ],
 )
 def test_bad_config_values_raise(overrides: dict, message: str) -> None:
@@ -343,3 +345,35 @@ def test_tiles_are_encoded_alone_and_keep_their_place(backbone: str) -> None:
     expected = encoder.tile_position[3] - encoder.tile_position[0]  # [1, w]
     torch.testing.assert_close(offset, expected.expand_as(offset), atol=1e-5, rtol=0)
     assert expected.abs().max() > 0.1
+
+
+def test_layer_stem_norm_needs_a_hybrid_stem() -> None:
+    with pytest.raises(ValueError, match="whose stem has a GroupNorm"):
+        ImageEncoder(tiny("timm:vit_tiny_patch16_224", stem_norm="layer"))
+
+
+@pytest.mark.parametrize("stem_norm", ["group", "layer"])
+def test_layer_stem_norm_keeps_each_cell_to_itself(stem_norm: str, tmp_path) -> None:
+    """Repaint the bottom-right quadrant: with ``"layer"`` the stem features whose receptive field lies in
+    the top-left quadrant stay bit-for-bit the same, with ``"group"`` (whole-image statistics) they
+    change. The parameter names are the same, so a checkpoint of either loads into the other."""
+    torch.manual_seed(0)
+    encoder = ImageEncoder(ImageEncoderConfig(stem_norm=stem_norm)).eval()
+    stem = encoder.backbone.model.patch_embed.backbone
+    images = torch.rand(2, 3, 64, 64)
+    repainted = images.clone()
+    repainted[:, :, 32:, 32:] = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before, after = stem(images), stem(repainted)  # [2, 64, 16, 16], stride 4
+    assert before.shape == (2, 64, 16, 16)
+    far = (after[:, :, :6, :6] - before[:, :, :6, :6]).abs().max().item()  # receptive fields end before pixel 32
+    near = (after[:, :, 8:, 8:] - before[:, :, 8:, 8:]).abs().max().item()
+    assert near > 1e-3
+    if stem_norm == "layer":
+        assert far == 0.0
+    else:
+        assert far > 1e-4
+    path = tmp_path / "encoder.safetensors"
+    safetensors.torch.save_file(encoder.backbone.model.state_dict(), str(path))
+    other = "group" if stem_norm == "layer" else "layer"
+    ImageEncoder(ImageEncoderConfig(stem_norm=other, checkpoint=str(path)))  # strict load: same names
