@@ -189,6 +189,7 @@ def without_weight_files(cfg: ModelConfig) -> ModelConfig:
 
 
 CrossAttentionConfig.__setstate__ = _fill_new_fields
+ImageEncoderConfig.__setstate__ = _fill_new_fields
 ModelConfig.__setstate__ = _fill_new_fields
 VideoConfig.__setstate__ = _fill_new_fields
 SpeechAdapterConfig.__setstate__ = _fill_new_fields

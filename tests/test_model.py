@@ -197,12 +197,14 @@ def test_configs_pickled_before_a_field_existed_load_with_its_default():
 
     cfg = ModelConfig(cross_attention=CrossAttentionConfig(every=2))
     old = pickle.loads(pickle.dumps(cfg))
-    for obj, missing in ((old, ("video", "speech_adapter", "fusion_rows")), (old.cross_attention, ("row_mask_mode",))):
+    for obj, missing in ((old, ("video", "speech_adapter", "fusion_rows")), (old.cross_attention, ("row_mask_mode",)),
+                         (old.image_encoder, ("tiles", "stem_norm"))):
         for name in missing:
             del obj.__dict__[name]
     restored = pickle.loads(pickle.dumps(old))
     assert restored == cfg
     assert restored.speech_adapter == ModelConfig().speech_adapter and restored.cross_attention.row_mask_mode == "both"
+    assert restored.image_encoder.tiles == 1 and restored.image_encoder.stem_norm == "group"
 
 
 def test_media_positions_give_each_token_slot_its_own_vector_and_keep_identity_at_init():
