@@ -33,9 +33,9 @@ from encoders.base import EncoderOutput, MediaEncoder
 
 
 PATCH_ATTENTION: tuple[str, ...] = ("global", "self")
+"""Values of :attr:`ImageEncoderConfig.patch_attention`."""
 STEM_NORMS: tuple[str, ...] = ("group", "layer")
 """Norms of a hybrid ViT's convolutional stem (:attr:`ImageEncoderConfig.stem_norm`)."""
-"""Values of :attr:`ImageEncoderConfig.patch_attention`."""
 
 
 @dataclass(frozen=True)
