@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from adapters.prompt_reader import pad_prompts
 from encoders.mllama_vision import TiledImages
 from mm_llama.llama import KVCache
 from mm_llama.model import MediaContext, MultimodalLlama
@@ -110,7 +111,8 @@ def generate(
     b, s = ids.shape
     media: MediaContext | None = None
     if images is not None:
-        tokens, media_mask = model.encode_images(images.to(device))  # [b, s_e, d], [b, s_e]
+        read = None if model.prompt_reader is None else tuple(t.to(device) for t in pad_prompts(prompts))
+        tokens, media_mask = model.encode_images(images.to(device), read)  # [b, s_e, d], [b, s_e]
         media = model.media_kv(tokens, media_mask)
     elif videos is not None:
         media = model.video_context(videos.to(device), None if frame_mask is None else frame_mask.to(device))

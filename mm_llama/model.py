@@ -30,6 +30,7 @@ if not getattr(_adapters, "__mm_llama__", False):  # AdapterHub's `adapters` sha
 
 from adapters import FusionEmbedding, GatedCrossAttention, MediaProjection, default_layer_positions  # noqa: E402
 from adapters.cross_attention import ROW_MASK_MODES, init_cross_attention_  # noqa: E402
+from adapters.prompt_reader import PromptReader, PromptReaderConfig  # noqa: E402
 from adapters.speech_adapter import SpeechAdapter, SpeechAdapterConfig  # noqa: E402
 from adapters.speech_fusion import SplicedInputs, splice_speech  # noqa: E402
 from encoders import ImageEncoder, ImageEncoderConfig, MediaEncoder  # noqa: E402
@@ -45,7 +46,8 @@ MEDIA_TOKENS: tuple[str, ...] = ("image", "video", "speech")
 
 TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "image_encoder": ("image_encoder.",),
-    "projection": ("image_projection.",),
+    "prompt_reader": ("prompt_reader.",),
+    "projection": ("image_projection.", "prompt_projection."),
     "cross_attention": ("cross_attn.",),
     "fusion_embedding": ("fusion_embed.",),
     # The video branch (mm_llama/video_adapter.py); VIDEO_GROUPS lists these three.
@@ -141,6 +143,10 @@ class ModelConfig:
             image-only model.
         speech_encoder: the Conformer; ``None``: no speech branch.
         speech_adapter: the speech adapter, fused as its ``fusion`` says.
+        prompt_reader: images only: stage 1's caption decoder, reading each prompt against its
+            image (:mod:`adapters.prompt_reader`); its state at the prompt's last row, projected
+            (``prompt_projection``, in the ``projection`` group), is appended to the image's media
+            tokens. ``None`` (default): the paper's model, media tokens from the image alone.
     """
 
     image_encoder: ImageEncoderConfig | MllamaVisionEncoderConfig | None = field(default_factory=ImageEncoderConfig)
@@ -152,9 +158,12 @@ class ModelConfig:
     video: VideoConfig | None = None
     speech_encoder: SpeechEncoderConfig | None = None
     speech_adapter: SpeechAdapterConfig = field(default_factory=SpeechAdapterConfig)
+    prompt_reader: PromptReaderConfig | None = None
 
     def __post_init__(self) -> None:
         self.trainable = tuple(self.trainable)
+        if self.prompt_reader is not None and (self.video is not None or self.image_encoder is None):
+            raise ValueError("prompt_reader reads prompts against images: it needs image_encoder and no video branch")
         if self.video is not None and self.image_encoder is None:
             raise ValueError("the video branch reads frames through the image encoder: image_encoder must be set")
         if self.image_encoder is not None and type(self.image_encoder) not in IMAGE_ENCODERS:
@@ -174,14 +183,15 @@ class ModelConfig:
 
 def without_weight_files(cfg: ModelConfig) -> ModelConfig:
     """``cfg`` with every file a part would load its weights from dropped (image encoder, temporal
-    aggregator, speech encoder and adapter checkpoints).
+    aggregator, speech encoder and adapter, prompt reader checkpoints).
 
     For a model rebuilt from a checkpoint that holds those weights itself: the files of the
     earlier stages that made them may have moved or be gone.
     """
     parts: dict[str, object] = {}
     for name, attr in (("image_encoder", "checkpoint"), ("video", "aggregator_checkpoint"),
-                       ("speech_encoder", "checkpoint"), ("speech_adapter", "checkpoint")):
+                       ("speech_encoder", "checkpoint"), ("speech_adapter", "checkpoint"),
+                       ("prompt_reader", "checkpoint")):
         part = getattr(cfg, name)
         if getattr(part, attr, None) is not None:
             parts[name] = dataclasses.replace(part, **{attr: None})
@@ -193,6 +203,7 @@ ImageEncoderConfig.__setstate__ = _fill_new_fields
 ModelConfig.__setstate__ = _fill_new_fields
 VideoConfig.__setstate__ = _fill_new_fields
 SpeechAdapterConfig.__setstate__ = _fill_new_fields
+PromptReaderConfig.__setstate__ = _fill_new_fields
 
 
 @dataclass
@@ -240,6 +251,10 @@ class MultimodalLlama(nn.Module):
                                      f"{type(self.image_encoder).__name__} has none")
             self.image_projection = MediaProjection(self.image_encoder.out_dim, lm_cfg.dim, lm_cfg.norm_eps,
                                                     norm=cfg.projection == "linear_norm", positions=positions)
+        self.prompt_reader = None
+        if cfg.prompt_reader is not None:
+            self.prompt_reader = PromptReader(cfg.prompt_reader, self.image_encoder.out_dim)
+            self.prompt_projection = MediaProjection(self.prompt_reader.out_dim, lm_cfg.dim, lm_cfg.norm_eps)
         if cfg.speech_encoder is not None:
             self.speech_encoder = SpeechEncoder(cfg.speech_encoder)
             # Embedding fusion: frames sit among token embeddings, so start them at the table's scale.
@@ -335,11 +350,26 @@ class MultimodalLlama(nn.Module):
         self.lm.decode(self.lm.embed(ids.to(self.lm.embed_tokens.weight.device)), before_layer=record)
         return rms
 
-    def encode_images(self, images: torch.Tensor | TiledImages) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_images(self, images: torch.Tensor | TiledImages,
+                      prompts: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``images [b, 3, H, W]`` (or :class:`TiledImages` for the tiled encoder) → media
-        tokens ``[b, s_e, d]`` and mask ``[b, s_e]``."""
+        tokens ``[b, s_e, d]`` and mask ``[b, s_e]``.
+
+        With a prompt reader (``ModelConfig.prompt_reader``) ``prompts`` is required: right-padded
+        ids ``[b, s]`` and lengths ``[b]`` (:func:`~adapters.prompt_reader.pad_prompts`), each
+        prompt ending where the answer starts; one more token, the reader's, follows the image's
+        (``[b, s_e + 1, d]``).
+        """
         out = self.image_encoder(images)
-        return self.image_projection(out.tokens), out.mask
+        tokens, mask = self.image_projection(out.tokens), out.mask
+        if self.prompt_reader is None:
+            return tokens, mask
+        if prompts is None:
+            raise ValueError("this model reads each prompt against its image (ModelConfig.prompt_reader): "
+                             "pass prompts=(ids [b, s], lengths [b])")
+        ids, lengths = prompts
+        read = self.prompt_projection(self.prompt_reader(ids, lengths, out.tokens, out.mask))  # [b, d]
+        return torch.cat([tokens, read[:, None].to(tokens.dtype)], 1), torch.cat([mask, mask[:, :1]], 1)
 
     def encode_speech(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``audio [b, n]`` 16 kHz (``lengths [b]``) → speech frames ``[b, s_e, d]`` and mask ``[b, s_e]``."""
@@ -378,9 +408,11 @@ class MultimodalLlama(nn.Module):
         return self.labeled_loss(input_ids, labels, self.media_kv(*self.encode_speech(audio, lengths)),
                                  share_prefix=share_prefix)
 
-    def media_context(self, images: torch.Tensor | TiledImages) -> MediaContext:
-        """Encode media once and compute every cross-attention block's K/V."""
-        return self.media_kv(*self.encode_images(images))
+    def media_context(self, images: torch.Tensor | TiledImages,
+                      prompts: tuple[torch.Tensor, torch.Tensor] | None = None) -> MediaContext:
+        """Encode media once and compute every cross-attention block's K/V (``prompts``: see
+        :meth:`encode_images`)."""
+        return self.media_kv(*self.encode_images(images, prompts))
 
     def video_context(self, videos: torch.Tensor, frame_mask: torch.Tensor | None = None) -> MediaContext:
         """Encode clips for both kinds of blocks.
@@ -448,24 +480,39 @@ class MultimodalLlama(nn.Module):
         return is_media.long().cumsum(dim=1) > 0
 
     def _context(self, images: torch.Tensor | TiledImages | None, videos: torch.Tensor | None,
-                 frame_mask: torch.Tensor | None) -> MediaContext | None:
+                 frame_mask: torch.Tensor | None, prompts: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> MediaContext | None:
         if images is not None and videos is not None:
             raise ValueError("give images or videos, not both")
         if videos is not None:
             return self.video_context(videos, frame_mask)
-        return self.media_context(images) if images is not None else None
+        return self.media_context(images, prompts) if images is not None else None
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | TiledImages | None = None, *,
-                videos: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+                videos: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
+                prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids [b, s]``, ``images [b, 3, H, W]`` or ``videos [b, f, 3, H, W]`` (with
-        ``frame_mask [b, f]``) → logits ``[b, s, v]`` (all positions)."""
-        return self.lm.logits(self.hidden_states(input_ids, self._context(images, videos, frame_mask)))
+        ``frame_mask [b, f]``) → logits ``[b, s, v]`` (all positions).
+
+        ``prompt_lengths [b]``: with a prompt reader, how many leading columns of each row it
+        reads (default: the whole row)."""
+        prompts = None
+        if self.prompt_reader is not None and images is not None:
+            if prompt_lengths is None:
+                prompt_lengths = torch.full((len(input_ids),), input_ids.shape[1], device=input_ids.device)
+            prompts = (input_ids, prompt_lengths)
+        return self.lm.logits(self.hidden_states(input_ids, self._context(images, videos, frame_mask, prompts)))
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None, *,
              videos: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
              share_prefix: bool = True, pack: bool = True) -> torch.Tensor:
-        """Mean next-token cross-entropy over labeled positions (``labels [b, s]``, -100 = none)."""
-        return self.labeled_loss(input_ids, labels, self._context(images, videos, frame_mask),
+        """Mean next-token cross-entropy over labeled positions (``labels [b, s]``, -100 = none).
+
+        A prompt reader reads each row up to its first labeled column: the prompt, never the answer."""
+        prompts = None
+        if self.prompt_reader is not None and images is not None:
+            prompts = (input_ids, prompt_lengths(labels))
+        return self.labeled_loss(input_ids, labels, self._context(images, videos, frame_mask, prompts),
                                  share_prefix=share_prefix, pack=pack)
 
     def _pack_multiple(self, device: torch.device) -> int:
@@ -512,6 +559,20 @@ class MultimodalLlama(nn.Module):
             return labeled_cross_entropy(hidden, rows.labels(labels), self.lm.output_weight)
         hidden = self.hidden_states(ids, media, row_mask=row_mask, cache=prefix)
         return labeled_cross_entropy(hidden, labels, self.lm.output_weight)
+
+
+def prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """``[b]``: columns of each row of ``labels [b, s]`` before its first labeled one (the prompt).
+
+    Raises ``ValueError`` for a row with no label, or one labeled from column 0 (no prompt).
+    """
+    labeled = labels != -100  # [b, s]
+    if not bool(labeled.any(1).all()):
+        raise ValueError("a row has no labeled position: the prompt reader cannot tell where its prompt ends")
+    first = labeled.long().argmax(1)  # [b]
+    if bool((first == 0).any()):
+        raise ValueError("a row is labeled from column 0: it has no prompt for the prompt reader")
+    return first
 
 
 def shared_prefix_length(input_ids: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> int:

@@ -23,6 +23,7 @@ feature width, ``w`` decoder width, ``V`` compact vocabulary size.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.prompt_reader import CaptionDecoder, PromptReaderConfig, save_prompt_reader
 from adapters.temporal import TemporalAggregator
 from encoders import ImageEncoder
 from encoders.base import EncoderOutput
@@ -63,6 +65,9 @@ class EncoderPretrainConfig:
             decoder predicts; ids first seen later map to one unknown class.
         freeze_encoder: keep the pre-trained encoder fixed in stage 2 (measured better
             than fine-tuning it with the adapters: README).
+        prompt_reader: images only: keep the decoder too (``prompt_reader.safetensors``), so
+            stage 2 appends its reading of each prompt to the media tokens
+            (:mod:`adapters.prompt_reader`, ``ModelConfig.prompt_reader``).
     """
 
     steps: int = 250
@@ -74,6 +79,7 @@ class EncoderPretrainConfig:
     heads: int = 4
     vocab_scan_batches: int = 8
     freeze_encoder: bool = True
+    prompt_reader: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -102,36 +108,6 @@ def compact_vocabulary(batches: Iterable[dict[str, Any]]) -> Tensor:
     ids = torch.tensor(sorted(seen), dtype=torch.long)
     lookup[ids] = torch.arange(1, len(ids) + 1)
     return lookup
-
-
-class CaptionDecoder(nn.Module):
-    """A small causal Transformer decoder reading the image encoder's tokens.
-
-    Args:
-        vocab_size: ``V``, compact vocabulary (see :func:`compact_vocabulary`).
-        media_dim: ``d_e``. width: ``w``. depth: blocks. heads: attention heads.
-        max_len: longest text it embeds positions for.
-    """
-
-    def __init__(self, vocab_size: int, media_dim: int, width: int, depth: int, heads: int, max_len: int = 256) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, width)
-        self.position = nn.Parameter(torch.randn(max_len, width) * 0.02)
-        self.media_in = nn.Sequential(nn.LayerNorm(media_dim), nn.Linear(media_dim, width))
-        block = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerDecoder(block, depth)
-        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, vocab_size))
-
-    def forward(self, ids: Tensor, media: Tensor, media_mask: Tensor) -> Tensor:
-        """``ids [b, s]`` (compact), ``media [b, s_e, d_e]``, ``media_mask [b, s_e]`` → logits ``[b, s, V]``."""
-        s = ids.shape[1]
-        if s > self.position.shape[0]:
-            raise ValueError(f"CaptionDecoder takes at most {self.position.shape[0]} tokens, got {s}")
-        h = self.embed(ids) + self.position[:s]  # [b, s, w]
-        causal = nn.Transformer.generate_square_subsequent_mask(s, device=ids.device, dtype=h.dtype)
-        h = self.blocks(h, self.media_in(media), tgt_mask=causal, tgt_is_causal=True,
-                        memory_key_padding_mask=~media_mask)  # [b, s, w]
-        return self.head(h)  # [b, s, V]
 
 
 class ClipEncoder(nn.Module):
@@ -237,7 +213,8 @@ def pretrain_image_encoder(
 
     Returns:
         ``{"steps", "seconds", "loss" (mean of the last 20 steps), "checkpoint"}``, plus
-        ``"aggregator_checkpoint"`` for a clip encoder.
+        ``"aggregator_checkpoint"`` for a clip encoder and, with ``cfg.prompt_reader``,
+        ``"prompt_reader"``: the :class:`PromptReaderConfig` (as a dict) that loads the decoder.
     """
     datamodule.connect(inputs)
     datamodule.prepare_data()
@@ -275,6 +252,15 @@ def pretrain_image_encoder(
     saved = {"checkpoint": _save(image_encoder.backbone.model, out / "image_encoder.safetensors")}
     if clip is not None:
         saved["aggregator_checkpoint"] = _save(clip.aggregator, out / "video_aggregator.safetensors")
+    if cfg.prompt_reader:
+        if clip is not None:
+            raise ValueError("EncoderPretrainConfig.prompt_reader is for images; a video's stage 1 has no use for it")
+        reader = PromptReaderConfig(
+            vocab_size=module.decoder.embed.num_embeddings, lookup_size=len(lookup), width=cfg.width,
+            depth=cfg.depth, heads=cfg.heads, max_len=module.decoder.position.shape[0],
+            checkpoint=save_prompt_reader(module.decoder, lookup, out / "prompt_reader.safetensors"),
+        )
+        saved["prompt_reader"] = dataclasses.asdict(reader)
     tail = [loss for _, loss in history.train_loss[-20:]]
     return {
         "steps": trainer.global_step,

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from adapters.prompt_reader import PromptReaderConfig
 from adapters.speech_adapter import SpeechAdapterConfig
 from encoders import ImageEncoderConfig, MllamaVisionEncoderConfig
 from encoders.speech import SpeechEncoderConfig
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 # with torch.load(weights_only=True), whose unpickler must be allowed to rebuild them.
 torch.serialization.add_safe_globals([
     ModelConfig, ImageEncoderConfig, MllamaVisionEncoderConfig, CrossAttentionConfig, OptimConfig, VideoConfig,
-    SpeechEncoderConfig, FrontEndConfig, SpeechAdapterConfig,
+    SpeechEncoderConfig, FrontEndConfig, SpeechAdapterConfig, PromptReaderConfig,
 ])
 
 DEFAULT_LM = "smollm2-135m-instruct"

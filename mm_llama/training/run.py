@@ -32,6 +32,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from adapters.prompt_reader import PromptReaderConfig
 from adapters.speech_adapter import SPEECH_FUSIONS, SpeechAdapterConfig
 from encoders import ImageEncoderConfig
 from encoders.speech import SPEECH_BACKBONES, SpeechEncoderConfig
@@ -176,6 +177,10 @@ class RunConfig:
         task_weights: stage 2's training mix: keep probability of a training sample by its
             json ``task`` (others: 1), e.g. ``{"count": 0.25}``; ``{}``: every sample. ``None``: the
             modality's default (:attr:`Modality.task_weights`). Stage 1 and evaluation read every sample.
+        prompt_reader: image only: stage 1's caption decoder stays, frozen, to read each prompt
+            against its image; its reading joins the media tokens (:mod:`adapters.prompt_reader`).
+            ``None``: the modality's default (:attr:`Modality.prompt_reader`), or
+            ``encoder_pretrain.prompt_reader`` when that is given.
     """
 
     modality: str = "image"
@@ -209,6 +214,7 @@ class RunConfig:
     speech_pretrain_steps: int = 300
     task_weights: dict[str, float] | None = None
     speech_adapter_pretrain_steps: int = 200
+    prompt_reader: bool | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -258,6 +264,10 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.fusion not in SPEECH_FUSIONS:
             raise ValueError(f"RunConfig.fusion must be one of {SPEECH_FUSIONS}, got {self.fusion!r}")
+        if self.prompt_reader and self.modality != "image":
+            raise ValueError(f"--prompt-reader is for images; {self.modality} has no use for it")
+        if self.prompt_reader and not self.pretrain.steps:
+            raise ValueError("--prompt-reader keeps stage 1's decoder: it needs --encoder-pretrain-steps > 0")
 
     @property
     def pretrain(self) -> EncoderPretrainConfig:
@@ -266,8 +276,10 @@ class RunConfig:
         on = self.spec.encoder_pretraining and self.image_checkpoint is None
         steps = self.encoder_pretrain_steps if on else 0
         # A clip is 8 frames through the encoder: half the image stage's batch keeps a step ~2 s here.
-        default = EncoderPretrainConfig(batch_size=32) if self.modality == "video" else EncoderPretrainConfig()
-        return dataclasses.replace(self.encoder_pretrain or default, steps=steps)
+        default = (EncoderPretrainConfig(batch_size=32) if self.modality == "video"
+                   else EncoderPretrainConfig(prompt_reader=self.spec.prompt_reader))
+        reader = {} if self.prompt_reader is None else {"prompt_reader": self.prompt_reader}
+        return dataclasses.replace(self.encoder_pretrain or default, steps=steps, **reader)
 
     def trainer_precision(self) -> str:
         """The Lightning precision of this run (``precision`` with ``"auto"`` resolved)."""
@@ -467,6 +479,8 @@ class Modality:
         cpu_bf16: ``precision="auto"`` trains in bf16-mixed on a CPU with native bf16 matmul
             (measured for image: README "Results"); off: fp32 on every CPU.
         task_weights: default training mix of stage 2 (:attr:`RunConfig.task_weights`).
+        prompt_reader: stage 1's decoder reads each prompt for stage 2 by default
+            (:attr:`RunConfig.prompt_reader`; image only).
     """
 
     model_config: Callable[[RunConfig], ModelConfig]
@@ -481,6 +495,7 @@ class Modality:
     encoder_pretrain_steps: int = EncoderPretrainConfig().steps
     cpu_bf16: bool = False
     task_weights: dict[str, float] = field(default_factory=dict)
+    prompt_reader: bool = False
 
 
 IMAGE_TASK_WEIGHTS: dict[str, float] = {"count": 0.25}
@@ -533,8 +548,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     pretrain_steps = cfg.pretrain.steps
     if pretrain_steps and resume_from is None:
         model_cfg, stage1 = _pretrain_encoder(cfg, model_cfg, out)
-    elif pretrain_steps and cfg.pretrain.freeze_encoder:
-        model_cfg = _freeze_encoder(model_cfg)  # its weights come from last.ckpt
+    elif pretrain_steps:  # its weights come from last.ckpt
+        model_cfg = _resumed_stage1(model_cfg, cfg.pretrain, out)
     log.info("loading the frozen LM %s", cfg.lm)
     lm_dtype = "bfloat16" if cfg.trainer_precision() == "bf16-mixed" else "float32"
     if lm_dtype == "bfloat16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
@@ -623,6 +638,27 @@ def _freeze_encoder(model_cfg: ModelConfig, stage1: dict[str, Any] | None = None
     return dataclasses.replace(model_cfg, image_encoder=encoder, video=video, trainable=trainable)
 
 
+def _with_prompt_reader(model_cfg: ModelConfig, reader: PromptReaderConfig | None) -> ModelConfig:
+    """``model_cfg`` with stage 1's decoder as its (frozen) prompt reader; ``None``: unchanged."""
+    if reader is None:
+        return model_cfg
+    trainable = tuple(g for g in model_cfg.trainable if g != "prompt_reader")
+    return dataclasses.replace(model_cfg, prompt_reader=reader, trainable=trainable)
+
+
+def _resumed_stage1(model_cfg: ModelConfig, pre: EncoderPretrainConfig, out: Path) -> ModelConfig:
+    """Stage 2's model config on ``--resume``: stage 1 does not run again, its weights are in
+    ``last.ckpt``; the prompt reader's shape is read from the file stage 1 left in ``out``."""
+    if pre.freeze_encoder:
+        model_cfg = _freeze_encoder(model_cfg)
+    if not pre.prompt_reader:
+        return model_cfg
+    path = out / "prompt_reader.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume with a prompt reader needs stage 1's {path}; it is gone")
+    return _with_prompt_reader(model_cfg, PromptReaderConfig.from_checkpoint(str(path), heads=pre.heads))
+
+
 def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Stage 1 on a fresh encoder (video: encoder + temporal aggregator); returns stage 2's model
     config (loading them) and stage 1's summary."""
@@ -655,12 +691,13 @@ def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tupl
     if frames_stage is not None:
         stage1 = {**stage1, "seconds": stage1["seconds"] + frames_stage["seconds"], "frame_pretrain": frames_stage}
     log.info("encoder pre-training: %s", stage1)
+    reader = PromptReaderConfig(**stage1["prompt_reader"]) if "prompt_reader" in stage1 else None
     if pre.freeze_encoder:
-        return _freeze_encoder(model_cfg, stage1), stage1
+        return _with_prompt_reader(_freeze_encoder(model_cfg, stage1), reader), stage1
     encoder_cfg = dataclasses.replace(model_cfg.image_encoder, checkpoint=stage1["checkpoint"])
     if video is not None:
         video = dataclasses.replace(video, aggregator_checkpoint=stage1["aggregator_checkpoint"])
-    return dataclasses.replace(model_cfg, image_encoder=encoder_cfg, video=video), stage1
+    return _with_prompt_reader(dataclasses.replace(model_cfg, image_encoder=encoder_cfg, video=video), reader), stage1
 
 
 def _pretrain_frame_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> dict[str, Any]:
@@ -670,6 +707,7 @@ def _pretrain_frame_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -
         cfg, modality="image", precision=cfg.trainer_precision(),  # the video run's, not image's auto
         data_dir=None, out=str(out), image_checkpoint=None, frames=None, frame_encoder=None,
         frame_pretrain_steps=None, encoder_pretrain_steps=cfg.frame_pretrain_steps, encoder_pretrain=None,
+        prompt_reader=False,
     )
     log.info("frame encoder: %d steps of image stage 1 on %s", cfg.frame_pretrain_steps, image_cfg.spec.data_dir)
     image_cfg.spec.datamodule(image_cfg).prepare_data()  # the image shards, generated if missing
@@ -797,6 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "not with --image-checkpoint); 0: none "
                         "(default: " + ", ".join(f"{k} {m.encoder_pretrain_steps}" for k, m in MODALITIES.items()
                                                  if m.encoder_pretraining) + ")")
+    p.add_argument("--prompt-reader", action=argparse.BooleanOptionalAction, default=None,
+                   help="image: keep stage 1's decoder, frozen, to read each prompt against its image; its "
+                        f"reading joins the media tokens (default: {'on' if MODALITIES['image'].prompt_reader else 'off'})")
     p.add_argument("--image-checkpoint", default=None,
                    help="(video) image-stage adapter.ckpt to start from; only the video branch then trains "
                         "(default: none, the image configuration trains with the video branch)")

@@ -36,7 +36,8 @@ def video_stage_config(video: VideoConfig, image_checkpoint: str | os.PathLike) 
     their weights are in the image-stage checkpoint (and the stage-1 file may have moved).
     """
     base = _read(image_checkpoint).get("hyper_parameters", {}).get("model") or ModelConfig()
-    return dataclasses.replace(without_weight_files(base), video=video, trainable=VIDEO_GROUPS)
+    # The prompt reader is the image path's alone (it reads a prompt against one image).
+    return dataclasses.replace(without_weight_files(base), video=video, trainable=VIDEO_GROUPS, prompt_reader=None)
 
 
 def load_stage_weights(model: MultimodalLlama, path: str | os.PathLike, lm_sha256: str | None = None) -> list[str]:
@@ -59,6 +60,8 @@ def load_stage_weights(model: MultimodalLlama, path: str | os.PathLike, lm_sha25
     if lm_sha256 is not None and found != lm_sha256:
         raise ValueError(f"{path} was trained on another LM (sha256 {str(found)[:12]}…, this one {lm_sha256[:12]}…)")
     state = {k.removeprefix("model."): v for k, v in checkpoint.get("state_dict", {}).items()}
+    if model.prompt_reader is None:  # an image model's prompt reader: the video stage has none
+        state = {k: v for k, v in state.items() if not k.startswith(("prompt_reader.", "prompt_projection."))}
     expected = set(model.trainable_state_dict())
     unexpected = sorted(set(state) - expected)
     missing = sorted(expected - set(state))

@@ -1,0 +1,225 @@
+"""The prompt reader (adapters/prompt_reader.py): stage 1's decoder reading each prompt against its
+image, its place in MultimodalLlama (identity at init, what trains, prompt only, generation =
+training), its files, and ``train_adapter.py --prompt-reader`` end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from adapters.prompt_reader import (
+    CaptionDecoder, PromptReader, PromptReaderConfig, pad_prompts, save_prompt_reader,
+)
+from encoders import ImageEncoderConfig
+from mm_llama.generation import generate
+from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama, prompt_lengths, without_weight_files
+from tests.test_model import VOCAB, tiny_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+
+TINY_ENCODER = ImageEncoderConfig(
+    backbone="timm:vit_tiny_patch16_224", image_size=16, patch_size=8, depth=2, width=32, heads=2,
+    intermediate_layers=(0,))
+READER = PromptReaderConfig(vocab_size=24, lookup_size=VOCAB + 1, width=16, depth=2, heads=2, max_len=32)
+
+
+def reader_model(gate_init: float = 0.0, **cfg) -> MultimodalLlama:
+    model = MultimodalLlama(tiny_lm(), ModelConfig(TINY_ENCODER, CrossAttentionConfig(gate_init=gate_init),
+                                                   prompt_reader=READER, **cfg))
+    with torch.no_grad():  # a lookup as stage 1 writes it: seen ids numbered from 1, the rest UNK
+        model.prompt_reader.lookup.copy_(torch.arange(VOCAB + 1) % READER.vocab_size)
+    return model
+
+
+def media_batch(model, prompt_len=(6, 4), answer=3):
+    """Right-padded rows ``prompt + answer`` with ``<|image|>`` at column 1; labels on the answers."""
+    b, s = len(prompt_len), max(prompt_len) + answer
+    ids = torch.randint(1, VOCAB, (b, s))
+    ids[:, 1] = model.media_token_id("image")
+    labels = torch.full((b, s), -100)
+    for i, p in enumerate(prompt_len):
+        labels[i, p:p + answer] = ids[i, p:p + answer]
+        ids[i, p + answer:] = 0
+    return ids, labels, torch.randn(b, 3, 16, 16)
+
+
+def captured(model: MultimodalLlama) -> list[torch.Tensor]:
+    """The projected reader tokens of every later encode, ``[b, d]`` each."""
+    out: list[torch.Tensor] = []
+    model.prompt_projection.register_forward_hook(lambda m, args, y: out.append(y.detach().clone()))
+    return out
+
+
+# --- the reader alone ---------------------------------------------------------------------------
+def test_reader_reads_each_prompt_to_its_end_and_never_past_it():
+    reader = PromptReader(READER, media_dim=24).eval()
+    media, mask = torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool)
+    ids, lengths = pad_prompts([[3, 4, 5, 6], [7, 8]])
+    with torch.no_grad():
+        both = reader(ids, lengths, media, mask)  # [2, w]
+        alone = reader(ids[1:, :2], lengths[1:], media[1:], mask[1:])
+        ids[1, 2:] = torch.tensor([9, 10])  # what follows a prompt (padding, the answer) is never read
+        after = reader(ids, lengths, media, mask)
+        other_image = reader(ids, lengths, torch.randn(2, 5, 24), mask)
+    assert both.shape == (2, READER.width)
+    torch.testing.assert_close(both[1], alone[0], rtol=0, atol=1e-5)
+    assert torch.equal(after, both)
+    assert (other_image - both).abs().max() > 1e-2  # and it reads the image
+    with pytest.raises(ValueError, match="prompt lengths must be in 1..4"):
+        reader(ids, torch.tensor([4, 0]), media, mask)
+
+
+def test_saved_decoder_loads_as_a_reader_whose_state_is_the_decoders_at_the_last_prompt_row(tmp_path):
+    decoder = CaptionDecoder(READER.vocab_size, 24, READER.width, READER.depth, READER.heads, READER.max_len).eval()
+    lookup = torch.randint(0, READER.vocab_size, (READER.lookup_size,))
+    path = save_prompt_reader(decoder, lookup, tmp_path / "prompt_reader.safetensors")
+    cfg = PromptReaderConfig.from_checkpoint(path, heads=READER.heads)
+    assert dataclasses.replace(cfg, checkpoint=None) == READER
+    reader = PromptReader(cfg, media_dim=24).eval()
+    assert torch.equal(reader.lookup, lookup)
+    ids, lengths = pad_prompts([[3, 4, 5, 60], [7]])  # 60 is past no table: clamped to the last row
+    media, mask = torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        got = reader(ids, lengths, media, mask)
+        states = decoder.states(lookup[ids.clamp(max=READER.lookup_size - 1)], media, mask)
+        logits = decoder(lookup[ids.clamp(max=READER.lookup_size - 1)], media, mask)
+    torch.testing.assert_close(got, states[[0, 1], [3, 0]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(decoder.head[1](states), logits)  # the state is what the head reads
+
+
+@pytest.mark.parametrize("field, value", [("vocab_size", 0), ("lookup_size", 0), ("depth", 0), ("heads", 5)])
+def test_bad_reader_configs_are_refused(field, value):
+    with pytest.raises(ValueError, match=field if field != "heads" else "not a multiple of heads"):
+        dataclasses.replace(READER, **{field: value})
+
+
+def test_the_reader_is_for_images_only():
+    from mm_llama.video_adapter import VideoConfig
+
+    with pytest.raises(ValueError, match="prompt_reader reads prompts against images"):
+        ModelConfig(TINY_ENCODER, video=VideoConfig(), prompt_reader=READER)
+    with pytest.raises(ValueError, match="prompt_reader reads prompts against images"):
+        ModelConfig(None, prompt_reader=READER)
+
+
+# --- in the model -------------------------------------------------------------------------------
+def test_gates_at_zero_still_equal_the_plain_lm_and_the_reader_adds_one_media_token():
+    model = reader_model().eval()
+    ids, labels, images = media_batch(model)
+    with torch.no_grad():
+        tokens, mask = model.encode_images(images, (ids, prompt_lengths(labels)))
+        assert tokens.shape == (2, model.image_encoder.num_tokens + 1, model.lm.cfg.dim) and mask.all()
+        fused = model(ids, images, prompt_lengths=prompt_lengths(labels))
+        assert torch.equal(fused, model.lm.logits(model.hidden_states(ids, None)))
+        assert torch.equal(model.loss(ids, labels, images), model.loss(ids, labels, None))
+    with pytest.raises(ValueError, match="pass prompts"):
+        model.encode_images(images)
+
+
+def test_the_reader_reads_the_prompt_never_the_answer():
+    model = reader_model(gate_init=0.5).eval()
+    ids, labels, images = media_batch(model)
+    reads = captured(model)
+    answered = ids.clone()
+    for i in range(2):  # other answers: other labels, same prompts
+        keep = labels[i] != -100
+        answered[i, keep] = (ids[i, keep] + 1) % VOCAB
+    with torch.no_grad():
+        model.loss(ids, labels, images)
+        model.loss(answered, torch.where(labels != -100, answered, -100), images)
+    assert torch.equal(reads[0], reads[1])
+    assert prompt_lengths(labels).tolist() == [6, 4]
+    with pytest.raises(ValueError, match="no labeled position"):
+        prompt_lengths(torch.full((1, 4), -100))
+    with pytest.raises(ValueError, match="labeled from column 0"):
+        prompt_lengths(torch.tensor([[5, -100]]))
+
+
+def test_generation_reads_the_prompt_as_training_does():
+    model = reader_model(gate_init=0.5).eval()
+    ids, labels, images = media_batch(model, prompt_len=(6, 4))
+    reads = captured(model)
+    with torch.no_grad():
+        model.loss(ids, labels, images)
+        prompts = [ids[0, :6].tolist(), ids[1, :4].tolist()]
+        together = generate(model, prompts, images, max_new_tokens=4)
+    torch.testing.assert_close(reads[1], reads[0], rtol=0, atol=1e-5)  # left-padded there, right-padded here
+    alone = [generate(model, [p], images[i:i + 1], max_new_tokens=4)[0] for i, p in enumerate(prompts)]
+    assert together == alone
+
+
+def test_the_reader_is_frozen_its_projection_trains_and_both_are_checkpointed():
+    groups = ("image_encoder", "projection", "cross_attention", "fusion_embedding")
+    model = reader_model(gate_init=0.5, trainable=("projection", "cross_attention", "fusion_embedding"))
+    before = {k: v.clone() for k, v in model.prompt_reader.state_dict().items()}
+    ids, labels, images = media_batch(model)
+    model.loss(ids, labels, images).backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("prompt_reader.", "image_encoder.", "lm.")):
+            assert not p.requires_grad and p.grad is None, name
+    new = {n for n, p in model.named_parameters() if p.requires_grad} - set(
+        n for n, _ in MultimodalLlama(tiny_lm(), ModelConfig(TINY_ENCODER, trainable=groups[1:])).named_parameters()
+    )
+    assert new == {"prompt_projection.proj.weight", "prompt_projection.proj.bias", "prompt_projection.norm.weight"}
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in new)
+    state = model.trainable_state_dict()
+    assert {k for k in state if k.startswith("prompt_reader.")} == {f"prompt_reader.{k}" for k in before}
+    assert all(torch.equal(model.prompt_reader.state_dict()[k], v) for k, v in before.items())
+    cfg = dataclasses.replace(model.cfg, prompt_reader=dataclasses.replace(READER, checkpoint="gone.safetensors"))
+    assert without_weight_files(cfg).prompt_reader == READER
+
+
+# --- train_adapter.py ---------------------------------------------------------------------------
+def test_train_adapter_keeps_stage_1s_decoder_as_the_reader_and_resumes(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    from mm_llama.data.scenes import make_default_shards
+    from mm_llama.inference import Assistant
+    from mm_llama.training import run as run_module
+
+    shapes = tmp_path / "shapes"
+    make_default_shards(shapes, image_size=16, n_train=32, n_val=4, n_test=4, samples_per_shard=16,
+                        min_shards=2, progress=False)
+    spec = run_module.MODALITIES["image"]
+    tiny = ModelConfig(image_encoder=TINY_ENCODER, cross_attention=CrossAttentionConfig(every=2))
+    monkeypatch.setitem(run_module.MODALITIES, "image",
+                        run_module.Modality(lambda cfg: tiny, spec.datamodule, spec.data_dir, spec.out))
+    out = tmp_path / "run"
+    flags = ["--lm", str(tiny_lm_dir), "--data-dir", str(shapes), "--out", str(out), "--batch-size", "4",
+             "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--no-progress",
+             "--encoder-pretrain-steps", "2", "--prompt-reader"]
+    assert run_module.main([*flags, "--steps", "2"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["encoder_pretrain"]["prompt_reader"]["checkpoint"] == str(out / "prompt_reader.safetensors")
+
+    saved = safetensors.torch.load_file(out / "prompt_reader.safetensors")
+    ckpt = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)
+    assert all(torch.equal(ckpt["state_dict"]["model.prompt_reader." + k], v) for k, v in saved.items())
+    assert any(k.startswith("model.prompt_projection.") for k in ckpt["state_dict"])
+    assert "prompt_reader" not in ckpt["hyper_parameters"]["model"].trainable
+
+    (out / "prompt_reader.safetensors").rename(tmp_path / "moved.safetensors")  # the checkpoint holds it
+    assistant = Assistant.from_checkpoint(out / "adapter.ckpt")
+    loaded = assistant.model.prompt_reader.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+    (tmp_path / "moved.safetensors").rename(out / "prompt_reader.safetensors")
+
+    assert run_module.main([*flags, "--steps", "3", "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["steps"] == 3 and resumed["encoder_pretrain"] is None
+    state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(state["model.prompt_reader." + k], v) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--modality", "speech", "--prompt-reader"], "is for images"),
+    (["--prompt-reader", "--encoder-pretrain-steps", "0"], "needs --encoder-pretrain-steps > 0"),
+])
+def test_prompt_reader_flag_is_refused_where_it_cannot_work(flags, message, capsys):
+    from mm_llama.training import run as run_module
+
+    with pytest.raises(SystemExit):
+        run_module.main(flags)
+    assert message in capsys.readouterr().err
