@@ -200,6 +200,18 @@ def test_train_adapter_keeps_stage_1s_decoder_as_the_reader_and_resumes(tiny_lm_
     assert any(k.startswith("model.prompt_projection.") for k in ckpt["state_dict"])
     assert "prompt_reader" not in ckpt["hyper_parameters"]["model"].trainable
 
+    # the written config.yaml names the reader, and LightningCLI takes it
+    import yaml
+
+    from mm_llama.cli import main as cli_main
+
+    reader = yaml.safe_load((out / "config.yaml").read_text())["model"]["model"]["prompt_reader"]
+    assert reader["checkpoint"] == str(out / "prompt_reader.safetensors") and reader["vocab_size"] > 1
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(out / "config.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "prompt_reader.safetensors" in capsys.readouterr().out
+
     (out / "prompt_reader.safetensors").rename(tmp_path / "moved.safetensors")  # the checkpoint holds it
     assistant = Assistant.from_checkpoint(out / "adapter.ckpt")
     loaded = assistant.model.prompt_reader.state_dict()
