@@ -166,3 +166,23 @@ def assistant(tiny_checkpoint):
     from mm_llama.inference import Assistant
 
     return Assistant.from_checkpoint(tiny_checkpoint)
+
+
+def two_stage_image_run(lm_dir, tmp_path, monkeypatch, encoder) -> tuple:
+    """``train_adapter.py`` flags for a two-stage image run (stage 1: 2 steps) of a tiny model with
+    image encoder ``encoder`` on tiny shards it writes; returns ``(out_dir, flags)`` (add ``--steps``)."""
+    from mm_llama.data.scenes import make_default_shards
+    from mm_llama.model import CrossAttentionConfig, ModelConfig
+    from mm_llama.training import run as run_module
+
+    shapes = tmp_path / "shapes"
+    make_default_shards(shapes, image_size=16, n_train=32, n_val=4, n_test=4, samples_per_shard=16,
+                        min_shards=2, progress=False)
+    spec = run_module.MODALITIES["image"]
+    tiny = ModelConfig(image_encoder=encoder, cross_attention=CrossAttentionConfig(every=2))
+    monkeypatch.setitem(run_module.MODALITIES, "image",
+                        run_module.Modality(lambda cfg: tiny, spec.datamodule, spec.data_dir, spec.out))
+    out = tmp_path / "run"
+    return out, ["--lm", str(lm_dir), "--data-dir", str(shapes), "--out", str(out), "--batch-size", "4",
+                 "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--no-progress",
+                 "--encoder-pretrain-steps", "2"]

@@ -19,6 +19,7 @@ from mm_llama.training.encoder_pretrain import (
     compact_vocabulary,
 )
 from mm_llama.training.datamodule import ModelInputs
+from tests.conftest import two_stage_image_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -80,21 +81,9 @@ def test_the_loss_uses_response_tokens_only_and_trains_the_encoder():
 
 
 def test_train_adapter_pretrains_freezes_and_skips_the_stage_on_resume(tiny_lm_dir, tmp_path, capsys, monkeypatch):
-    from mm_llama.data.scenes import make_default_shards
-    from mm_llama.model import CrossAttentionConfig, ModelConfig
     from mm_llama.training import run as run_module
 
-    shapes = tmp_path / "shapes"
-    make_default_shards(shapes, image_size=16, n_train=32, n_val=4, n_test=4, samples_per_shard=16,
-                        min_shards=2, progress=False)
-    spec = run_module.MODALITIES["image"]
-    tiny = ModelConfig(image_encoder=TINY_ENCODER, cross_attention=CrossAttentionConfig(every=2))
-    monkeypatch.setitem(run_module.MODALITIES, "image",
-                        run_module.Modality(lambda cfg: tiny, spec.datamodule, spec.data_dir, spec.out))
-    out = tmp_path / "run"
-    flags = ["--lm", str(tiny_lm_dir), "--data-dir", str(shapes), "--out", str(out), "--batch-size", "4",
-             "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--no-progress",
-             "--encoder-pretrain-steps", "2"]
+    out, flags = two_stage_image_run(tiny_lm_dir, tmp_path, monkeypatch, TINY_ENCODER)
     assert run_module.main([*flags, "--steps", "2"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stage1 = metrics["encoder_pretrain"]

@@ -17,6 +17,7 @@ from adapters.prompt_reader import (
 from encoders import ImageEncoderConfig
 from mm_llama.generation import generate
 from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama, prompt_lengths, without_weight_files
+from tests.conftest import two_stage_image_run
 from tests.test_model import VOCAB, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
@@ -175,21 +176,11 @@ def test_the_reader_is_frozen_its_projection_trains_and_both_are_checkpointed():
 
 # --- train_adapter.py ---------------------------------------------------------------------------
 def test_train_adapter_keeps_stage_1s_decoder_as_the_reader_and_resumes(tiny_lm_dir, tmp_path, capsys, monkeypatch):
-    from mm_llama.data.scenes import make_default_shards
     from mm_llama.inference import Assistant
     from mm_llama.training import run as run_module
 
-    shapes = tmp_path / "shapes"
-    make_default_shards(shapes, image_size=16, n_train=32, n_val=4, n_test=4, samples_per_shard=16,
-                        min_shards=2, progress=False)
-    spec = run_module.MODALITIES["image"]
-    tiny = ModelConfig(image_encoder=TINY_ENCODER, cross_attention=CrossAttentionConfig(every=2))
-    monkeypatch.setitem(run_module.MODALITIES, "image",
-                        run_module.Modality(lambda cfg: tiny, spec.datamodule, spec.data_dir, spec.out))
-    out = tmp_path / "run"
-    flags = ["--lm", str(tiny_lm_dir), "--data-dir", str(shapes), "--out", str(out), "--batch-size", "4",
-             "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--no-progress",
-             "--encoder-pretrain-steps", "2", "--prompt-reader"]
+    out, flags = two_stage_image_run(tiny_lm_dir, tmp_path, monkeypatch, TINY_ENCODER)
+    flags = [*flags, "--prompt-reader"]
     assert run_module.main([*flags, "--steps", "2"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["encoder_pretrain"]["prompt_reader"]["checkpoint"] == str(out / "prompt_reader.safetensors")
