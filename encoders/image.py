@@ -19,6 +19,7 @@ from pathlib import Path
 
 import open_clip
 import open_clip.model
+import safetensors
 import safetensors.torch
 import timm
 import torch
@@ -255,6 +256,25 @@ class ViTBackbone(nn.Module, ABC):
         self.model.load_state_dict(state, strict=True)
 
 
+def check_stem_norm(config: ImageEncoderConfig) -> None:
+    """Refuse a ``.safetensors`` checkpoint whose metadata says it was trained with another ``stem_norm``.
+
+    GroupNorm and LayerNorm stems have the same parameter names, so such a file would load strictly
+    and compute something else. Stage 1 writes the metadata; files without it are not checked.
+    """
+    path = Path(config.checkpoint)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        saved = (f.metadata() or {}).get("stem_norm")
+    if saved is not None and saved != config.stem_norm:
+        raise ValueError(
+            f"{path} was trained with stem_norm={saved!r} but this encoder has stem_norm={config.stem_norm!r}; "
+            f"the parameter names match, so it would load and compute something else: set "
+            f"ImageEncoderConfig.stem_norm={saved!r}"
+        )
+
+
 def _stem_layer_norm(model: TimmVisionTransformer, config: ImageEncoderConfig) -> None:
     """Swap a hybrid stem's GroupNorm (+ activation) for a per-pixel LayerNorm with the same activation
     and parameter names (``...stem.norm.weight`` / ``.bias``)."""
@@ -468,6 +488,7 @@ class ImageEncoder(MediaEncoder):
         self.backbone = BACKBONES[config.library](config)
         check_layer_indices(config.intermediate_layers, self.backbone.depth)
         if config.checkpoint is not None:
+            check_stem_norm(config)
             self.backbone.load_checkpoint(config.checkpoint)
         elif config.pos_embed_init == "sincos":
             with torch.no_grad():

@@ -93,6 +93,8 @@ def test_train_adapter_pretrains_freezes_and_skips_the_stage_on_resume(tiny_lm_d
     # Stage 2 loaded the pre-trained backbone and left it untouched (frozen), and the
     # adapter checkpoint carries it, so inference does not need the stage-1 file.
     saved = safetensors.torch.load_file(out / "image_encoder.safetensors")
+    with safetensors.safe_open(out / "image_encoder.safetensors", framework="pt") as f:
+        assert f.metadata() == {"stem_norm": TINY_ENCODER.stem_norm}  # checked when it is loaded
     state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     prefix = "model.image_encoder.backbone.model."
     assert saved and all(torch.equal(state[prefix + k], v) for k, v in saved.items())

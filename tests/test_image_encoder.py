@@ -377,3 +377,8 @@ def test_layer_stem_norm_keeps_each_cell_to_itself(stem_norm: str, tmp_path) -> 
     safetensors.torch.save_file(encoder.backbone.model.state_dict(), str(path))
     other = "group" if stem_norm == "layer" else "layer"
     ImageEncoder(ImageEncoderConfig(stem_norm=other, checkpoint=str(path)))  # strict load: same names
+    # ... which is why stage 1 writes the stem into the file's metadata, and a mismatch is refused
+    safetensors.torch.save_file(encoder.backbone.model.state_dict(), str(path), metadata={"stem_norm": stem_norm})
+    ImageEncoder(ImageEncoderConfig(stem_norm=stem_norm, checkpoint=str(path)))
+    with pytest.raises(ValueError, match=f"trained with stem_norm='{stem_norm}'.*set ImageEncoderConfig.stem_norm"):
+        ImageEncoder(ImageEncoderConfig(stem_norm=other, checkpoint=str(path)))

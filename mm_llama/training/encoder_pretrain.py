@@ -249,7 +249,8 @@ def pretrain_image_encoder(
     seconds = time.perf_counter() - start
     clip = encoder if isinstance(encoder, ClipEncoder) else None
     image_encoder = clip.encoder if clip is not None else encoder
-    saved = {"checkpoint": _save(image_encoder.backbone.model, out / "image_encoder.safetensors")}
+    saved = {"checkpoint": _save(image_encoder.backbone.model, out / "image_encoder.safetensors",
+                                 {"stem_norm": image_encoder.config.stem_norm})}
     if clip is not None:
         saved["aggregator_checkpoint"] = _save(clip.aggregator, out / "video_aggregator.safetensors")
     if cfg.prompt_reader:
@@ -270,10 +271,10 @@ def pretrain_image_encoder(
     }
 
 
-def _save(module: nn.Module, path: Path) -> str:
-    """Write ``module``'s state dict to ``path`` (safetensors) atomically; returns the path."""
+def _save(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> str:
+    """Write ``module``'s state dict to ``path`` (safetensors, with ``metadata``) atomically; returns the path."""
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
     tmp = path.with_suffix(".tmp")
-    safetensors.torch.save_file(state, str(tmp))
+    safetensors.torch.save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
     return str(path)
