@@ -226,3 +226,16 @@ def test_prompt_reader_flag_is_refused_where_it_cannot_work(flags, message, caps
     with pytest.raises(SystemExit):
         run_module.main(flags)
     assert message in capsys.readouterr().err
+
+
+def test_image_runs_read_prompts_by_default_and_other_runs_do_not():
+    from mm_llama.training.run import RunConfig, image_model_config
+
+    assert RunConfig().pretrain.prompt_reader
+    assert not RunConfig(prompt_reader=False).pretrain.prompt_reader
+    assert not RunConfig(encoder_pretrain_steps=0).pretrain.prompt_reader  # no stage 1: nothing to keep
+    assert not RunConfig(modality="video").pretrain.prompt_reader
+    # the reader's default encoder: the hybrid stem with a per-pixel LayerNorm; another backbone keeps its own
+    assert image_model_config(RunConfig()).image_encoder.stem_norm == "layer"
+    assert image_model_config(RunConfig(encoder="timm:vit_tiny_patch16_224")).image_encoder.stem_norm == "group"
+    assert RunConfig(modality="video").spec.model_config(RunConfig(modality="video")).image_encoder.stem_norm == "group"

@@ -114,7 +114,10 @@ def test_video_default_model_has_the_image_defaults_mlp_width_in_both_branches()
     assert model.cross_attention.hidden_dim == model.video.hidden_dim == run_module.CROSS_ATTENTION_MLP
     assert model.video.frames == 4
     image = run_module.image_model_config(run_module.RunConfig(modality="image"))
-    assert image.cross_attention == model.cross_attention and image.image_encoder == model.image_encoder
+    assert image.cross_attention == model.cross_attention
+    # the same encoder but for the stem's norm: video keeps the GroupNorm it was measured with
+    assert image.image_encoder == dataclasses.replace(model.image_encoder, stem_norm=run_module.IMAGE_STEM_NORM)
+    assert model.image_encoder.stem_norm == "group"
 
 
 def test_video_default_trains_its_frame_encoder_on_the_image_scenes_first(tiny_lm_dir, clips_dir, tmp_path, capsys,
