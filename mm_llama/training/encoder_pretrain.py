@@ -3,13 +3,15 @@ aggregator), before the adapters see it.
 
 The paper's ViT is pre-trained on image–text pairs before the cross-attention
 adapters are trained (Llama 3 §7.2). Here the same role is played by a short
-stage in which the image encoder and a small throw-away text decoder learn to
+stage in which the image encoder and a small text decoder learn to
 produce the *responses* of the training shards from the image and the prompt
 (captioning pre-training, as in CapPa). The frozen LM is not involved, so a step
 costs a few milliseconds per sample instead of the ~0.2 s of a step through the
 LM: in two and a half minutes on a 2-core CPU the encoder sees ~20k samples. Its
 backbone is then saved in the format :attr:`ImageEncoderConfig.checkpoint` loads
-and, by default, frozen for stage 2 (README, "Learning dynamics").
+and, by default, frozen for stage 2 (README, "Learning dynamics"). With
+``EncoderPretrainConfig.prompt_reader`` (the image default) the decoder is saved too and stays,
+frozen, as stage 2's prompt reader (:mod:`adapters.prompt_reader`).
 
 For video the stage trains a :class:`ClipEncoder`, the frame encoder followed by the
 video branch's temporal aggregator, on the clips' captions: the decoder reads only the
