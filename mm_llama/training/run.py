@@ -520,7 +520,7 @@ MODALITIES: dict[str, Modality] = {
     # Image: stage 1 long enough for its decoder to answer 96.5 % of the test questions, then 400
     # adapter steps (README, "Learning dynamics": both stages were sample-limited at 250 / 200), of
     # which a quarter of the count questions (always answered right; README, "Results"). Stage 1's
-    # decoder stays as the prompt reader (stop 23: 96.1 / 90.0 / 90.2 % on seeds 0-2 against
+    # decoder stays as the prompt reader (stop 23: 96.1 / 90.0 / 92.4 % on seeds 0-2 against
     # 89.3 / 88.1 / 88.5 % without; README, "Results").
     "image": Modality(image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image",
                       steps=400, encoder_pretrain_steps=600, cpu_bf16=True, task_weights=IMAGE_TASK_WEIGHTS,
