@@ -26,6 +26,8 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from mm_llama.checkpoint_files import atomic_write
+
 
 class CaptionDecoder(nn.Module):
     """A small causal Transformer decoder reading an image encoder's tokens.
@@ -146,10 +148,8 @@ def save_prompt_reader(decoder: CaptionDecoder, lookup: Tensor, path: str | Path
     returns the path."""
     state = {f"decoder.{k}": v.detach().contiguous() for k, v in decoder.state_dict().items()}
     state["lookup"] = lookup.detach().contiguous()
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    safetensors.torch.save_file(state, str(tmp))
-    tmp.replace(path)
+    with atomic_write(path, "wb") as file:
+        file.write(safetensors.torch.save(state))
     return str(path)
 
 

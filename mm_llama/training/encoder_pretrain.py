@@ -43,6 +43,7 @@ from adapters.prompt_reader import CaptionDecoder, PromptReaderConfig, save_prom
 from adapters.temporal import TemporalAggregator
 from encoders import ImageEncoder
 from encoders.base import EncoderOutput
+from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training.datamodule import ModelInputs
 from mm_llama.training.optim import OptimConfig, build_optimizer
 from mm_llama.training.report import TrainingHistory
@@ -276,7 +277,6 @@ def pretrain_image_encoder(
 def _save(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> str:
     """Write ``module``'s state dict to ``path`` (safetensors, with ``metadata``) atomically; returns the path."""
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    safetensors.torch.save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_write(path, "wb") as file:
+        file.write(safetensors.torch.save(state, metadata=metadata))
     return str(path)
