@@ -88,6 +88,7 @@ class GatedCrossAttention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],
         media_mask: torch.Tensor,
         row_mask: torch.Tensor,
+        row_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Add gated cross-attention and MLP outputs to ``hidden``.
 
@@ -101,6 +102,9 @@ class GatedCrossAttention(nn.Module):
                 after the sample's media token). Other rows pass through unchanged,
                 in both the attention and the MLP branch (``row_mask_mode="both"``), or
                 get only the unmasked attention branch (``"mlp_only"``, see the class docstring).
+            row_kv: optional per-row media, from :meth:`media_kv` of ``[b, s, d]`` tokens aligned
+                with the text rows (each ``[b, h_kv, s, h_d]``): row ``j`` sees the media keys and
+                its own row key ``j``, no other (``ModelConfig.prompt_reader`` with ``every_row``).
 
         Returns:
             ``[b, s, d]``.
@@ -119,6 +123,12 @@ class GatedCrossAttention(nn.Module):
         else:  # a row seeing no real media token attends to every media token, unmasked
             row_mask = row_mask & media_mask.any(dim=-1)  # [b, s]
             attn_mask = (keys_ok | ~row_mask[:, :, None])[:, None]  # [b, 1, s, s_e]
+        if row_kv is not None:
+            if self.row_mask_mode != "both":
+                raise ValueError('per-row media (row_kv) needs row_mask_mode="both"')
+            k, v = (torch.cat([m.expand(b, -1, -1, -1), r], dim=2) for m, r in zip(kv, row_kv))  # [b, h_kv, s_e + s, h_d]
+            own = torch.eye(s, dtype=torch.bool, device=hidden.device).expand(b, 1, s, s)  # row j sees row key j
+            attn_mask = torch.cat([attn_mask.expand(b, 1, s, -1), own], dim=-1)  # [b, 1, s, s_e + s]
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_heads != self.n_heads
         )  # [b, h, s, h_d]

@@ -78,6 +78,11 @@ class PromptReaderConfig:
         width, depth, heads, max_len: the decoder's (``EncoderPretrainConfig``'s).
         checkpoint: a ``prompt_reader.safetensors`` written by stage 1 (``decoder.*`` and
             ``lookup``); ``None``: random weights, to be loaded from a model checkpoint.
+        every_row: how the model uses the reading. ``False``: the state at the prompt's last
+            row joins the image's media tokens, once (:meth:`PromptReader.forward`). ``True``:
+            every text row also sees the state at its own row, the decoder having read the
+            text up to and including that row (:meth:`PromptReader.rows`): answer rows then
+            see what the decoder reads after each answer token, not only before the first.
     """
 
     vocab_size: int
@@ -87,9 +92,10 @@ class PromptReaderConfig:
     heads: int = 4
     max_len: int = 256
     checkpoint: str | None = None
+    every_row: bool = False
 
     @classmethod
-    def from_checkpoint(cls, path: str, heads: int) -> PromptReaderConfig:
+    def from_checkpoint(cls, path: str, heads: int, every_row: bool = False) -> PromptReaderConfig:
         """The config of the reader saved at ``path`` (the shapes are read from the file; ``heads``
         cannot be, it is stage 1's ``EncoderPretrainConfig.heads``)."""
         with safetensors.safe_open(path, framework="pt") as f:
@@ -97,7 +103,7 @@ class PromptReaderConfig:
         depth = len({k.split(".")[3] for k in shape if k.startswith("decoder.blocks.layers.")})
         vocab_size, width = shape["decoder.embed.weight"]
         return cls(vocab_size=vocab_size, lookup_size=shape["lookup"][0], width=width, depth=depth, heads=heads,
-                   max_len=shape["decoder.position"][0], checkpoint=path)
+                   max_len=shape["decoder.position"][0], checkpoint=path, every_row=every_row)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "lookup_size", "width", "depth", "heads", "max_len"):
@@ -141,6 +147,17 @@ class PromptReader(nn.Module):
         compact = self.lookup[ids[:, :s].clamp(0, len(self.lookup) - 1)]  # [b, s]; unknown and media ids -> UNK
         states = self.decoder.states(compact, media, media_mask)  # [b, s, w]
         return states[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1]
+
+    def rows(self, ids: Tensor, media: Tensor, media_mask: Tensor) -> Tensor:
+        """The state at every row: ``[b, s, w]``; row ``j`` has read ``ids[:, :j + 1]`` only.
+
+        Args:
+            ids: ``[b, s]`` LM token ids, each text from column 0 (right padding reads as text
+                but changes no earlier row).
+            media: ``[b, s_e, d_e]`` the image encoder's tokens; ``media_mask`` ``[b, s_e]``.
+        """
+        compact = self.lookup[ids.clamp(0, len(self.lookup) - 1)]  # [b, s]
+        return self.decoder.states(compact, media, media_mask)
 
 
 def save_prompt_reader(decoder: CaptionDecoder, lookup: Tensor, path: str | Path) -> str:

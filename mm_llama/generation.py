@@ -26,6 +26,49 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+def _reads_rows(model: MultimodalLlama, images: torch.Tensor | TiledImages | None) -> bool:
+    return images is not None and model.prompt_reader is not None and model.prompt_reader.cfg.every_row
+
+
+class RowReader:
+    """The prompt reader's per-row tokens during generation (``PromptReaderConfig.every_row``).
+
+    The reader is causal and its positions count from each text's first token, so it reads the
+    unpadded prompts (right-padded, :func:`pad_prompts`) and the prefill's rows are shifted into
+    the left-padded layout; each decode step reads prompt + generated ids again and keeps the last
+    row (the decoder is two small blocks: re-reading costs far less than one LM step).
+
+    Args:
+        model: a model whose reader has ``every_row``.
+        prompts: the ``b`` prompts as given to :func:`generate`.
+        images: ``[b, 3, H, W]`` on the model's device (encoded once here).
+    """
+
+    def __init__(self, model: MultimodalLlama, prompts: Sequence[Sequence[int]], images: torch.Tensor) -> None:
+        self.model, self.prompts = model, [list(p) for p in prompts]
+        self.encoded = model.image_encoder(images)
+        self.tokens, self.mask = model.image_projection(self.encoded.tokens), self.encoded.mask  # [b, s_e, d], [b, s_e]
+        self.max_len = model.prompt_reader.cfg.max_len
+        self.device = images.device
+
+    def prefill(self, width: int) -> torch.Tensor:
+        """``[b, width, d]``: each prompt row's token, right-aligned as :func:`left_pad` aligns prompts."""
+        ids, lengths = (t.to(self.device) for t in pad_prompts(self.prompts))
+        rows = self.model.read_rows(ids, self.encoded)  # [b, s, d], row j of prompt i at column j
+        column = torch.arange(width, device=self.device)[None] - (width - lengths)[:, None]  # [b, width]
+        gathered = rows.gather(1, column.clamp(min=0)[..., None].expand(-1, -1, rows.shape[-1]))
+        return gathered * (column >= 0)[..., None].to(rows.dtype)  # left padding: zero tokens, never seen
+
+    def step(self, generated: torch.Tensor) -> torch.Tensor:
+        """``[b, 1, d]``: the token of each row's newest id (``generated [b, t]``, the last just fed).
+
+        Texts longer than the decoder's ``max_len`` are read over their last ``max_len`` ids."""
+        texts = [(p + g)[-self.max_len:] for p, g in zip(self.prompts, generated.tolist())]
+        ids, lengths = (t.to(self.device) for t in pad_prompts(texts))
+        read = self.model.prompt_reader(ids, lengths, self.encoded.tokens, self.encoded.mask)  # [b, w]
+        return self.model.prompt_projection(read)[:, None]
+
+
 def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> None:
     """Raise ``ValueError`` naming the first decoding setting out of range."""
     if max_new_tokens < 0:
@@ -110,17 +153,24 @@ def generate(
     ids, mask = ids.to(device), mask.to(device)
     b, s = ids.shape
     media: MediaContext | None = None
-    if images is not None:
+    reader = RowReader(model, prompts, images.to(device)) if _reads_rows(model, images) else None
+    if reader is not None:
+        tokens, media_mask = reader.tokens, reader.mask
+        media = model.media_kv(tokens, media_mask)
+    elif images is not None:
         read = None if model.prompt_reader is None else tuple(t.to(device) for t in pad_prompts(prompts))
         tokens, media_mask = model.encode_images(images.to(device), read)  # [b, s_e, d], [b, s_e]
         media = model.media_kv(tokens, media_mask)
     elif videos is not None:
         media = model.video_context(videos.to(device), None if frame_mask is None else frame_mask.to(device))
 
-    def media_for_step() -> MediaContext | None:
-        if media is None or cache_media_kv or images is None:
-            return media
-        return model.media_kv(tokens, media_mask)
+    def media_for_step(generated: torch.Tensor | None = None) -> MediaContext | None:
+        step = media
+        if media is not None and not cache_media_kv and images is not None:
+            step = model.media_kv(tokens, media_mask)
+        if reader is not None:
+            step = step.with_rows(reader.prefill(s) if generated is None else reader.step(generated))
+        return step
 
     cache = KVCache(model.lm.cfg, b, s + max_new_tokens, device=device, dtype=model.lm.embed_tokens.weight.dtype)
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [b, s]
@@ -143,7 +193,7 @@ def decode_loop(
     key_padding_mask: torch.Tensor,
     positions: torch.Tensor,
     seen_media: torch.Tensor | None,
-    media_for_step: Callable[[], MediaContext | None],
+    media_for_step: Callable[[torch.Tensor], MediaContext | None],
     max_new_tokens: int,
     stop_ids: Sequence[int],
     pad_id: int,
@@ -161,7 +211,8 @@ def decode_loop(
         key_padding_mask: the prefill's ``[b, s]`` (True = attended), grown by one column a step.
         positions: the prefill's rotary positions ``[b, s]``; new tokens continue from the last.
         seen_media: ``[b, 1]``, whether each row's new tokens see the media (``None``: no media).
-        media_for_step: the media K/V for the next forward (the cached context, or recomputed).
+        media_for_step: the media K/V for the next forward (the cached context, or recomputed),
+            given the ids generated so far ``[b, t]`` (per-row media depend on them).
         Others: as in :func:`generate`.
 
     Returns:
@@ -185,7 +236,7 @@ def decode_loop(
         if (stop_early and bool(done.all())) or index == max_new_tokens - 1:
             break  # no forward for a token nobody will read
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-        hidden = model.hidden_states(nxt[:, None], media_for_step(), row_mask=seen_media, positions=next_pos,
+        hidden = model.hidden_states(nxt[:, None], media_for_step(out), row_mask=seen_media, positions=next_pos,
                                      key_padding_mask=mask, cache=cache)
         next_pos = next_pos + 1
     stop_set = set(stop_ids)

@@ -33,7 +33,7 @@ from adapters.cross_attention import ROW_MASK_MODES, init_cross_attention_  # no
 from adapters.prompt_reader import PromptReader, PromptReaderConfig  # noqa: E402
 from adapters.speech_adapter import SpeechAdapter, SpeechAdapterConfig  # noqa: E402
 from adapters.speech_fusion import SplicedInputs, splice_speech  # noqa: E402
-from encoders import ImageEncoder, ImageEncoderConfig, MediaEncoder  # noqa: E402
+from encoders import EncoderOutput, ImageEncoder, ImageEncoderConfig, MediaEncoder  # noqa: E402
 from encoders.mllama_vision import MllamaVisionEncoder, MllamaVisionEncoderConfig, TiledImages  # noqa: E402
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig  # noqa: E402
 from mm_llama.llama import KVCache, LlamaLM, SharedPrefix  # noqa: E402
@@ -146,7 +146,9 @@ class ModelConfig:
         prompt_reader: images only: stage 1's caption decoder, reading each prompt against its
             image (:mod:`adapters.prompt_reader`); its state at the prompt's last row, projected
             (``prompt_projection``, in the ``projection`` group), is appended to the image's media
-            tokens. ``None`` (default): the paper's model, media tokens from the image alone.
+            tokens; with ``prompt_reader.every_row`` each text row instead sees the projected state
+            at its own row (:class:`MediaContext` ``rows``). ``None`` (default): the paper's model,
+            media tokens from the image alone.
     """
 
     image_encoder: ImageEncoderConfig | MllamaVisionEncoderConfig | None = field(default_factory=ImageEncoderConfig)
@@ -164,6 +166,9 @@ class ModelConfig:
         self.trainable = tuple(self.trainable)
         if self.prompt_reader is not None and (self.video is not None or self.image_encoder is None):
             raise ValueError("prompt_reader reads prompts against images: it needs image_encoder and no video branch")
+        if (self.prompt_reader is not None and self.prompt_reader.every_row
+                and self.cross_attention.row_mask_mode != "both"):
+            raise ValueError('prompt_reader.every_row needs cross_attention.row_mask_mode="both"')
         if self.video is not None and self.image_encoder is None:
             raise ValueError("the video branch reads frames through the image encoder: image_encoder must be set")
         if self.image_encoder is not None and type(self.image_encoder) not in IMAGE_ENCODERS:
@@ -213,12 +218,20 @@ class MediaContext:
     ``kv[i]`` is ``(k, v)``, each ``[b, h_kv, s_e, h_d]``, for the block before decoder layer ``i``;
     ``mask`` is ``[b, s_e]`` bool. A video adds ``video_kv`` / ``video_mask``, the same for the
     video blocks over the aggregated tokens (``kv`` then holds every frame's tokens).
+    ``rows`` ``[b, s, d]``: per-row media aligned with the text rows it is used with (the prompt
+    reader's reading at each row, ``PromptReaderConfig.every_row``); row ``j`` sees ``rows[:, j]``
+    as one more media token of its own.
     """
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
     video_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     video_mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+    def with_rows(self, rows: torch.Tensor | None) -> MediaContext:
+        """The same media with other per-row tokens ``rows [b, s, d]`` (e.g. a slice of them)."""
+        return dataclasses.replace(self, rows=rows)
 
     def packed(self, rows: PackedRows) -> MediaContext:
         """The same media for the packed row of ``rows``: K/V ``[1, h_kv, b * s_e, h_d]`` and
@@ -229,6 +242,7 @@ class MediaContext:
             rows.media_mask(self.mask),
             {i: rows.media_kv(kv) for i, kv in self.video_kv.items()} if video else None,
             rows.media_mask(self.video_mask) if video else None,
+            None if self.rows is None else rows.pack(self.rows),
         )
 
 
@@ -362,7 +376,7 @@ class MultimodalLlama(nn.Module):
         """
         out = self.image_encoder(images)
         tokens, mask = self.image_projection(out.tokens), out.mask
-        if self.prompt_reader is None:
+        if self.prompt_reader is None or self.prompt_reader.cfg.every_row:
             return tokens, mask
         if prompts is None:
             raise ValueError("this model reads each prompt against its image (ModelConfig.prompt_reader): "
@@ -413,6 +427,18 @@ class MultimodalLlama(nn.Module):
         """Encode media once and compute every cross-attention block's K/V (``prompts``: see
         :meth:`encode_images`)."""
         return self.media_kv(*self.encode_images(images, prompts))
+
+    def read_rows(self, ids: torch.Tensor, encoded: EncoderOutput) -> torch.Tensor:
+        """The prompt reader's projected state at every row of ``ids [b, s]`` (each text from
+        column 0), reading the image encoder's output ``encoded``: ``[b, s, d]``."""
+        return self.prompt_projection(self.prompt_reader.rows(ids, encoded.tokens, encoded.mask))
+
+    def reading_context(self, images: torch.Tensor, text: torch.Tensor) -> MediaContext:
+        """:meth:`media_context` of ``images`` plus the reader's row tokens of ``text [b, s]`` (each
+        from column 0), encoding the images once (``PromptReaderConfig.every_row``)."""
+        out = self.image_encoder(images)
+        context = self.media_kv(self.image_projection(out.tokens), out.mask)
+        return context.with_rows(self.read_rows(text, out))
 
     def video_context(self, videos: torch.Tensor, frame_mask: torch.Tensor | None = None) -> MediaContext:
         """Encode clips for both kinds of blocks.
@@ -467,9 +493,12 @@ class MultimodalLlama(nn.Module):
                 if media.video_kv is not None and i in media.video_kv:  # a video block runs before the image one
                     h = self.video.cross_attn[str(i)](h, media.video_kv[i], media.video_mask, row_mask).to(h.dtype)
                 blk = self.cross_attn[str(i)] if str(i) in self.cross_attn else None
+                if blk is None:
+                    return h
+                row_kv = None if media.rows is None else blk.media_kv(media.rows)
                 # The block computes in its own dtype (fp32 adapters); the frozen LM's residual
                 # stream stays in the LM's (bf16 with AdapterModule(lm_dtype="bfloat16")).
-                return h if blk is None else blk(h, media.kv[i], media.mask, row_mask).to(h.dtype)
+                return blk(h, media.kv[i], media.mask, row_mask, row_kv).to(h.dtype)
 
         return self.lm.decode(hidden, positions=positions, key_padding_mask=key_padding_mask,
                               attn_mask=attn_mask, cache=cache, before_layer=hook)
@@ -497,6 +526,8 @@ class MultimodalLlama(nn.Module):
         ``prompt_lengths [b]``: with a prompt reader, how many leading columns of each row it
         reads (default: the whole row)."""
         prompts = None
+        if self.prompt_reader is not None and self.prompt_reader.cfg.every_row and images is not None:
+            return self.lm.logits(self.hidden_states(input_ids, self.reading_context(images, input_ids)))
         if self.prompt_reader is not None and images is not None:
             if prompt_lengths is None:
                 prompt_lengths = torch.full((len(input_ids),), input_ids.shape[1], device=input_ids.device)
@@ -508,8 +539,12 @@ class MultimodalLlama(nn.Module):
              share_prefix: bool = True, pack: bool = True) -> torch.Tensor:
         """Mean next-token cross-entropy over labeled positions (``labels [b, s]``, -100 = none).
 
-        A prompt reader reads each row up to its first labeled column: the prompt, never the answer."""
+        A prompt reader reads each row up to its first labeled column: the prompt, never the answer
+        (with ``every_row``, each row reads up to itself: causal, as the LM)."""
         prompts = None
+        if self.prompt_reader is not None and self.prompt_reader.cfg.every_row and images is not None:
+            return self.labeled_loss(input_ids, labels, self.reading_context(images, input_ids),
+                                     share_prefix=share_prefix, pack=pack)
         if self.prompt_reader is not None and images is not None:
             prompts = (input_ids, prompt_lengths(labels))
         return self.labeled_loss(input_ids, labels, self._context(images, videos, frame_mask, prompts),
@@ -549,6 +584,8 @@ class MultimodalLlama(nn.Module):
         if p:
             prefix = SharedPrefix.compute(self.lm, self.fusion_embed(input_ids[:1, :p], self.lm.embed_tokens))
         ids, labels, row_mask = input_ids[:, p:], labels[:, p:], self.media_rows(input_ids)[:, p:]
+        if media is not None and media.rows is not None:
+            media = media.with_rows(media.rows[:, p:])
         rows = None
         if pack and ids.shape[0] > 1 and self._packable:
             rows = PackedRows.from_labels(labels, multiple=self._pack_multiple(ids.device))

@@ -190,6 +190,7 @@ def test_train_adapter_keeps_stage_1s_decoder_as_the_reader_and_resumes(tiny_lm_
     assert all(torch.equal(ckpt["state_dict"]["model.prompt_reader." + k], v) for k, v in saved.items())
     assert any(k.startswith("model.prompt_projection.") for k in ckpt["state_dict"])
     assert "prompt_reader" not in ckpt["hyper_parameters"]["model"].trainable
+    assert ckpt["hyper_parameters"]["model"].prompt_reader.every_row  # the default: every row reads
 
     # the written config.yaml names the reader, and LightningCLI takes it
     import yaml
@@ -198,6 +199,7 @@ def test_train_adapter_keeps_stage_1s_decoder_as_the_reader_and_resumes(tiny_lm_
 
     reader = yaml.safe_load((out / "config.yaml").read_text())["model"]["model"]["prompt_reader"]
     assert reader["checkpoint"] == str(out / "prompt_reader.safetensors") and reader["vocab_size"] > 1
+    assert reader["every_row"] is True
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(out / "config.yaml"), "--print_config"])
     assert exit_info.value.code == 0
@@ -212,8 +214,16 @@ def test_train_adapter_keeps_stage_1s_decoder_as_the_reader_and_resumes(tiny_lm_
     assert run_module.main([*flags, "--steps", "3", "--resume"]) == 0
     resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert resumed["steps"] == 3 and resumed["encoder_pretrain"] is None
-    state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    assert all(torch.equal(state["model.prompt_reader." + k], v) for k, v in saved.items())
+    ckpt = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)
+    assert all(torch.equal(ckpt["state_dict"]["model.prompt_reader." + k], v) for k, v in saved.items())
+    assert ckpt["hyper_parameters"]["model"].prompt_reader.every_row
+
+    # --no-reader-rows on resume: stop 23's reader, one token at the prompt's end, from the same file
+    from mm_llama.training.run import EncoderPretrainConfig, RunConfig, _resumed_stage1, image_model_config
+
+    last_row = _resumed_stage1(image_model_config(RunConfig()), EncoderPretrainConfig(prompt_reader=True), out,
+                               reader_rows=False)
+    assert last_row.prompt_reader.every_row is False and "image_encoder" not in last_row.trainable
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -231,7 +241,11 @@ def test_prompt_reader_flag_is_refused_where_it_cannot_work(flags, message, caps
 def test_image_runs_read_prompts_by_default_and_other_runs_do_not():
     from mm_llama.training.run import RunConfig, image_model_config
 
-    assert RunConfig().pretrain.prompt_reader
+    from mm_llama.training.run import build_parser
+
+    assert RunConfig().pretrain.prompt_reader and RunConfig().reader_rows
+    assert build_parser().parse_args([]).reader_rows
+    assert not build_parser().parse_args(["--no-reader-rows"]).reader_rows
     assert not RunConfig(prompt_reader=False).pretrain.prompt_reader
     assert not RunConfig(encoder_pretrain_steps=0).pretrain.prompt_reader  # no stage 1: nothing to keep
     assert not RunConfig(modality="video").pretrain.prompt_reader
@@ -239,3 +253,69 @@ def test_image_runs_read_prompts_by_default_and_other_runs_do_not():
     assert image_model_config(RunConfig()).image_encoder.stem_norm == "layer"
     assert image_model_config(RunConfig(encoder="timm:vit_tiny_patch16_224")).image_encoder.stem_norm == "group"
     assert RunConfig(modality="video").spec.model_config(RunConfig(modality="video")).image_encoder.stem_norm == "group"
+
+
+# --- every_row: each text row sees the reader's state at its own row ----------------------------
+ROWS = dataclasses.replace(READER, every_row=True)
+
+
+def rows_model(gate_init: float = 0.5) -> MultimodalLlama:
+    model = MultimodalLlama(tiny_lm(), ModelConfig(TINY_ENCODER, CrossAttentionConfig(gate_init=gate_init),
+                                                   prompt_reader=ROWS))
+    with torch.no_grad():
+        model.prompt_reader.lookup.copy_(torch.arange(VOCAB + 1) % READER.vocab_size)
+    return model
+
+
+def test_every_row_reader_is_causal_and_identity_at_init():
+    model = rows_model(gate_init=0.0).eval()
+    ids, labels, images = media_batch(model)
+    with torch.no_grad():
+        tokens, _ = model.encode_images(images)
+        assert tokens.shape[1] == model.image_encoder.num_tokens  # no appended token: the rows carry the reading
+        assert torch.equal(model(ids, images), model.lm.logits(model.hidden_states(ids, None)))
+    model = rows_model().eval()
+    with torch.no_grad():
+        logits = model(ids, images)
+        changed = ids.clone()
+        changed[:, 7:] = (changed[:, 7:] + 1) % VOCAB  # later text changes no earlier row
+        later = model(changed, images)
+        rows = model.reading_context(images, ids).rows
+    assert rows.shape == (2, ids.shape[1], model.lm.cfg.dim)
+    torch.testing.assert_close(later[:, :7], logits[:, :7], rtol=0, atol=1e-5)
+    assert (later[:, 7:] - logits[:, 7:]).abs().max() > 1e-3
+    text_only = model.lm.logits(model.hidden_states(ids, None))
+    assert torch.equal(logits[:, :1], text_only[:, :1])  # the row before <|image|> sees nothing
+
+
+@pytest.mark.parametrize("share_prefix, pack", [(False, False), (True, False), (True, True)])
+def test_every_row_loss_equals_the_full_forwards_on_every_path(share_prefix, pack):
+    model = rows_model().eval()
+    ids, labels, images = media_batch(model, prompt_len=(6, 4, 5), answer=3)
+    ids[:, 0] = 5  # a shared first column: the shared-prefix path has something to skip
+    with torch.no_grad():
+        logits = model(ids, images)
+        reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        loss = model.loss(ids, labels, images, share_prefix=share_prefix, pack=pack)
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_every_row_generation_equals_greedy_over_full_forwards_batched_or_alone():
+    model = rows_model(gate_init=1.0).eval()
+    ids, _, images = media_batch(model, prompt_len=(6, 4))
+    prompts = [ids[0, :6].tolist(), ids[1, :4].tolist()]
+    with torch.no_grad():
+        together = generate(model, prompts, images, max_new_tokens=5)
+        for i, prompt in enumerate(prompts):  # the reference: a full forward per new token, no cache
+            text = list(prompt)
+            for _ in range(5):
+                text.append(int(model(torch.tensor([text]), images[i:i + 1])[0, -1].argmax()))
+            assert together[i] == text[len(prompt):]
+        alone = [generate(model, [p], images[i:i + 1], max_new_tokens=5)[0] for i, p in enumerate(prompts)]
+        uncached = generate(model, prompts, images, max_new_tokens=5, cache_media_kv=False)
+    assert together == alone == uncached
+
+
+def test_every_row_needs_cross_attention_masking_both_branches():
+    with pytest.raises(ValueError, match='every_row needs cross_attention.row_mask_mode="both"'):
+        ModelConfig(TINY_ENCODER, CrossAttentionConfig(row_mask_mode="mlp_only"), prompt_reader=ROWS)

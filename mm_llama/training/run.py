@@ -181,6 +181,9 @@ class RunConfig:
             against its image; its reading joins the media tokens (:mod:`adapters.prompt_reader`).
             ``None``: the modality's default (:attr:`Modality.prompt_reader`), or
             ``encoder_pretrain.prompt_reader`` when that is given.
+        reader_rows: with the prompt reader, every text row sees the reader's state at its own
+            row (``PromptReaderConfig.every_row``), answer rows included; ``False``: only the
+            state at the prompt's last row joins the media tokens (stop 23's reader).
     """
 
     modality: str = "image"
@@ -215,6 +218,7 @@ class RunConfig:
     task_weights: dict[str, float] | None = None
     speech_adapter_pretrain_steps: int = 200
     prompt_reader: bool | None = None
+    reader_rows: bool = True
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -564,7 +568,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if pretrain_steps and resume_from is None:
         model_cfg, stage1 = _pretrain_encoder(cfg, model_cfg, out)
     elif pretrain_steps:  # its weights come from last.ckpt
-        model_cfg = _resumed_stage1(model_cfg, cfg.pretrain, out)
+        model_cfg = _resumed_stage1(model_cfg, cfg.pretrain, out, cfg.reader_rows)
     log.info("loading the frozen LM %s", cfg.lm)
     lm_dtype = "bfloat16" if cfg.trainer_precision() == "bf16-mixed" else "float32"
     if lm_dtype == "bfloat16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
@@ -653,15 +657,16 @@ def _freeze_encoder(model_cfg: ModelConfig, stage1: dict[str, Any] | None = None
     return dataclasses.replace(model_cfg, image_encoder=encoder, video=video, trainable=trainable)
 
 
-def _with_prompt_reader(model_cfg: ModelConfig, reader: PromptReaderConfig | None) -> ModelConfig:
+def _with_prompt_reader(model_cfg: ModelConfig, reader: PromptReaderConfig | None, every_row: bool) -> ModelConfig:
     """``model_cfg`` with stage 1's decoder as its (frozen) prompt reader; ``None``: unchanged."""
     if reader is None:
         return model_cfg
+    reader = dataclasses.replace(reader, every_row=every_row)
     trainable = tuple(g for g in model_cfg.trainable if g != "prompt_reader")
     return dataclasses.replace(model_cfg, prompt_reader=reader, trainable=trainable)
 
 
-def _resumed_stage1(model_cfg: ModelConfig, pre: EncoderPretrainConfig, out: Path) -> ModelConfig:
+def _resumed_stage1(model_cfg: ModelConfig, pre: EncoderPretrainConfig, out: Path, reader_rows: bool) -> ModelConfig:
     """Stage 2's model config on ``--resume``: stage 1 does not run again, its weights are in
     ``last.ckpt``; the prompt reader's shape is read from the file stage 1 left in ``out``."""
     if pre.freeze_encoder:
@@ -671,7 +676,7 @@ def _resumed_stage1(model_cfg: ModelConfig, pre: EncoderPretrainConfig, out: Pat
     path = out / "prompt_reader.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"--resume with a prompt reader needs stage 1's {path}; it is gone")
-    return _with_prompt_reader(model_cfg, PromptReaderConfig.from_checkpoint(str(path), heads=pre.heads))
+    return _with_prompt_reader(model_cfg, PromptReaderConfig.from_checkpoint(str(path), heads=pre.heads), reader_rows)
 
 
 def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -708,11 +713,12 @@ def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tupl
     log.info("encoder pre-training: %s", stage1)
     reader = PromptReaderConfig(**stage1["prompt_reader"]) if "prompt_reader" in stage1 else None
     if pre.freeze_encoder:
-        return _with_prompt_reader(_freeze_encoder(model_cfg, stage1), reader), stage1
+        return _with_prompt_reader(_freeze_encoder(model_cfg, stage1), reader, cfg.reader_rows), stage1
     encoder_cfg = dataclasses.replace(model_cfg.image_encoder, checkpoint=stage1["checkpoint"])
     if video is not None:
         video = dataclasses.replace(video, aggregator_checkpoint=stage1["aggregator_checkpoint"])
-    return _with_prompt_reader(dataclasses.replace(model_cfg, image_encoder=encoder_cfg, video=video), reader), stage1
+    model_cfg = dataclasses.replace(model_cfg, image_encoder=encoder_cfg, video=video)
+    return _with_prompt_reader(model_cfg, reader, cfg.reader_rows), stage1
 
 
 def _pretrain_frame_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> dict[str, Any]:
@@ -853,6 +859,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-reader", action=argparse.BooleanOptionalAction, default=None,
                    help="image: keep stage 1's decoder, frozen, to read each prompt against its image; its "
                         f"reading joins the media tokens (default: {'on' if MODALITIES['image'].prompt_reader else 'off'})")
+    p.add_argument("--reader-rows", action=argparse.BooleanOptionalAction, default=RunConfig.reader_rows,
+                   help="with the prompt reader: every text row, answer rows included, sees the reader's state at "
+                        "its own row; --no-reader-rows: only the state at the prompt's end joins the media tokens "
+                        "(default: %(default)s)")
     p.add_argument("--image-checkpoint", default=None,
                    help="(video) image-stage adapter.ckpt to start from; only the video branch then trains "
                         "(default: none, the image configuration trains with the video branch)")
