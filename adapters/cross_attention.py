@@ -126,7 +126,8 @@ class GatedCrossAttention(nn.Module):
         if row_kv is not None:
             if self.row_mask_mode != "both":
                 raise ValueError('per-row media (row_kv) needs row_mask_mode="both"')
-            k, v = (torch.cat([m.expand(b, -1, -1, -1), r], dim=2) for m, r in zip(kv, row_kv))  # [b, h_kv, s_e + s, h_d]
+            # keys and values [b, h_kv, s_e + s, h_d]: the media's, then one per text row
+            k, v = (torch.cat([m.expand(b, -1, -1, -1), r], dim=2) for m, r in zip(kv, row_kv))
             own = torch.eye(s, dtype=torch.bool, device=hidden.device).expand(b, 1, s, s)  # row j sees row key j
             attn_mask = torch.cat([attn_mask.expand(b, 1, s, -1), own], dim=-1)  # [b, 1, s, s_e + s]
         attn = F.scaled_dot_product_attention(

@@ -26,10 +26,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-def _reads_rows(model: MultimodalLlama, images: torch.Tensor | TiledImages | None) -> bool:
-    return images is not None and model.prompt_reader is not None and model.prompt_reader.cfg.every_row
-
-
 class RowReader:
     """The prompt reader's per-row tokens during generation (``PromptReaderConfig.every_row``).
 
@@ -153,7 +149,7 @@ def generate(
     ids, mask = ids.to(device), mask.to(device)
     b, s = ids.shape
     media: MediaContext | None = None
-    reader = RowReader(model, prompts, images.to(device)) if _reads_rows(model, images) else None
+    reader = RowReader(model, prompts, images.to(device)) if images is not None and model.reads_every_row else None
     if reader is not None:
         tokens, media_mask = reader.tokens, reader.mask
         media = model.media_kv(tokens, media_mask)
@@ -169,7 +165,7 @@ def generate(
         if media is not None and not cache_media_kv and images is not None:
             step = model.media_kv(tokens, media_mask)
         if reader is not None:
-            step = step.with_rows(reader.prefill(s) if generated is None else reader.step(generated))
+            step = step.with_row_tokens(reader.prefill(s) if generated is None else reader.step(generated))
         return step
 
     cache = KVCache(model.lm.cfg, b, s + max_new_tokens, device=device, dtype=model.lm.embed_tokens.weight.dtype)

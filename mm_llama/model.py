@@ -147,7 +147,7 @@ class ModelConfig:
             image (:mod:`adapters.prompt_reader`); its state at the prompt's last row, projected
             (``prompt_projection``, in the ``projection`` group), is appended to the image's media
             tokens; with ``prompt_reader.every_row`` each text row instead sees the projected state
-            at its own row (:class:`MediaContext` ``rows``). ``None`` (default): the paper's model,
+            at its own row (:class:`MediaContext` ``row_tokens``). ``None`` (default): the paper's model,
             media tokens from the image alone.
     """
 
@@ -218,20 +218,20 @@ class MediaContext:
     ``kv[i]`` is ``(k, v)``, each ``[b, h_kv, s_e, h_d]``, for the block before decoder layer ``i``;
     ``mask`` is ``[b, s_e]`` bool. A video adds ``video_kv`` / ``video_mask``, the same for the
     video blocks over the aggregated tokens (``kv`` then holds every frame's tokens).
-    ``rows`` ``[b, s, d]``: per-row media aligned with the text rows it is used with (the prompt
-    reader's reading at each row, ``PromptReaderConfig.every_row``); row ``j`` sees ``rows[:, j]``
-    as one more media token of its own.
+    ``row_tokens`` ``[b, s, d]``: per-row media aligned with the text rows they are used with (the
+    prompt reader's reading at each row, ``PromptReaderConfig.every_row``); row ``j`` sees
+    ``row_tokens[:, j]`` as one more media token of its own.
     """
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
     video_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     video_mask: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
+    row_tokens: torch.Tensor | None = None
 
-    def with_rows(self, rows: torch.Tensor | None) -> MediaContext:
-        """The same media with other per-row tokens ``rows [b, s, d]`` (e.g. a slice of them)."""
-        return dataclasses.replace(self, rows=rows)
+    def with_row_tokens(self, row_tokens: torch.Tensor | None) -> MediaContext:
+        """The same media with other per-row tokens ``[b, s, d]`` (e.g. a slice of them)."""
+        return dataclasses.replace(self, row_tokens=row_tokens)
 
     def packed(self, rows: PackedRows) -> MediaContext:
         """The same media for the packed row of ``rows``: K/V ``[1, h_kv, b * s_e, h_d]`` and
@@ -242,7 +242,7 @@ class MediaContext:
             rows.media_mask(self.mask),
             {i: rows.media_kv(kv) for i, kv in self.video_kv.items()} if video else None,
             rows.media_mask(self.video_mask) if video else None,
-            None if self.rows is None else rows.pack(self.rows),
+            None if self.row_tokens is None else rows.pack(self.row_tokens),
         )
 
 
@@ -376,7 +376,7 @@ class MultimodalLlama(nn.Module):
         """
         out = self.image_encoder(images)
         tokens, mask = self.image_projection(out.tokens), out.mask
-        if self.prompt_reader is None or self.prompt_reader.cfg.every_row:
+        if self.prompt_reader is None or self.reads_every_row:
             return tokens, mask
         if prompts is None:
             raise ValueError("this model reads each prompt against its image (ModelConfig.prompt_reader): "
@@ -428,6 +428,11 @@ class MultimodalLlama(nn.Module):
         :meth:`encode_images`)."""
         return self.media_kv(*self.encode_images(images, prompts))
 
+    @property
+    def reads_every_row(self) -> bool:
+        """Whether each text row sees the prompt reader's state at its own row (``every_row``)."""
+        return self.prompt_reader is not None and self.prompt_reader.cfg.every_row
+
     def read_rows(self, ids: torch.Tensor, encoded: EncoderOutput) -> torch.Tensor:
         """The prompt reader's projected state at every row of ``ids [b, s]`` (each text from
         column 0), reading the image encoder's output ``encoded``: ``[b, s, d]``."""
@@ -438,7 +443,7 @@ class MultimodalLlama(nn.Module):
         from column 0), encoding the images once (``PromptReaderConfig.every_row``)."""
         out = self.image_encoder(images)
         context = self.media_kv(self.image_projection(out.tokens), out.mask)
-        return context.with_rows(self.read_rows(text, out))
+        return context.with_row_tokens(self.read_rows(text, out))
 
     def video_context(self, videos: torch.Tensor, frame_mask: torch.Tensor | None = None) -> MediaContext:
         """Encode clips for both kinds of blocks.
@@ -495,7 +500,7 @@ class MultimodalLlama(nn.Module):
                 blk = self.cross_attn[str(i)] if str(i) in self.cross_attn else None
                 if blk is None:
                     return h
-                row_kv = None if media.rows is None else blk.media_kv(media.rows)
+                row_kv = None if media.row_tokens is None else blk.media_kv(media.row_tokens)
                 # The block computes in its own dtype (fp32 adapters); the frozen LM's residual
                 # stream stays in the LM's (bf16 with AdapterModule(lm_dtype="bfloat16")).
                 return blk(h, media.kv[i], media.mask, row_mask, row_kv).to(h.dtype)
@@ -526,7 +531,7 @@ class MultimodalLlama(nn.Module):
         ``prompt_lengths [b]``: with a prompt reader, how many leading columns of each row it
         reads (default: the whole row)."""
         prompts = None
-        if self.prompt_reader is not None and self.prompt_reader.cfg.every_row and images is not None:
+        if self.reads_every_row and images is not None:
             return self.lm.logits(self.hidden_states(input_ids, self.reading_context(images, input_ids)))
         if self.prompt_reader is not None and images is not None:
             if prompt_lengths is None:
@@ -542,7 +547,7 @@ class MultimodalLlama(nn.Module):
         A prompt reader reads each row up to its first labeled column: the prompt, never the answer
         (with ``every_row``, each row reads up to itself: causal, as the LM)."""
         prompts = None
-        if self.prompt_reader is not None and self.prompt_reader.cfg.every_row and images is not None:
+        if self.reads_every_row and images is not None:
             return self.labeled_loss(input_ids, labels, self.reading_context(images, input_ids),
                                      share_prefix=share_prefix, pack=pack)
         if self.prompt_reader is not None and images is not None:
@@ -584,8 +589,8 @@ class MultimodalLlama(nn.Module):
         if p:
             prefix = SharedPrefix.compute(self.lm, self.fusion_embed(input_ids[:1, :p], self.lm.embed_tokens))
         ids, labels, row_mask = input_ids[:, p:], labels[:, p:], self.media_rows(input_ids)[:, p:]
-        if media is not None and media.rows is not None:
-            media = media.with_rows(media.rows[:, p:])
+        if media is not None and media.row_tokens is not None:
+            media = media.with_row_tokens(media.row_tokens[:, p:])
         rows = None
         if pack and ids.shape[0] > 1 and self._packable:
             rows = PackedRows.from_labels(labels, multiple=self._pack_multiple(ids.device))

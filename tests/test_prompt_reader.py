@@ -280,7 +280,7 @@ def test_every_row_reader_is_causal_and_identity_at_init():
         changed = ids.clone()
         changed[:, 7:] = (changed[:, 7:] + 1) % VOCAB  # later text changes no earlier row
         later = model(changed, images)
-        rows = model.reading_context(images, ids).rows
+        rows = model.reading_context(images, ids).row_tokens
     assert rows.shape == (2, ids.shape[1], model.lm.cfg.dim)
     torch.testing.assert_close(later[:, :7], logits[:, :7], rtol=0, atol=1e-5)
     assert (later[:, 7:] - logits[:, 7:]).abs().max() > 1e-3

@@ -177,8 +177,9 @@ class RunConfig:
         task_weights: stage 2's training mix: keep probability of a training sample by its
             json ``task`` (others: 1), e.g. ``{"count": 0.25}``; ``{}``: every sample. ``None``: the
             modality's default (:attr:`Modality.task_weights`). Stage 1 and evaluation read every sample.
-        prompt_reader: image only: stage 1's caption decoder stays, frozen, to read each prompt
-            against its image; its reading joins the media tokens (:mod:`adapters.prompt_reader`).
+        prompt_reader: image only: stage 1's caption decoder stays, frozen, to read the text
+            against its image; the cross-attention blocks see its reading (:mod:`adapters.prompt_reader`,
+            ``reader_rows``).
             ``None``: the modality's default (:attr:`Modality.prompt_reader`), or
             ``encoder_pretrain.prompt_reader`` when that is given.
         reader_rows: with the prompt reader, every text row sees the reader's state at its own
@@ -861,8 +862,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: " + ", ".join(f"{k} {m.encoder_pretrain_steps}" for k, m in MODALITIES.items()
                                                  if m.encoder_pretraining) + ")")
     p.add_argument("--prompt-reader", action=argparse.BooleanOptionalAction, default=None,
-                   help="image: keep stage 1's decoder, frozen, to read each prompt against its image; its "
-                        f"reading joins the media tokens (default: {'on' if MODALITIES['image'].prompt_reader else 'off'})")
+                   help="image: keep stage 1's decoder, frozen, to read the text against its image; the "
+                        "cross-attention blocks see its reading (see --reader-rows) "
+                        f"(default: {'on' if MODALITIES['image'].prompt_reader else 'off'})")
     p.add_argument("--reader-rows", action=argparse.BooleanOptionalAction, default=RunConfig.reader_rows,
                    help="with the prompt reader: every text row, answer rows included, sees the reader's state at "
                         "its own row; --no-reader-rows: only the state at the prompt's end joins the media tokens "
