@@ -5,7 +5,7 @@ Prints one JSON line (the last line of output) with ``tokens_per_s``, ``samples_
 ``torch.utils.flop_counter``) per second, over the fp32 matmul peak measured here with
 large square matmuls on the same threads.
 
-    python benchmarks/train_step.py [--batch-size 16] [--seq-len 40] [--steps 5]
+    python benchmarks/train_step.py [--batch-size 16] [--seq-len 40] [--steps 5] [--prompt-reader rows|last|none]
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from adapters.prompt_reader import PromptReaderConfig
 from mm_llama import load_language_model
 from mm_llama.model import MultimodalLlama
+from mm_llama.training.encoder_pretrain import EncoderPretrainConfig
 from mm_llama.training.optim import OptimConfig, build_optimizer
 from mm_llama.training.run import RunConfig, image_model_config
 
@@ -76,13 +78,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--train-encoder", action="store_true",
                         help="train the image encoder too (default: frozen, as in stage 2 of the default run)")
+    parser.add_argument("--prompt-reader", choices=("rows", "last", "none"), default="rows",
+                        help="stage 1's decoder as the frozen prompt reader (random weights of its shape): read at "
+                             "every row (the default run's), at the prompt's last row only, or none (the paper's model)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    default = image_model_config(RunConfig(modality="image"))  # train_adapter.py's image model
-    groups = default.trainable
+    default = image_model_config(RunConfig(modality="image"))  # train_adapter.py's image model before stage 1
+    groups = tuple(g for g in default.trainable if g != "prompt_reader")
     trainable = groups if args.train_encoder else tuple(g for g in groups if g != "image_encoder")
-    model = MultimodalLlama(load_language_model(args.lm), dataclasses.replace(default, trainable=trainable)).train()
+    reader = None
+    if args.prompt_reader != "none":  # what stage 1 hands over: its decoder's shape, a 60-word vocabulary
+        pre = EncoderPretrainConfig()
+        reader = PromptReaderConfig(vocab_size=60, lookup_size=49154, width=pre.width, depth=pre.depth,
+                                    heads=pre.heads, every_row=args.prompt_reader == "rows")
+    cfg = dataclasses.replace(default, trainable=trainable, prompt_reader=reader)
+    model = MultimodalLlama(load_language_model(args.lm), cfg).train()
     size = model.cfg.image_encoder.image_size
     b, s = args.batch_size, args.seq_len
     ids = torch.randint(0, model.lm.cfg.vocab_size, (b, s))
@@ -121,6 +132,7 @@ def main() -> None:
         "seq_len": s,
         "threads": torch.get_num_threads(),
         "trainable_params": sum(p.numel() for _, p in named),
+        "prompt_reader": args.prompt_reader,
     }
     print(json.dumps(result))
 

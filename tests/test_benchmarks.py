@@ -103,3 +103,16 @@ def test_packing_benchmark_packs_real_batches_and_matches_the_padded_loss(tiny_l
     assert out["column_fraction"] == pytest.approx(out["packed_columns"] / out["padded_columns"], abs=1e-3)
     assert out["speedup"] == pytest.approx(out["padded_step_s"] / out["packed_step_s"], rel=0.03)  # times rounded
     assert out["max_loss_diff"] < 1e-4
+
+
+def test_train_step_reports_the_default_models_step_with_and_without_the_prompt_reader(tiny_lm_dir):
+    """``train_step.py`` builds the default run's stage-2 model: the per-row prompt reader (frozen)
+    adds FLOPs but no trainable parameter besides its projection."""
+    args = ("--lm", str(tiny_lm_dir), "--batch-size", "2", "--seq-len", "20", "--steps", "1")
+    rows, none = run_json("train_step.py", *args), run_json("train_step.py", *args, "--prompt-reader", "none")
+    assert rows["prompt_reader"] == "rows" and none["prompt_reader"] == "none"
+    for out in (rows, none):
+        assert out["tokens_per_s"] > 0 and out["samples_per_s"] > 0 and out["peak_rss_mb"] > 0
+        assert 0 < out["matmul_peak_fraction"] < 1.5
+    assert rows["step_gflop"] > none["step_gflop"]
+    assert 0 < rows["trainable_params"] - none["trainable_params"] < 200_000  # the projection only
