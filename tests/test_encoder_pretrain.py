@@ -80,6 +80,23 @@ def test_the_loss_uses_response_tokens_only_and_trains_the_encoder():
     assert not torch.allclose(module.loss(other), loss.detach())
 
 
+def test_decoder_exact_match_needs_every_response_token_right_and_ignores_the_prompt():
+    torch.manual_seed(0)
+    inputs = ModelInputs(tokenizer=None, media_token_id=11, image_size=16, system_prompt="")
+    module = EncoderPretrainModule(ImageEncoder(TINY_ENCODER), inputs, torch.arange(12),
+                                   EncoderPretrainConfig(width=16, heads=2, depth=1)).eval()
+    ids = torch.tensor([[1, 11, 3, 4, 5, 6], [1, 11, 2, 7, 8, 9], [1, 11, 2, 7, 8, 9]])
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:] = ids[:, 4:]
+    batch = {"images": torch.randn(3, 3, 16, 16), "input_ids": ids, "labels": labels}
+    _, targets = module.logits_and_targets(batch)
+    perfect = torch.nn.functional.one_hot(targets.clamp(min=0), 12).float()  # the right token everywhere
+    perfect[1, 0] = torch.eye(12)[7]  # a prompt position: not scored
+    perfect[2, 4] = torch.eye(12)[3]  # the last response token: wrong
+    module.logits_and_targets = lambda b: (perfect, targets)
+    assert module.answers_right(batch).tolist() == [True, True, False]
+
+
 def test_train_adapter_pretrains_freezes_and_skips_the_stage_on_resume(tiny_lm_dir, tmp_path, capsys, monkeypatch):
     from mm_llama.training import run as run_module
 

@@ -165,8 +165,9 @@ class EncoderPretrainModule(L.LightningModule):
         self.register_buffer("lookup", lookup, persistent=False)
         self.decoder = CaptionDecoder(int(lookup.max()) + 1, encoder.out_dim, cfg.width, cfg.depth, cfg.heads)
 
-    def loss(self, batch: dict[str, Any]) -> Tensor:
-        """Mean cross-entropy over the response tokens of ``batch``."""
+    def logits_and_targets(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The decoder's logits ``[b, s-1, V]`` for the next token of every row, and the compact
+        targets ``[b, s-1]`` (-100 where unlabelled: everything but the response)."""
         if "videos" in batch:
             media = self.encoder(batch["videos"], batch["frame_mask"])
         else:
@@ -174,8 +175,20 @@ class EncoderPretrainModule(L.LightningModule):
         ids = self.lookup[batch["input_ids"].clamp(max=len(self.lookup) - 1)]  # [b, s]
         labels = batch["labels"][:, 1:]
         targets = torch.where(labels == -100, -100, self.lookup[labels.clamp(0, len(self.lookup) - 1)])
-        logits = self.decoder(ids[:, :-1], media.tokens, media.mask)  # [b, s-1, V]
+        return self.decoder(ids[:, :-1], media.tokens, media.mask), targets
+
+    def loss(self, batch: dict[str, Any]) -> Tensor:
+        """Mean cross-entropy over the response tokens of ``batch``."""
+        logits, targets = self.logits_and_targets(batch)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def answers_right(self, batch: dict[str, Any]) -> Tensor:
+        """``[b]`` bool: whether the decoder's argmax is the response's token at every labelled
+        position, reading the true response before it (teacher-forced exact match: greedy decoding
+        writes the response exactly when this holds, the stop token being labelled too)."""
+        logits, targets = self.logits_and_targets(batch)
+        return ((logits.argmax(-1) == targets) | (targets == -100)).all(1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
@@ -217,7 +230,10 @@ def pretrain_image_encoder(
     Returns:
         ``{"steps", "seconds", "loss" (mean of the last 20 steps), "checkpoint"}``, plus
         ``"aggregator_checkpoint"`` for a clip encoder and, with ``cfg.prompt_reader``,
-        ``"prompt_reader"``: the :class:`PromptReaderConfig` (as a dict) that loads the decoder.
+        ``"prompt_reader"``: the :class:`PromptReaderConfig` (as a dict) that loads the decoder,
+        and ``"decoder_exact_match"``: the decoder's teacher-forced exact match on the test split
+        (:meth:`EncoderPretrainModule.answers_right`; overall and by json ``task``), which the
+        prompt reader's model follows closely (README, "Results", stop 24).
     """
     datamodule.connect(inputs)
     datamodule.prepare_data()
@@ -265,6 +281,7 @@ def pretrain_image_encoder(
             checkpoint=save_prompt_reader(module.decoder, lookup, out / "prompt_reader.safetensors"),
         )
         saved["prompt_reader"] = dataclasses.asdict(reader)
+        saved["decoder_exact_match"] = decoder_exact_match(module, datamodule)
     tail = [loss for _, loss in history.train_loss[-20:]]
     return {
         "steps": trainer.global_step,
@@ -272,6 +289,19 @@ def pretrain_image_encoder(
         "loss": round(sum(tail) / len(tail), 4) if tail else None,
         **saved,
     }
+
+
+def decoder_exact_match(module: EncoderPretrainModule, datamodule: L.LightningDataModule) -> dict[str, float]:
+    """The stage-1 decoder's teacher-forced exact match on ``datamodule``'s test split:
+    ``{"all": ..., "<task>": ...}`` (tasks from each sample's json ``task``)."""
+    datamodule.setup("test")
+    module.eval()
+    right: dict[str, list[bool]] = {}
+    for batch in datamodule.test_dataloader():
+        for ok, meta in zip(module.answers_right(batch).tolist(), batch["meta"]):
+            right.setdefault("all", []).append(ok)
+            right.setdefault(str(meta.get("task", "?")), []).append(ok)
+    return {k: round(sum(v) / len(v), 4) for k, v in right.items()}
 
 
 def _save(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> str:
