@@ -70,6 +70,6 @@ def generate_from_speech(
         seen_media = row_mask[:, -1:]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     return decode_loop(model, hidden, cache=cache, key_padding_mask=mask, positions=positions,
-                       seen_media=seen_media, media_for_step=lambda: media, max_new_tokens=max_new_tokens,
+                       seen_media=seen_media, media_for_step=lambda generated: media, max_new_tokens=max_new_tokens,
                        stop_ids=stop_ids, pad_id=pad_id, generator=generator, temperature=temperature, top_p=top_p,
                        on_token=on_token)
