@@ -228,6 +228,20 @@ def test_train_adapter_keeps_stage_1s_decoder_as_the_reader_and_resumes(tiny_lm_
     assert last_row.prompt_reader.every_row is False and "image_encoder" not in last_row.trainable
 
 
+def test_per_row_reader_trains_and_answers_under_bf16_mixed(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """``--precision auto`` is bf16-mixed for images on a CPU with native bf16 (and on GPUs): the
+    per-row reading must run there too, in training, validation and test generation."""
+    from mm_llama.training import run as run_module
+
+    out, flags = two_stage_image_run(tiny_lm_dir, tmp_path, monkeypatch, TINY_ENCODER)
+    assert run_module.main([*flags, "--prompt-reader", "--steps", "2", "--precision", "bf16-mixed"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["precision"] == "bf16-mixed" and metrics["steps"] == 2
+    assert 0 <= metrics["exact_match"] <= 1 and metrics["test_samples"] > 0
+    model = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]["model"]
+    assert model.prompt_reader.every_row
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--modality", "speech", "--prompt-reader"], "is for images"),
     (["--prompt-reader", "--encoder-pretrain-steps", "0"], "needs --encoder-pretrain-steps > 0"),
