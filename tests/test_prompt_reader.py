@@ -335,3 +335,13 @@ def test_every_row_generation_equals_greedy_over_full_forwards_batched_or_alone(
 def test_every_row_needs_cross_attention_masking_both_branches():
     with pytest.raises(ValueError, match='every_row needs cross_attention.row_mask_mode="both"'):
         ModelConfig(TINY_ENCODER, CrossAttentionConfig(row_mask_mode="mlp_only"), prompt_reader=ROWS)
+
+
+def test_every_row_generation_runs_past_the_readers_positions():
+    """Answers longer than the decoder's ``max_len`` (32 here) keep going: later rows are read over
+    the last ``max_len`` ids."""
+    model = rows_model(gate_init=1.0).eval()
+    ids, _, images = media_batch(model, prompt_len=(6, 4))
+    with torch.no_grad():
+        out = generate(model, [ids[0, :6].tolist(), ids[1, :4].tolist()], images, max_new_tokens=40)
+    assert [len(o) for o in out] == [40, 40]
