@@ -95,7 +95,7 @@ class PromptReaderConfig:
     every_row: bool = False
 
     @classmethod
-    def from_checkpoint(cls, path: str, heads: int, every_row: bool = False) -> PromptReaderConfig:
+    def from_checkpoint(cls, path: str, heads: int) -> PromptReaderConfig:
         """The config of the reader saved at ``path`` (the shapes are read from the file; ``heads``
         cannot be, it is stage 1's ``EncoderPretrainConfig.heads``)."""
         with safetensors.safe_open(path, framework="pt") as f:
@@ -103,7 +103,7 @@ class PromptReaderConfig:
         depth = len({k.split(".")[3] for k in shape if k.startswith("decoder.blocks.layers.")})
         vocab_size, width = shape["decoder.embed.weight"]
         return cls(vocab_size=vocab_size, lookup_size=shape["lookup"][0], width=width, depth=depth, heads=heads,
-                   max_len=shape["decoder.position"][0], checkpoint=path, every_row=every_row)
+                   max_len=shape["decoder.position"][0], checkpoint=path)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "lookup_size", "width", "depth", "heads", "max_len"):
@@ -143,9 +143,7 @@ class PromptReader(nn.Module):
         """
         if bool((lengths < 1).any()) or bool((lengths > ids.shape[1]).any()):
             raise ValueError(f"prompt lengths must be in 1..{ids.shape[1]}, got {lengths.tolist()}")
-        s = int(lengths.max())
-        compact = self.lookup[ids[:, :s].clamp(0, len(self.lookup) - 1)]  # [b, s]; unknown and media ids -> UNK
-        states = self.decoder.states(compact, media, media_mask)  # [b, s, w]
+        states = self.rows(ids[:, :int(lengths.max())], media, media_mask)  # [b, s, w]
         return states[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1]
 
     def rows(self, ids: Tensor, media: Tensor, media_mask: Tensor) -> Tensor:
@@ -156,7 +154,7 @@ class PromptReader(nn.Module):
                 but changes no earlier row).
             media: ``[b, s_e, d_e]`` the image encoder's tokens; ``media_mask`` ``[b, s_e]``.
         """
-        compact = self.lookup[ids.clamp(0, len(self.lookup) - 1)]  # [b, s]
+        compact = self.lookup[ids.clamp(0, len(self.lookup) - 1)]  # [b, s]; unknown and media ids -> UNK
         return self.decoder.states(compact, media, media_mask)
 
 
