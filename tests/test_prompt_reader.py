@@ -184,6 +184,7 @@ def test_train_adapter_keeps_stage_1s_decoder_as_the_reader_and_resumes(tiny_lm_
     assert run_module.main([*flags, "--steps", "2"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["encoder_pretrain"]["prompt_reader"]["checkpoint"] == str(out / "prompt_reader.safetensors")
+    assert metrics["encoder_pretrain"]["prompt_reader"]["every_row"] is True  # what the model reads with
     scores = metrics["encoder_pretrain"]["decoder_exact_match"]  # stage 1's decoder alone, on the test split
     assert 0 <= scores["all"] <= 1 and {"caption", "colour", "count", "where"} >= set(scores) - {"all"}
 
