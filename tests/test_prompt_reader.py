@@ -261,6 +261,7 @@ def test_image_runs_read_prompts_by_default_and_other_runs_do_not():
     from mm_llama.training.run import build_parser
 
     assert RunConfig().pretrain.prompt_reader and RunConfig().reader_rows
+    assert (RunConfig().pretrain.steps, RunConfig().steps) == (1000, 150)  # the schedule measured (README)
     assert build_parser().parse_args([]).reader_rows
     assert not build_parser().parse_args(["--no-reader-rows"]).reader_rows
     assert not RunConfig(prompt_reader=False).pretrain.prompt_reader
