@@ -716,11 +716,10 @@ def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tupl
                                     trainer_defaults=cfg.trainer_defaults(), progress=cfg.progress)
     if frames_stage is not None:
         stage1 = {**stage1, "seconds": stage1["seconds"] + frames_stage["seconds"], "frame_pretrain": frames_stage}
-    reader = None
     if "prompt_reader" in stage1:  # report the reading the model will use, not stage 1's default
-        reader = dataclasses.replace(PromptReaderConfig(**stage1["prompt_reader"]), every_row=cfg.reader_rows)
-        stage1 = {**stage1, "prompt_reader": dataclasses.asdict(reader)}
+        stage1 = {**stage1, "prompt_reader": {**stage1["prompt_reader"], "every_row": cfg.reader_rows}}
     log.info("encoder pre-training: %s", stage1)
+    reader = PromptReaderConfig(**stage1["prompt_reader"]) if "prompt_reader" in stage1 else None
     if pre.freeze_encoder:
         return _with_prompt_reader(_freeze_encoder(model_cfg, stage1), reader, cfg.reader_rows), stage1
     encoder_cfg = dataclasses.replace(model_cfg.image_encoder, checkpoint=stage1["checkpoint"])
