@@ -26,7 +26,9 @@ class FusionEmbedding(nn.Module):
         """``ids [b, s]`` → ``[b, s, d]``; ``base`` is the frozen LM's embedding."""
         is_new = ids >= self.base_vocab
         out = base(ids.clamp(max=self.base_vocab - 1))  # [b, s, d]
-        if is_new.any():
+        # The test reads a device value on the host, which a CUDA graph under capture cannot
+        # (mm_llama.generation.StaticStep); there both branches run.
+        if (ids.is_cuda and torch.cuda.is_current_stream_capturing()) or is_new.any():
             new = self.new((ids - self.base_vocab).clamp(min=0))  # [b, s, d]
             out = torch.where(is_new[..., None], new.to(out.dtype), out)
         return out

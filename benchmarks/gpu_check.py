@@ -13,6 +13,10 @@ the same, the accuracy is meaningless. Prints one JSON line.
   device (``mfu_vs_spec``: over ``--peak-tflops``, the data-sheet dense bf16 figure);
 * ``--llama3-8b``: the same rows for Llama 3.1 8B's shape with the paper's ViT-H/14
   (``configs/fsdp_llama3_8b.yaml``'s model), random, built in place on the GPU (no run);
+* ``generate``: greedy decoding of the same model (bf16 autocast, 64 new tokens, batch 1 and
+  8), eager with a growing KV cache against :class:`mm_llama.generation.StaticStep` (one CUDA
+  graph replayed per token): tokens/s after the first token and end to end (encoding, prefill
+  and the graph's capture included), and whether both gave the same tokens;
 * ``--profile F``: a ``torch.profiler`` table of three eager steps (top ops by GPU and by host
   time) in ``F.b<batch>.txt``;
 * ``run``: :func:`mm_llama.training.run.run` with the default recipe (both stages, default
@@ -129,6 +133,43 @@ def step_throughput(lm: str | None, batch: int, seq: int, compiled: bool, peak: 
             "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20), "loss_finite": bool(torch.isfinite(loss))}
 
 
+def generate_throughput(lm: str, batch: int, new_tokens: int = 64, repeats: int = 3) -> dict:
+    """Decode tokens/s of :func:`mm_llama.generation.generate`, eager against CUDA-graph steps."""
+    from mm_llama.generation import generate
+
+    torch.manual_seed(0)
+    model = build_model(lm).eval()
+    img = model.media_token_id("image")
+    prompts = [[1, 2, img] + torch.randint(10, 300, (24,)).tolist() for _ in range(batch)]
+    size = model.cfg.image_encoder.image_size
+    images = torch.randn(batch, 3, size, size, device="cuda")
+    row: dict = {"batch": batch, "new_tokens": new_tokens}
+    tokens = {}
+    for name, static in (("eager", False), ("cuda_graph", True)):
+        decode, e2e = [], []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            stamps: list[float] = []
+
+            def stamp(_ids: torch.Tensor) -> None:
+                torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                tokens[name] = generate(model, prompts, images, max_new_tokens=new_tokens, on_token=stamp,
+                                        stop_early=False, static_cache=static)
+            torch.cuda.synchronize()
+            decode.append(batch * (new_tokens - 1) / (stamps[-1] - stamps[0]))
+            e2e.append(batch * new_tokens / (time.perf_counter() - start))
+        row[f"{name}_decode_tok_s"] = round(sorted(decode[1:])[len(decode[1:]) // 2], 1)
+        row[f"{name}_e2e_tok_s"] = round(sorted(e2e[1:])[len(e2e[1:]) // 2], 1)
+    row["graph_decode_speedup"] = round(row["cuda_graph_decode_tok_s"] / row["eager_decode_tok_s"], 2)
+    row["graph_e2e_speedup"] = round(row["cuda_graph_e2e_tok_s"] / row["eager_e2e_tok_s"], 2)
+    row["same_tokens"] = tokens["eager"] == tokens["cuda_graph"]
+    return row
+
+
 def write_profile(step, path: Path, steps: int = 3) -> None:
     """``torch.profiler`` over ``steps`` training steps: where the GPU's time goes, and the host's."""
     from torch.profiler import ProfilerActivity, profile
@@ -155,6 +196,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="data-sheet dense bf16 peak (H100 SXM)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled throughput rows")
     parser.add_argument("--no-run", action="store_true", help="skip the default image run")
+    parser.add_argument("--generate-batches", type=int, nargs="*", default=[1, 8],
+                        help="generation batch sizes (eager vs CUDA graph); none: skip")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "no CUDA device"
     out = Path(args.out)
@@ -178,6 +221,15 @@ def main() -> None:
                 torch.cuda.empty_cache()
             print(json.dumps(row), flush=True)
             result["throughput"].append(row)
+    if not args.llama3_8b:
+        result["generate"] = []
+        for b in args.generate_batches:
+            try:
+                row = generate_throughput(lm, b)
+            except Exception as err:  # as above
+                row = {"batch": b, "error": f"{type(err).__name__}: {err}"[:500]}
+            print(json.dumps(row), flush=True)
+            result["generate"].append(row)
     if not (args.no_run or args.llama3_8b):
         start = time.perf_counter()
         metrics = run(RunConfig(lm=lm, out=str(out / "run"), data_dir=str(out / "shapes"), num_workers=6,

@@ -37,7 +37,10 @@ load from elsewhere on a shared machine falls on both alike:
   or bf16 with ``--precision bf16-mixed``: on a GPU this is the model FLOPs utilisation, MFU);
 * generation: greedy, the same prompt, exactly ``--new-tokens`` tokens (no early stop), KV
   cache on in both (HF's ``generate`` caches the cross-attention K/V of the image in its
-  cache; ours computes them once per request). ``decode_tokens_per_s`` is
+  cache; ours computes them once per request). On CUDA ours decodes with its default, one
+  CUDA graph replayed per token (:class:`mm_llama.generation.StaticStep`); HF with its default,
+  eager steps over a dynamic cache (its static cache and ``torch.compile`` are not measured
+  here). ``decode_tokens_per_s`` is
   ``b * (n - 1) / (t_last_token - t_first_token)``, ``e2e_tokens_per_s`` is ``b * n`` over the
   whole call (image encoding and prefill included); medians over ``--repeats``.
 

@@ -30,6 +30,11 @@ class KVCache:
 
     Each layer holds ``k, v [b, h_kv, max_len, h_d]``; ``length`` is how many
     positions are filled. Call :meth:`advance` once per forward, after all layers.
+
+    With ``offset`` set (a device-side ``[1]`` long tensor, :class:`mm_llama.generation.StaticStep`)
+    the cache has static shapes: a one-token update writes at ``offset`` and returns the whole
+    buffers, and the caller masks the positions not yet written and moves ``offset`` on. No host
+    value changes between steps, so the step can be captured as a CUDA graph.
     """
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32) -> None:
@@ -38,9 +43,17 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.max_len = max_len
         self.length = 0
+        self.offset: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k, v [b, h_kv, s, h_d]`` at the current offset; return the filled prefix."""
+        """Write ``k, v [b, h_kv, s, h_d]`` at the current offset; return the filled prefix
+        (with ``offset`` set: ``s == 1``, and the whole ``[b, h_kv, max_len, h_d]`` buffers)."""
+        if self.offset is not None:
+            if k.shape[2] != 1:
+                raise ValueError(f"a static-shape cache takes one position a step, got {k.shape[2]}")
+            self.k[layer].index_copy_(2, self.offset, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, self.offset, v.to(self.v[layer].dtype))
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")

@@ -131,3 +131,55 @@ def test_bad_settings_are_rejected_with_their_name(model, bad):
 def test_prompt_and_image_counts_must_agree(model):
     with pytest.raises(ValueError, match="2 prompts but 1 images"):
         generate(model, [[1, 2], [3]], torch.randn(1, 3, 16, 16))
+
+
+def test_static_shape_decoding_gives_the_same_tokens_and_logits(model):
+    """The step CUDA graphs replay (whole-cache attention under a growing key mask, writes at a
+    device-side offset), run eagerly on CPU: same tokens and logits as the growing cache, with
+    left padding, media, a stop token and the text-only path."""
+    img = model.media_token_id("image")
+    prompts = [[5, img, 7, 8, 9, 10], [img, 3, 4]]
+    images = torch.randn(2, 3, 16, 16)
+    ids_plain, logits_plain = cached(model, prompts, images, 7, static_cache=False)
+    ids_static, logits_static = cached(model, prompts, images, 7, static_cache=True)
+    assert ids_static == ids_plain
+    assert_logits_close(logits_static, logits_plain, "static vs growing cache:")
+    stop = ids_plain[0][3]
+    assert (generate(model, prompts, images, max_new_tokens=7, stop_ids=[stop], static_cache=True)
+            == generate(model, prompts, images, max_new_tokens=7, stop_ids=[stop], static_cache=False))
+    text_plain, text_logits_plain = cached(model, [[1, 2, 3], [4, 5]], None, 5, static_cache=False)
+    text_static, text_logits_static = cached(model, [[1, 2, 3], [4, 5]], None, 5, static_cache=True)
+    assert text_static == text_plain
+    assert_logits_close(text_logits_static, text_logits_plain, "text only:")
+
+
+def test_static_shape_decoding_is_off_by_default_on_cpu_and_refuses_changing_media(model):
+    from mm_llama.generation import use_static_step
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_static_step(None, cpu, every_row=False, cache_media_kv=True)
+    assert use_static_step(None, cuda, every_row=False, cache_media_kv=True)
+    assert not use_static_step(None, cuda, every_row=True, cache_media_kv=True)  # media change per token
+    with pytest.raises(ValueError, match="static_cache=True needs media K/V that stay fixed"):
+        generate(model, [[model.media_token_id("image"), 3]], torch.randn(1, 3, 16, 16), max_new_tokens=2,
+                 cache_media_kv=False, static_cache=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decoding_equals_eager_decoding_on_cuda(model):
+    """On a GPU (benchmarks/gpu_check.py runs this file there): the captured graph's tokens and
+    logits equal the eager growing-cache decode's, in fp32 and under bf16 autocast."""
+    import copy
+
+    gpu = copy.deepcopy(model).cuda()
+    img = gpu.media_token_id("image")
+    prompts = [[5, img, 7, 8, 9, 10], [img, 3, 4]]
+    images = torch.randn(2, 3, 16, 16, device="cuda")
+    ids_eager, logits_eager = cached(gpu, prompts, images, 9, static_cache=False)
+    ids_graph, logits_graph = cached(gpu, prompts, images, 9)  # the default on CUDA
+    assert ids_graph == ids_eager
+    assert_logits_close(logits_graph.cpu(), logits_eager.cpu(), "CUDA graph vs eager:")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16_eager = generate(gpu, prompts, images, max_new_tokens=9, static_cache=False)
+        bf16_graph = generate(gpu, prompts, images, max_new_tokens=9)
+    assert bf16_graph == bf16_eager
