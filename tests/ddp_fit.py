@@ -13,7 +13,8 @@ rank's step-``k`` samples (the global batch, read back from the same shards by k
 
 Each rank writes ``rank<r>.json`` into ``--out`` (the shards it opened, the sample keys and loss of every
 step, its step count); ``init.pt`` holds the trainable weights before training and ``final.ckpt`` is the
-checkpoint saved after it (through the strategy: under FSDP, gathered from the shards). It is a script
+checkpoint saved after it (through the strategy: under FSDP, gathered from the shards; the FSDP units it
+gathered go to ``gathered_units.json``). It is a script
 and not a pytest-run function so that pytest itself is never forked.
 """
 
@@ -77,6 +78,8 @@ def make_module(args: argparse.Namespace, steps: int) -> AdapterModule:
 def fit_and_save(trainer: L.Trainer, module: AdapterModule, out: Path, **fit_kwargs: Any) -> None:
     trainer.fit(module, **fit_kwargs)
     trainer.save_checkpoint(out / "final.ckpt")  # every rank takes part (FSDP gathers the shards)
+    if isinstance(trainer.strategy, AdapterFSDPStrategy) and trainer.global_rank == 0:
+        (out / "gathered_units.json").write_text(json.dumps(trainer.strategy.gathered_units))
 
 
 def make_trainer(out: Path, record: RecordSteps, validate: bool = False, **kwargs: Any) -> L.Trainer:

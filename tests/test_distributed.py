@@ -168,6 +168,10 @@ def test_fsdp_trains_what_ddp_trains_and_saves_whole_trainable_weights(runs):
     assert all(sharded[k].shape == init[k].shape for k in init)  # gathered, not 1-D shards
     diff = max((sharded[k].float() - replicated[k].float()).abs().max().item() for k in init)
     assert diff <= WEIGHT_ATOL, f"FSDP and DDP differ by {diff:.2e} (> {WEIGHT_ATOL})"
+    # Saving gathered the units that hold those weights, and none of the frozen LM's.
+    gathered = json.loads((runs["fsdp"] / "gathered_units.json").read_text())
+    assert any(".cross_attn." in name for name in gathered) and "model.image_encoder" in gathered
+    assert not [name for name in gathered if name == "" or name.startswith("model.lm.")], gathered
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

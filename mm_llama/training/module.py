@@ -238,13 +238,16 @@ class AdapterModule(L.LightningModule):
         self._finish("test")
 
     # --- checkpoints ---------------------------------------------------------------------
+    def keeps_in_checkpoint(self, name: str) -> bool:
+        """Whether the state-dict entry ``name`` (``model.…``) goes into a checkpoint: what
+        :meth:`MultimodalLlama.trainable_state_dict` holds, never the frozen LM. Under FSDP,
+        :class:`~mm_llama.training.scale.AdapterFSDPStrategy` gathers only the units holding such entries."""
+        return name.startswith("model.") and self.model.group_of(name.removeprefix("model.")) is not None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Filter the state Lightning gathered (under FSDP: the full state, assembled by the strategy)
+        # Filter the state Lightning gathered (under FSDP: already only these entries, from the strategy)
         # to what MultimodalLlama.trainable_state_dict holds, rather than asking the (wrapped) model again.
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items()
-            if k.startswith("model.") and self.model.group_of(k.removeprefix("model.")) is not None
-        }
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.keeps_in_checkpoint(k)}
         checkpoint["lm_identity"] = self.lm_identity
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

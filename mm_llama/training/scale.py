@@ -24,6 +24,9 @@ Lightning's :class:`~lightning.pytorch.strategies.FSDPStrategy` with what this m
   keep fp32 master weights; bf16 compute comes from ``precision: bf16-mixed`` (autocast). Buffers
   stay as they are (Lightning's default FSDP mixed precision would cast the RoPE frequencies to
   bf16), and gradients are reduced in fp32.
+* **Checkpoints** hold only what trains. Saving gathers, one unit at a time onto rank 0's CPU,
+  only the units that own a kept tensor (:meth:`AdapterFSDPStrategy.lightning_module_state_dict`):
+  the frozen LM, most of a 70B model's 141 GB, is never gathered.
 * **Gradient clipping** by norm goes through the FSDP root (:func:`clip_grad_norm`), which takes the
   norm over all shards; Lightning's FSDP precision plugin refuses norm clipping otherwise.
 * **Validation.** Every forward gathers weights from all ranks together, so all ranks must run the
@@ -37,6 +40,7 @@ The same blocks are what :func:`compile_blocks_` compiles (``AdapterModule(compi
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -179,21 +183,54 @@ class AdapterFSDPStrategy(FSDPStrategy):
         return wrapped
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The weights a checkpoint holds, whole (on rank 0 when sharded).
+        """The weights a checkpoint holds, whole (on rank 0 when sharded; every rank must call it).
+
+        The LightningModule's ``keeps_in_checkpoint(name) -> bool`` (as
+        :class:`~mm_llama.training.module.AdapterModule` has) names what a checkpoint keeps. Only the
+        FSDP units owning such a parameter are gathered, one at a time, onto rank 0's CPU
+        (``summon_full_params(unit, recurse=False, rank0_only=True, offload_to_cpu=True)``), in the
+        same order on every rank; buffers are never sharded and are read as they are. Lightning's
+        full state dict would gather every unit, the frozen LM too (141 GB for Llama 3.1 70B), and
+        then keep the adapters. ``gathered_units`` records the units the last call gathered.
+        Without ``keeps_in_checkpoint``, Lightning's full state dict is returned.
 
         On one process FSDP runs ``NO_SHARD``, and its full-state-dict hook then fails on the root
         unit ("FSDP assumes model.lm.embed_tokens.weight is in the state_dict", torch 2.11 to
         2.14; seen on a 1-GPU machine with ``configs/fsdp_llama3_8b.yaml``). Nothing is sharded
-        then, so the parameters and buffers are read directly, under their plain names.
+        then (nor with ``NO_SHARD`` on several), so the kept tensors are read as they are.
         """
-        if self.world_size > 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+
+        keeps = getattr(self.lightning_module, "keeps_in_checkpoint", None)
+        if keeps is None:
             return super().lightning_module_state_dict()
+
         def plain(name: str) -> str:
             return name.replace(f"{FSDP_WRAPPED_MODULE}.", "").replace(_CHECKPOINT_PREFIX, "")
 
-        # (The root unit's frozen LM tensors are not among them between steps; no checkpoint keeps those.)
-        named = [*self.model.named_parameters(), *self.model.named_buffers()]
-        return {plain(name): t.detach() for name, t in named}
+        names = {id(p): plain(n) for n, p in self.model.named_parameters()}
+        state: dict[str, Any] = {}
+        self.gathered_units: list[str] = []
+        for unit_name, unit in self.model.named_modules():
+            if not isinstance(unit, FSDP):
+                continue
+            nested = {id(p) for inner in FSDP.fsdp_modules(unit) if inner is not unit for p in inner.parameters()}
+            own = [p for p in unit.parameters() if id(p) not in nested and keeps(names[id(p)])]
+            if not own:
+                continue
+            self.gathered_units.append(plain(unit_name))
+            whole = unit.sharding_strategy == ShardingStrategy.NO_SHARD  # nothing to gather (nor supported)
+            with nullcontext() if whole else FSDP.summon_full_params(
+                    unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=True):
+                if self.global_rank == 0:
+                    state.update((names[id(p)], p.detach().clone()) for p in own)
+        if self.global_rank == 0:
+            for module_name, module in self.model.named_modules():
+                for buffer_name, buffer in module.named_buffers(recurse=False):
+                    name = plain(f"{module_name}.{buffer_name}" if module_name else buffer_name)
+                    if buffer_name not in module._non_persistent_buffers_set and keeps(name):
+                        state[name] = buffer.detach().clone()
+        return state
 
 
 def is_sharded(trainer: L.Trainer | None) -> bool:
