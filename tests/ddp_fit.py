@@ -4,6 +4,7 @@ Two modes::
 
     python tests/ddp_fit.py parallel --lm DIR --shards URLS --out DIR --devices 2 --batch-size 2 --epoch-length 16
     python tests/ddp_fit.py parallel --strategy fsdp --lm-dtype bfloat16 ...
+    python tests/ddp_fit.py parallel --strategy fsdp --epochs 2 --stop-after 1 ... / --resume-from CKPT ...
     python tests/ddp_fit.py reference --lm DIR --shards URLS --out DIR --ranks-from PARALLEL_OUT
 
 ``parallel`` trains through :class:`ImageDataModule` with Lightning's DDP strategy, or with
@@ -82,10 +83,11 @@ def fit_and_save(trainer: L.Trainer, module: AdapterModule, out: Path, **fit_kwa
         (out / "gathered_units.json").write_text(json.dumps(trainer.strategy.gathered_units))
 
 
-def make_trainer(out: Path, record: RecordSteps, validate: bool = False, **kwargs: Any) -> L.Trainer:
-    """A CPU trainer for one epoch; ``validate``: one validation at the epoch's end (generation included)."""
+def make_trainer(out: Path, record: RecordSteps, validate: bool = False, max_epochs: int = 1,
+                 **kwargs: Any) -> L.Trainer:
+    """A CPU trainer for ``max_epochs``; ``validate``: one validation at the epoch's end (generation included)."""
     return L.Trainer(
-        accelerator="cpu", max_epochs=1, gradient_clip_val=1.0, limit_val_batches=VAL_BATCHES if validate else 0,
+        accelerator="cpu", max_epochs=max_epochs, gradient_clip_val=1.0, limit_val_batches=VAL_BATCHES if validate else 0,
         num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(out), callbacks=[record], **kwargs,
@@ -97,7 +99,7 @@ def run_parallel(args: argparse.Namespace) -> None:
                                  batch_size=args.batch_size, num_workers=0, shuffle_buffer=4,
                                  epoch_length=args.epoch_length)
     # Steps per rank follow from epoch_length; the schedule length only shapes the cosine decay.
-    module = make_module(args, steps=args.epoch_length // (args.batch_size * args.devices))
+    module = make_module(args, steps=args.epochs * args.epoch_length // (args.batch_size * args.devices))
     record = RecordSteps(args.out)
     # A hang (ranks with different step counts) fails after the timeout instead of after 30 minutes.
     timeout = timedelta(seconds=args.timeout)
@@ -105,8 +107,9 @@ def run_parallel(args: argparse.Namespace) -> None:
         strategy = DDPStrategy(process_group_backend="gloo", timeout=timeout)
     else:
         strategy = AdapterFSDPStrategy(process_group_backend="gloo", timeout=timeout)
-    trainer = make_trainer(args.out, record, validate=args.validate, strategy=strategy, devices=args.devices)
-    fit_and_save(trainer, module, args.out, datamodule=datamodule)
+    trainer = make_trainer(args.out, record, validate=args.validate, strategy=strategy, devices=args.devices,
+                           max_epochs=args.stop_after or args.epochs)
+    fit_and_save(trainer, module, args.out, datamodule=datamodule, ckpt_path=args.resume_from)
 
 
 def run_reference(args: argparse.Namespace) -> None:
@@ -140,6 +143,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--epoch-length", type=int, default=16)
     parser.add_argument("--ranks-from", type=Path)
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of the run (the LR schedule's length)")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (a 'crash')")
+    parser.add_argument("--resume-from", default=None, help="checkpoint to resume the run from (parallel mode)")
     parser.add_argument("--validate", action="store_true", help="validate at the end of the epoch (parallel mode)")
     parser.add_argument("--timeout", type=int, default=120, help="process-group timeout in seconds")
     args = parser.parse_args()

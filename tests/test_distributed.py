@@ -6,7 +6,8 @@ although the shards hold different numbers of samples (``epoch_length``; unequal
 hang DDP, DESIGN §9), and that it trains exactly what one process trains on the same global
 batches (``tests/ddp_fit.py reference``). The same run sharded with
 :class:`~mm_llama.training.scale.AdapterFSDPStrategy` (FSDP runs on CPU over gloo too) must train
-what DDP trains, and save a checkpoint of the full, unsharded trainable weights only.
+what DDP trains, and save a checkpoint of the full, unsharded trainable weights only; an FSDP run
+stopped after an epoch and resumed from that checkpoint must continue exactly as if it had not stopped.
 
 Why the two runs may be compared at all: DDP averages the ranks' gradients, each the gradient of
 a mean over that rank's labelled tokens, while one process takes the mean over all labelled tokens
@@ -201,3 +202,32 @@ def test_fsdp_on_one_process_saves_what_one_process_trains(tiny_lm_dir, tmp_path
     diff = max((sharded[k].float() - plain[k].float()).abs().max().item() for k in init)
     assert moved > 1e-3, f"training barely moved the weights (max change {moved:.2e}): the comparison is void"
     assert diff <= WEIGHT_ATOL, f"one-process FSDP and DDP differ by {diff:.2e} (> {WEIGHT_ATOL})"
+
+
+def test_fsdp_run_resumed_from_its_checkpoint_continues_exactly(tiny_lm_dir, tmp_path):
+    """Two FSDP ranks train two epochs; the same run stopped after one ("crashed") and resumed from
+    its checkpoint takes the same steps on the same samples with the same losses and ends with the
+    same weights, within 1e-5.
+
+    Two faults were behind this: Lightning's loading of a one-file checkpoint under FSDP refused the
+    frozen dataclasses in the hyper-parameters, and FSDP on a CPU saved every AdamW state as
+    ``exp_avg_sq`` (``AdapterFSDPStrategy.optimizer_state``): the resumed run then diverged from its
+    second step (losses 10.5 against 9.4)."""
+    shards = write_equal_label_shards(tmp_path, tiny_lm_dir)
+    common = ["parallel", "--lm", str(tiny_lm_dir), "--shards", "::".join(map(str, shards)), "--devices", str(WORLD),
+              "--batch-size", str(BATCH), "--epoch-length", str(EPOCH_LENGTH), "--strategy", "fsdp", "--epochs", "2"]
+    run_scripts([*common, "--out", str(tmp_path / "whole")], [*common, "--stop-after", "1", "--out", str(tmp_path / "first")])
+    run_scripts([*common, "--resume-from", str(tmp_path / "first" / "final.ckpt"), "--out", str(tmp_path / "resumed")])
+    whole, first, resumed = ranks(tmp_path / "whole"), ranks(tmp_path / "first"), ranks(tmp_path / "resumed")
+    for w, f, r in zip(whole, first, resumed):
+        n = len(f["steps"])
+        assert n and len(w["steps"]) == 2 * n and r["global_step"] == w["global_step"] == 2 * n
+        assert [s["keys"] for s in r["steps"]] == [s["keys"] for s in w["steps"][n:]]
+        torch.testing.assert_close(torch.tensor([s["loss"] for s in r["steps"]]),
+                                   torch.tensor([s["loss"] for s in w["steps"][n:]]), rtol=0, atol=1e-5)
+    state = torch.load(tmp_path / "first" / "final.ckpt", map_location="cpu", weights_only=False)["optimizer_states"][0]
+    assert not any(torch.equal(s["exp_avg"], s["exp_avg_sq"]) for s in state["state"].values())
+    after, reference = final_weights(tmp_path / "resumed"), final_weights(tmp_path / "whole")
+    moved = max((reference[k] - v).abs().max().item() for k, v in final_weights(tmp_path / "first").items())
+    assert moved > 1e-3, "the second epoch barely moved the weights: the comparison is void"
+    assert max((after[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5

@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextlib import nullcontext
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -231,6 +232,70 @@ class AdapterFSDPStrategy(FSDPStrategy):
                     if buffer_name not in module._non_persistent_buffers_set and keeps(name):
                         state[name] = buffer.detach().clone()
         return state
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The full optimizer state (on rank 0), as Lightning's, but never "offloaded" on a CPU.
+
+        FSDP (torch 2.14) gathers the states of a parameter one after the other into one reused
+        buffer and takes each out with ``.cpu()`` when offloading: on a CPU that is the buffer
+        itself, so every state came out as the last one gathered (``exp_avg`` equal to
+        ``exp_avg_sq``), and a run resumed under FSDP on CPU diverged from the uninterrupted one
+        after its first step. Without offloading FSDP clones each state. On a GPU ``.cpu()``
+        copies, and Lightning's way is kept.
+        """
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig,
+                                            FullyShardedDataParallel as FSDP, OptimStateKeyType, StateDictType)
+
+        if self._state_dict_type != "full" or self.root_device.type != "cpu":
+            return super().optimizer_state(optimizer)
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                                  FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+            state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:  # keyed by parameter index, as Lightning stores it
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+        return state
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loading of a one-file checkpoint, but read whole rather than lazily.
+
+        Lightning reads the file lazily and then materialises what is left with
+        ``apply_to_collection``, which refuses the frozen dataclasses among this project's
+        hyper-parameters ("A frozen dataclass was passed to `apply_to_collection`"): resuming under
+        FSDP failed. These checkpoints hold only what trains, so reading one whole costs little.
+        The weights also stay in the returned checkpoint (Lightning drops them), so that
+        :meth:`~mm_llama.training.module.AdapterModule.on_load_checkpoint` can check their names.
+        The weights then load as Lightning loads them (gathered unit by unit, written back to the
+        shards), and the optimizer states through ``FSDP.optim_state_dict_to_load``.
+        """
+        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context, _is_full_checkpoint
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from lightning.pytorch.trainer.states import TrainerFn
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, OptimStateKeyType
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_full_checkpoint(path):
+            return super().load_checkpoint(path, weights_only)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # The weights stay in the checkpoint, unlike Lightning's: AdapterModule.on_load_checkpoint checks their names.
+        _load_raw_module_state(checkpoint["state_dict"], module=self.model, world_size=self.world_size,
+                               strict=self.lightning_module.strict_loading)
+        states = checkpoint.get("optimizer_states")
+        if states is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint
+        if len(states) != len(self.optimizers):
+            raise RuntimeError(f"the checkpoint holds {len(states)} optimizer states, the run has "
+                               f"{len(self.optimizers)} optimizers")
+        with _get_full_state_dict_context(self.model, world_size=self.world_size, rank0_only=False):
+            for optimizer, state in zip(self.optimizers, states):
+                if isinstance(next(iter(state["state"]), None), int):  # saved by a plain (unsharded) optimizer
+                    state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model=self.model, optim=optimizer,
+                                                                         optim_state_dict=state))
+        return checkpoint
 
 
 def is_sharded(trainer: L.Trainer | None) -> bool:
