@@ -74,13 +74,15 @@ def write_equal_label_shards(root: Path, lm_dir: Path) -> list[Path]:
     return paths
 
 
-def run_scripts(*runs: list[str]) -> None:
-    """Run ``tests/ddp_fit.py`` once per argument list, all at once; fail naming any that fails or hangs."""
+def run_scripts(*runs: list[str], expect_failure: bool = False) -> list[str]:
+    """Run ``tests/ddp_fit.py`` once per argument list, all at once; fail naming any that fails or hangs
+    (``expect_failure``: any that succeeds). Returns each run's standard error."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a fresh job, whatever launched pytest
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, cwd=REPO, text=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for args in runs]
+    errors = []
     for args, proc in zip(runs, procs):
         try:
             _, stderr = proc.communicate(timeout=TIMEOUT_S)
@@ -88,7 +90,9 @@ def run_scripts(*runs: list[str]) -> None:
             for p in procs:
                 p.kill()
             pytest.fail(f"{SCRIPT.name} {' '.join(args)} did not finish in {TIMEOUT_S} s (ranks out of step?)")
-        assert proc.returncode == 0, f"{SCRIPT.name} {' '.join(args)} failed:\n{stderr[-4000:]}"
+        assert (proc.returncode != 0) == expect_failure, f"{SCRIPT.name} {' '.join(args)} exited {proc.returncode}:\n{stderr[-4000:]}"
+        errors.append(stderr)
+    return errors
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +235,8 @@ def test_fsdp_run_resumed_from_its_checkpoint_continues_exactly(tiny_lm_dir, tmp
     moved = max((reference[k] - v).abs().max().item() for k, v in final_weights(tmp_path / "first").items())
     assert moved > 1e-3, "the second epoch barely moved the weights: the comparison is void"
     assert max((after[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
+    # A checkpoint cut short (a kill during a copy) is refused by name under FSDP too.
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes((tmp_path / "first" / "final.ckpt").read_bytes()[:4096])
+    (stderr,) = run_scripts([*common, "--resume-from", str(cut), "--out", str(tmp_path / "cut")], expect_failure=True)
+    assert f"checkpoint {cut} cannot be read" in stderr, stderr[-2000:]

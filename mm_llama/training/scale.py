@@ -58,6 +58,7 @@ from adapters.speech_adapter import SpeechAdapter
 from adapters.temporal import TemporalAggregator
 from encoders.speech import SpeechEncoder
 from encoders import ImageEncoder
+from mm_llama.checkpoint_files import checkpoint_read_errors
 from mm_llama.llama import DecoderLayer
 
 if TYPE_CHECKING:
@@ -279,7 +280,8 @@ class AdapterFSDPStrategy(FSDPStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if not _is_full_checkpoint(path):
             return super().load_checkpoint(path, weights_only)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        with checkpoint_read_errors(path):  # a truncated file: CorruptCheckpointError naming it
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         # The weights stay in the checkpoint, unlike Lightning's: AdapterModule.on_load_checkpoint checks their names.
         _load_raw_module_state(checkpoint["state_dict"], module=self.model, world_size=self.world_size,
                                strict=self.lightning_module.strict_loading)
