@@ -261,12 +261,13 @@ class AdapterFSDPStrategy(FSDPStrategy):
         return state
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
-        """Lightning's loading of a one-file checkpoint, but read whole rather than lazily.
+        """Lightning's loading of a one-file checkpoint, but memory-mapped rather than lazily read.
 
         Lightning reads the file lazily and then materialises what is left with
         ``apply_to_collection``, which refuses the frozen dataclasses among this project's
         hyper-parameters ("A frozen dataclass was passed to `apply_to_collection`"): resuming under
-        FSDP failed. These checkpoints hold only what trains, so reading one whole costs little.
+        FSDP failed. Here the file is memory-mapped instead (``torch.load(mmap=True)``): nothing is
+        read before it is used, and there is nothing to materialise.
         The weights also stay in the returned checkpoint (Lightning drops them), so that
         :meth:`~mm_llama.training.module.AdapterModule.on_load_checkpoint` can check their names.
         The weights then load as Lightning loads them (gathered unit by unit, written back to the
@@ -280,8 +281,10 @@ class AdapterFSDPStrategy(FSDPStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if not _is_full_checkpoint(path):
             return super().load_checkpoint(path, weights_only)
-        with checkpoint_read_errors(path):  # a truncated file: CorruptCheckpointError naming it
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # Memory-mapped: each tensor is read from the file when used, and the ranks of a node share the
+        # pages. A truncated file: CorruptCheckpointError naming it.
+        with checkpoint_read_errors(path):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         # The weights stay in the checkpoint, unlike Lightning's: AdapterModule.on_load_checkpoint checks their names.
         _load_raw_module_state(checkpoint["state_dict"], module=self.model, world_size=self.world_size,
                                strict=self.lightning_module.strict_loading)
