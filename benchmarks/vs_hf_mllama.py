@@ -39,8 +39,9 @@ load from elsewhere on a shared machine falls on both alike:
   cache on in both (HF's ``generate`` caches the cross-attention K/V of the image in its
   cache; ours computes them once per request). On CUDA ours decodes with its default, one
   CUDA graph replayed per token (:class:`mm_llama.generation.StaticStep`); HF with its default,
-  eager steps over a dynamic cache (its static cache and ``torch.compile`` are not measured
-  here). ``decode_tokens_per_s`` is
+  eager steps over a dynamic cache, or with ``--hf-static-cache`` its fixed-shape cache
+  (``cache_implementation="static"``, under which ``transformers`` may compile its forward).
+  ``decode_tokens_per_s`` is
   ``b * (n - 1) / (t_last_token - t_first_token)``, ``e2e_tokens_per_s`` is ``b * n`` over the
   whole call (image encoding and prefill included); medians over ``--repeats``.
 
@@ -254,6 +255,7 @@ class HFRunner(Runner):
             module.requires_grad_(True)
         self.model, self.cross = model, cross
         self.attn_implementation = config._attn_implementation
+        self.static_cache = False  # generate(cache_implementation="static") with --hf-static-cache
 
     def _tie_head(self, model) -> None:
         embed = model.model.language_model.embed_tokens.weight
@@ -298,7 +300,7 @@ class HFRunner(Runner):
         self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), **self._media_inputs(batch, b, batch.prompt_len),
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-            streamer=Stamps(),
+            streamer=Stamps(), **({"cache_implementation": "static"} if self.static_cache else {}),
         )
 
     def param_groups(self) -> dict[str, int]:
@@ -484,6 +486,8 @@ class Worker:
                              "precision": args.precision}
         if isinstance(self.runner, HFRunner):
             self.report["attn_implementation"] = self.runner.attn_implementation
+            self.runner.static_cache = args.hf_static_cache
+            self.report["cache_implementation"] = "static" if args.hf_static_cache else "dynamic"
 
     def device_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
@@ -677,6 +681,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]; on cuda memory figures are the GPU's")
     parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
                         help="bf16-mixed: both models under bf16 autocast (fp32 weights)")
+    parser.add_argument("--hf-static-cache", action="store_true",
+                        help="HF generates with cache_implementation='static' (its fixed-shape cache; transformers "
+                             "may then compile its forward) instead of its default dynamic cache")
     parser.add_argument("--torchtune", action="store_true",
                         help="also measure torchtune's llama3_2_vision builders (needs torchtune + torchao)")
     parser.add_argument("--torchtune-python", default=sys.executable,
@@ -693,7 +700,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error(f"--generate-batch {bad} must lie in 1..--batch-size ({args.batch_size})")
     forwarded = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                  "--response-len", str(args.response_len), "--device", args.device, "--precision", args.precision,
-                 *(["--quick"] if args.quick else []), *(["--ragged"] if args.ragged else [])]
+                 *(["--quick"] if args.quick else []), *(["--ragged"] if args.ragged else []),
+                 *(["--hf-static-cache"] if args.hf_static_cache else [])]
     return args, forwarded
 
 
