@@ -285,7 +285,6 @@ class AdapterFSDPStrategy(FSDPStrategy):
         # pages. A truncated file: CorruptCheckpointError naming it.
         with checkpoint_read_errors(path):
             checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        # The weights stay in the checkpoint, unlike Lightning's: AdapterModule.on_load_checkpoint checks their names.
         _load_raw_module_state(checkpoint["state_dict"], module=self.model, world_size=self.world_size,
                                strict=self.lightning_module.strict_loading)
         states = checkpoint.get("optimizer_states")
