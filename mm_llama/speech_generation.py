@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mm_llama.generation import check_settings, decode_loop, left_pad
+from mm_llama.generation import StaticStep, check_settings, decode_loop, left_pad, use_static_step
 from mm_llama.llama import KVCache
 from mm_llama.model import MultimodalLlama
 
@@ -32,10 +32,14 @@ def generate_from_speech(
     top_p: float = 1.0,
     seed: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
+    static_cache: bool | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (holding one ``<|speech|>``) given ``audio [b, n]`` of ``audio_lengths [b]``.
 
-    ``on_token`` is called with each step's ids ``[b]`` (streaming), as in :func:`~mm_llama.generation.generate`.
+    ``on_token`` (each step's ids ``[b]``, streaming), ``on_logits`` (each step's logits ``[b, v]``) and
+    ``static_cache`` (one CUDA graph replayed per token; by default on CUDA outside process groups)
+    are as in :func:`~mm_llama.generation.generate`.
 
     Returns:
         The generated ids of each prompt, without the prompt and the stop token.
@@ -69,7 +73,9 @@ def generate_from_speech(
                                      cache=cache)
         seen_media = row_mask[:, -1:]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    static = use_static_step(static_cache, device, every_row=False, cache_media_kv=True)
     return decode_loop(model, hidden, cache=cache, key_padding_mask=mask, positions=positions,
                        seen_media=seen_media, media_for_step=lambda generated: media, max_new_tokens=max_new_tokens,
                        stop_ids=stop_ids, pad_id=pad_id, generator=generator, temperature=temperature, top_p=top_p,
-                       on_token=on_token)
+                       on_token=on_token, on_logits=on_logits,
+                       static_step=StaticStep(model, cache, mask, positions, seen_media, media) if static else None)

@@ -220,3 +220,21 @@ def test_batched_generation_equals_one_by_one(tiny_lm_dir, fusion):
     alone = [generate_from_speech(model, [p], audio[i:i + 1, : int(lengths[i])], lengths[i:i + 1], **kwargs)[0]
              for i, p in enumerate(prompts)]
     assert together == alone and all(len(x) > 0 for x in together)
+
+
+@pytest.mark.parametrize("fusion", ["embedding", "cross_attention"])
+def test_static_shape_decoding_gives_the_same_speech_transcripts(tiny_lm_dir, fusion):
+    """The step CUDA graphs replay, run eagerly on CPU: the growing cache's tokens and logits, for both
+    fusions (spliced speech embeddings and speech cross-attention), with left padding."""
+    model = _speech_model(tiny_lm_dir, fusion).eval()
+    *_, audio, lengths, prompt = _batch(model)
+    prompts, tok = [prompt, prompt[2:]], model.lm.tokenizer
+    runs = {}
+    for static in (False, True):
+        logits: list[torch.Tensor] = []
+        ids = generate_from_speech(model, prompts, audio, lengths, max_new_tokens=6, pad_id=tok.pad_id,
+                                   on_logits=logits.append, static_cache=static)
+        runs[static] = ids, torch.stack(logits)
+    assert runs[True][0] == runs[False][0]
+    scale = max(1.0, float(runs[False][1].abs().max()))
+    assert float((runs[True][1] - runs[False][1]).abs().max()) <= 1e-5 * scale
