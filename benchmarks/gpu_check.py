@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -162,8 +163,8 @@ def generate_throughput(lm: str, batch: int, new_tokens: int = 64, repeats: int 
             torch.cuda.synchronize()
             decode.append(batch * (new_tokens - 1) / (stamps[-1] - stamps[0]))
             e2e.append(batch * new_tokens / (time.perf_counter() - start))
-        row[f"{name}_decode_tok_s"] = round(sorted(decode[1:])[len(decode[1:]) // 2], 1)
-        row[f"{name}_e2e_tok_s"] = round(sorted(e2e[1:])[len(e2e[1:]) // 2], 1)
+        row[f"{name}_decode_tok_s"] = round(statistics.median(decode[1:]), 1)
+        row[f"{name}_e2e_tok_s"] = round(statistics.median(e2e[1:]), 1)
     row["graph_decode_speedup"] = round(row["cuda_graph_decode_tok_s"] / row["eager_decode_tok_s"], 2)
     row["graph_e2e_speedup"] = round(row["cuda_graph_e2e_tok_s"] / row["eager_e2e_tok_s"], 2)
     row["same_tokens"] = tokens["eager"] == tokens["cuda_graph"]

@@ -70,8 +70,8 @@ class RowReader:
 class StaticStep:
     """One decode step with static shapes, captured once as a CUDA graph and replayed on CUDA.
 
-    A small model's decoding is bound by launching its ~10 kernels per layer from Python, not by
-    the GPU (stop 16's profile: the GPU was busy 16 % of a step). Here every step runs the same
+    A small model's decoding is bound by launching its many small kernels from Python, not by the
+    GPU (stop 16's H100 profile of a training step: the GPU was busy 16 % of it). Here every step runs the same
     kernels on the same buffers: the next ids, the rotary positions ``[b, 1]``, the key mask
     ``[b, max_len]`` and the write offset of the :class:`KVCache` (``cache.offset``) live on the
     device and are updated in place; self-attention reads the whole cache under the mask. On
