@@ -1,11 +1,15 @@
 """Training-step throughput of the default image run, and its fraction of the matmul peak.
 
+``--stage 2`` (default) times the adapter stage's step; ``--stage 1`` times stage 1's: the image
+encoder (trainable, its hybrid stem included) and the small caption decoder, batch 64.
+
 Prints one JSON line (the last line of output) with ``tokens_per_s``, ``samples_per_s``,
 ``peak_rss_mb`` and ``matmul_peak_fraction``: the FLOPs of one step (counted by
 ``torch.utils.flop_counter``) per second, over the fp32 matmul peak measured here with
 large square matmuls on the same threads.
 
     python benchmarks/train_step.py [--batch-size 16] [--seq-len 40] [--steps 5] [--prompt-reader rows|last|none]
+    python benchmarks/train_step.py --stage 1 [--batch-size 64] [--steps 10]
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psutil
 import torch
@@ -25,7 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from adapters.prompt_reader import PromptReaderConfig
 from mm_llama import load_language_model
 from mm_llama.model import MultimodalLlama
-from mm_llama.training.encoder_pretrain import EncoderPretrainConfig
+from mm_llama.training.datamodule import ModelInputs
+from mm_llama.training.encoder_pretrain import EncoderPretrainConfig, EncoderPretrainModule
 from mm_llama.training.optim import OptimConfig, build_optimizer
 from mm_llama.training.run import RunConfig, image_model_config
 
@@ -70,20 +76,40 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5, device: str = "cpu",
     return 2 * n**3 / best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lm", default="smollm2-135m-instruct")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=40, help="tokens per sample (the built-in data averages ~32-45)")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--train-encoder", action="store_true",
-                        help="train the image encoder too (default: frozen, as in stage 2 of the default run)")
-    parser.add_argument("--prompt-reader", choices=("rows", "last", "none"), default="rows",
-                        help="stage 1's decoder as the frozen prompt reader (random weights of its shape): read at "
-                             "every row (the default run's), at the prompt's last row only, or none (the paper's model)")
-    args = parser.parse_args()
+def stage1_step(lm_name: str, b: int, s: int) -> tuple[Callable[[], None], int]:
+    """Stage 1's training step on random data of the built-in tasks' shape (``b`` images of the
+    default size, ``s`` tokens, the last 8 labelled, 60 output tokens); returns it and the
+    number of trainable parameters."""
+    from encoders import ImageEncoder
 
-    torch.manual_seed(0)
+    pre = EncoderPretrainConfig()
+    encoder_cfg = image_model_config(RunConfig(modality="image")).image_encoder
+    lm = load_language_model(lm_name)
+    vocab = lm.cfg.vocab_size
+    inputs = ModelInputs(tokenizer=lm.tokenizer, media_token_id=vocab, image_size=encoder_cfg.image_size,
+                         system_prompt=None)
+    del lm
+    lookup = torch.randint(1, 60, (vocab,))
+    module = EncoderPretrainModule(ImageEncoder(encoder_cfg), inputs, lookup, pre).train()
+    ids = torch.randint(0, vocab, (b, s))
+    labels = torch.full_like(ids, -100)
+    labels[:, -8:] = ids[:, -8:]
+    batch = {"images": torch.randn(b, 3, encoder_cfg.image_size, encoder_cfg.image_size),
+             "input_ids": ids, "labels": labels}
+    opt = module.configure_optimizers()["optimizer"]
+
+    def step() -> None:
+        loss = module.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def stage2_step(args: argparse.Namespace, b: int, s: int) -> tuple[Callable[[], None], int]:
+    """The default run's stage-2 step (adapters through the frozen LM) on random data; returns it
+    and the number of trainable parameters."""
     default = image_model_config(RunConfig(modality="image"))  # train_adapter.py's image model before stage 1
     groups = tuple(g for g in default.trainable if g != "prompt_reader")
     trainable = groups if args.train_encoder else tuple(g for g in groups if g != "image_encoder")
@@ -95,7 +121,6 @@ def main() -> None:
     cfg = dataclasses.replace(default, trainable=trainable, prompt_reader=reader)
     model = MultimodalLlama(load_language_model(args.lm), cfg).train()
     size = model.cfg.image_encoder.image_size
-    b, s = args.batch_size, args.seq_len
     ids = torch.randint(0, model.lm.cfg.vocab_size, (b, s))
     ids[:, 8] = model.media_token_id("image")
     labels = torch.full_like(ids, -100)
@@ -110,16 +135,43 @@ def main() -> None:
         loss.backward()
         opt.step()
 
+    return step, sum(p.numel() for _, p in named)
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lm", default="smollm2-135m-instruct")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=2,
+                        help="2: the adapters' step (default); 1: the encoder pre-training step")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 16 (stage 2), 64 (stage 1)")
+    parser.add_argument("--seq-len", type=int, default=40, help="tokens per sample (the built-in data averages ~32-45)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--train-encoder", action="store_true",
+                        help="train the image encoder too (default: frozen, as in stage 2 of the default run)")
+    parser.add_argument("--prompt-reader", choices=("rows", "last", "none"), default="rows",
+                        help="stage 1's decoder as the frozen prompt reader (random weights of its shape): read at "
+                             "every row (the default run's), at the prompt's last row only, or none (the paper's model)")
+    args = parser.parse_args()
+    b, s = args.batch_size or (EncoderPretrainConfig().batch_size if args.stage == 1 else 16), args.seq_len
+    torch.manual_seed(0)
+    if args.stage == 1:
+        step, trainable_params = stage1_step(args.lm, b, s)
+    else:
+        step, trainable_params = stage2_step(args, b, s)
     step()  # warm-up
     with flop_counter() as counter:
         step()
     flops_per_step = counter.get_total_flops()
-    start = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         step()
-    seconds = (time.perf_counter() - start) / args.steps
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)  # the median: robust to other jobs on a shared machine
     peak = matmul_peak_flops()
     result = {
+        "stage": args.stage,
         "tokens_per_s": round(b * s / seconds, 1),
         "samples_per_s": round(b / seconds, 2),
         "step_seconds": round(seconds, 3),
@@ -131,8 +183,8 @@ def main() -> None:
         "batch_size": b,
         "seq_len": s,
         "threads": torch.get_num_threads(),
-        "trainable_params": sum(p.numel() for _, p in named),
-        "prompt_reader": args.prompt_reader,
+        "trainable_params": trainable_params,
+        "prompt_reader": args.prompt_reader if args.stage == 2 else None,
     }
     print(json.dumps(result))
 

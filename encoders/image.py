@@ -286,9 +286,11 @@ def _stem_layer_norm(model: TimmVisionTransformer, config: ImageEncoderConfig) -
             f"{config.backbone!r} has none"
         )
     act = getattr(norm, "act", None)
+    # inplace=False: an in-place activation on the norm's permuted output makes autograd copy
+    # the whole feature map back through a CopySlices node in backward.
     stem.norm = LayerNormAct2d(norm.num_channels, eps=norm.eps, affine=norm.affine,
                                apply_act=act is not None and not isinstance(act, nn.Identity),
-                               act_layer=type(act) if act is not None else nn.ReLU)
+                               act_layer=type(act) if act is not None else nn.ReLU, inplace=False)
 
 
 def _overrides(config: ImageEncoderConfig, names: dict[str, str]) -> dict[str, int]:
@@ -330,6 +332,10 @@ class TimmViT(ViTBackbone):
         self.num_prefix_tokens = model.num_prefix_tokens
         self.grid_size = tuple(model.patch_embed.grid_size)
         self.self_only = config.patch_attention == "self"
+        # The per-pixel LayerNorm normalises over channels: on an NHWC (channels-last) feature map
+        # its permutes are views, not copies. Same values and gradients (tests/test_encoders.py);
+        # stage 1's step 0.33 -> 0.?? s on this CPU (README, "Speed").
+        self.channels_last = config.stem_norm == "layer"
 
     def attention_mask(self, images: Tensor) -> Tensor | None:
         """``None`` for global attention; for ``patch_attention="self"`` an additive ``[n, n]`` mask
@@ -347,6 +353,8 @@ class TimmViT(ViTBackbone):
         ``images`` ``[b, 3, H, W]`` -> final ``[b, p + g, w]``, each intermediate ``[b, p + g, w]``.
         """
         mask = self.attention_mask(images)  # [p + g, p + g] or None
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if not layers:  # timm's forward_intermediates needs at least one index
             return self.model.forward_features(images, attn_mask=mask), []
         has_prefix = self.num_prefix_tokens > 0

@@ -382,3 +382,26 @@ def test_layer_stem_norm_keeps_each_cell_to_itself(stem_norm: str, tmp_path) -> 
     ImageEncoder(ImageEncoderConfig(stem_norm=stem_norm, checkpoint=str(path)))
     with pytest.raises(ValueError, match=f"trained with stem_norm='{stem_norm}'.*set ImageEncoderConfig.stem_norm"):
         ImageEncoder(ImageEncoderConfig(stem_norm=other, checkpoint=str(path)))
+
+
+def test_layer_stem_runs_channels_last_with_the_same_values_and_gradients() -> None:
+    """The per-pixel LayerNorm stem reads its feature map as NHWC (``TimmViT.channels_last``), so
+    its permutes are views; the encoder's output and every parameter's gradient are those of the
+    plain NCHW layout, bit for bit."""
+    torch.manual_seed(0)
+    encoder = ImageEncoder(ImageEncoderConfig(stem_norm="layer")).train()
+    assert encoder.backbone.channels_last
+    assert not ImageEncoder(ImageEncoderConfig(stem_norm="group")).backbone.channels_last
+    images = torch.rand(3, 3, 64, 64)
+    results = []
+    for channels_last in (True, False):
+        encoder.backbone.channels_last = channels_last
+        encoder.zero_grad(set_to_none=True)
+        tokens = encoder(images).tokens
+        (tokens.square().mean() + tokens.mean()).backward()
+        results.append((tokens.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}))
+    (fast, fast_grads), (plain, plain_grads) = results
+    assert torch.equal(fast, plain)
+    assert fast_grads.keys() == plain_grads.keys() and "backbone.model.patch_embed.backbone.norm.weight" in fast_grads
+    for name in plain_grads:
+        assert torch.equal(fast_grads[name], plain_grads[name]), name

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from adapters.speech_adapter import SpeechAdapter, SpeechAdapterConfig
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm_llama.checkpoint_files import atomic_write
-from mm_llama.training.optim import OptimConfig, build_optimizer
+from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
+from mm_llama.training.scale import ClipsGradients
 from mm_llama.training.report import TrainingHistory
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[str]:
     return texts
 
 
-class _CTCStage(L.LightningModule):
+class _CTCStage(ClipsGradients, L.LightningModule):
     """What the two CTC stages share: AdamW over the trainable parameters, a finite-loss check,
     the log, and writing one part's state dict for the fused model to load.
 
@@ -95,7 +96,8 @@ class _CTCStage(L.LightningModule):
 
     def configure_optimizers(self):
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        opt, sched = build_optimizer(named, lambda name: name.partition(".")[0], self.optim)
+        opt, sched = build_optimizer(named, lambda name: name.partition(".")[0], self.optim,
+                                     fused=not uses_loss_scaling(self._trainer))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @staticmethod

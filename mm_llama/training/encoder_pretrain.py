@@ -45,7 +45,8 @@ from encoders import ImageEncoder
 from encoders.base import EncoderOutput
 from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training.datamodule import ModelInputs
-from mm_llama.training.optim import OptimConfig, build_optimizer
+from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
+from mm_llama.training.scale import ClipsGradients
 from mm_llama.training.report import TrainingHistory
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class ClipEncoder(nn.Module):
         return EncoderOutput(tokens, mask)
 
 
-class EncoderPretrainModule(L.LightningModule):
+class EncoderPretrainModule(ClipsGradients, L.LightningModule):
     """Trains an :class:`ImageEncoder` (or a :class:`ClipEncoder`) and a :class:`CaptionDecoder` on the
     response tokens.
 
@@ -200,7 +201,8 @@ class EncoderPretrainModule(L.LightningModule):
     def configure_optimizers(self):
         optim = OptimConfig(lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps, total_steps=max(1, self.cfg.steps))
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        opt, sched = build_optimizer(named, lambda name: name.partition(".")[0], optim)
+        opt, sched = build_optimizer(named, lambda name: name.partition(".")[0], optim,
+                                     fused=not uses_loss_scaling(self._trainer))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -25,8 +25,8 @@ from mm_llama.lm import load_language_model
 from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
 from mm_llama.data.video import frame_view
 from mm_llama.speech_generation import generate_from_speech
-from mm_llama.training.optim import OptimConfig, build_optimizer
-from mm_llama.training.scale import clip_grad_norm, compile_blocks_, gather_to_all, is_sharded
+from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
+from mm_llama.training.scale import ClipsGradients, compile_blocks_, gather_to_all, is_sharded
 from mm_llama.training.speech_metrics import speech_metrics
 from mm_llama.training.video_stage import VIDEO_GROUPS, check_video_stage_trainable, load_stage_weights
 from mm_llama.video_adapter import VideoConfig
@@ -51,7 +51,7 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 
 
-class AdapterModule(L.LightningModule):
+class AdapterModule(ClipsGradients, L.LightningModule):
     """Trains everything but the frozen LM on next-token loss over response tokens.
 
     Args:
@@ -145,14 +145,9 @@ class AdapterModule(L.LightningModule):
 
     def configure_optimizers(self):
         named = [(n, p) for n, p in self._named_parameters if p.requires_grad]
-        opt, sched = build_optimizer(named, self.model.group_of, self.optim_cfg, ndims=self._parameter_ndims)
+        opt, sched = build_optimizer(named, self.model.group_of, self.optim_cfg, ndims=self._parameter_ndims,
+                                     fused=not uses_loss_scaling(self._trainer))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, except by norm under FSDP: through the FSDP root, over all shards."""
-        by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
-        if not (by_norm and clip_grad_norm(self.trainer, gradient_clip_val)):
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # --- evaluation ----------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> None:

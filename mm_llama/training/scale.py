@@ -60,6 +60,7 @@ from encoders.speech import SpeechEncoder
 from encoders import ImageEncoder
 from mm_llama.checkpoint_files import checkpoint_read_errors
 from mm_llama.llama import DecoderLayer
+from mm_llama.training.optim import uses_loss_scaling
 
 if TYPE_CHECKING:
     import lightning as L
@@ -317,16 +318,36 @@ def gather_to_all(items: list, trainer: L.Trainer | None) -> list:
     return [item for part in gathered for item in (part or [])]
 
 
-def clip_grad_norm(trainer: L.Trainer, max_norm: float) -> bool:
-    """Clip gradients by their global norm through the FSDP root when ``trainer`` shards with FSDP.
+def clip_grad_norm(trainer: L.Trainer, optimizer: torch.optim.Optimizer, max_norm: float) -> bool:
+    """Clip gradients by their global norm where Lightning's own clipping is wrong or refuses.
 
-    Returns ``False`` (and does nothing) under any other strategy, where Lightning's own clipping
-    is right.
+    * Under FSDP: through the FSDP root, over all shards.
+    * With an optimizer that unscales its own gradients (fused AdamW, :func:`build_optimizer`'s
+      default) and no loss scaling: Lightning's mixed-precision plugin refuses to clip for it even
+      under ``bf16-mixed``, which has nothing to unscale; the gradients are clipped here instead.
+
+    Returns ``False`` (and does nothing) elsewhere, where Lightning's own clipping is right.
     """
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        return False
-    trainer.strategy.model.clip_grad_norm_(max_norm)
-    return True
+    if isinstance(trainer.strategy, FSDPStrategy):
+        trainer.strategy.model.clip_grad_norm_(max_norm)
+        return True
+    optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's own
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and not uses_loss_scaling(trainer):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return True
+    return False
+
+
+class ClipsGradients:
+    """Mixin (before ``L.LightningModule``) for modules whose optimizer comes from
+    :func:`~mm_llama.training.optim.build_optimizer`: clipping by norm goes through
+    :func:`clip_grad_norm`, anything else to Lightning."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        if not (by_norm and clip_grad_norm(self.trainer, optimizer, gradient_clip_val)):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def compile_blocks_(model: nn.Module, **compile_kwargs) -> list[nn.Module]:
