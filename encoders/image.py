@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
 from timm.layers.norm_act import LayerNormAct2d
+from timm.layers.padding import get_same_padding
+from timm.layers.pool2d_same import MaxPool2dSame
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -275,9 +277,24 @@ def check_stem_norm(config: ImageEncoderConfig) -> None:
         )
 
 
+class _MaxPool2dSameNoCopy(MaxPool2dSame):
+    """timm's TF-"SAME" max-pool without the padded copy of its input where that padding is one
+    row and one column of -inf at the bottom and right (a 3x3, stride-2 pool of an even-sized map,
+    as in the hybrid stem): ``ceil_mode`` pools the same windows. Same values and the same argmax
+    (so gradients); any other size takes timm's padded path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = [get_same_padding(n, k, s, d) for n, k, s, d in
+                zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)]
+        if pads == [1, 1] and min(self.stride) >= 2:
+            return F.max_pool2d(x, self.kernel_size, self.stride, 0, self.dilation, ceil_mode=True)
+        return super().forward(x)
+
+
 def _stem_layer_norm(model: TimmVisionTransformer, config: ImageEncoderConfig) -> None:
     """Swap a hybrid stem's GroupNorm (+ activation) for a per-pixel LayerNorm with the same activation
-    and parameter names (``...stem.norm.weight`` / ``.bias``)."""
+    and parameter names (``...stem.norm.weight`` / ``.bias``), and its max-pool for
+    :class:`_MaxPool2dSameNoCopy` (same values, no parameters)."""
     stem = getattr(model.patch_embed, "backbone", None)
     norm = getattr(stem, "norm", None)
     if not isinstance(norm, nn.GroupNorm):
@@ -291,6 +308,9 @@ def _stem_layer_norm(model: TimmVisionTransformer, config: ImageEncoderConfig) -
     stem.norm = LayerNormAct2d(norm.num_channels, eps=norm.eps, affine=norm.affine,
                                apply_act=act is not None and not isinstance(act, nn.Identity),
                                act_layer=type(act) if act is not None else nn.ReLU, inplace=False)
+    pool = getattr(stem, "pool", None)
+    if type(pool) is MaxPool2dSame and not pool.ceil_mode:
+        stem.pool = _MaxPool2dSameNoCopy(pool.kernel_size, pool.stride, dilation=pool.dilation)
 
 
 def _overrides(config: ImageEncoderConfig, names: dict[str, str]) -> dict[str, int]:

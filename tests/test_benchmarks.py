@@ -116,3 +116,16 @@ def test_train_step_reports_the_default_models_step_with_and_without_the_prompt_
         assert 0 < out["matmul_peak_fraction"] < 1.5
     assert rows["step_gflop"] > none["step_gflop"]
     assert 0 < rows["trainable_params"] - none["trainable_params"] < 200_000  # the projection only
+
+
+def test_train_step_stage_1_times_the_encoder_and_decoder(tiny_lm_dir):
+    """``--stage 1`` times stage 1's step: the default image encoder and the caption decoder train
+    (its trainable parameters are the encoder's plus the decoder's), no LM in the step."""
+    from encoders import ImageEncoder
+    from mm_llama.training.run import RunConfig, image_model_config
+
+    out = run_json("train_step.py", "--stage", "1", "--lm", str(tiny_lm_dir), "--batch-size", "4", "--steps", "1")
+    assert out["stage"] == 1 and out["batch_size"] == 4 and out["prompt_reader"] is None
+    encoder = ImageEncoder(image_model_config(RunConfig()).image_encoder)
+    assert out["trainable_params"] > sum(p.numel() for p in encoder.parameters())
+    assert out["step_gflop"] > 0 and out["step_seconds"] > 0

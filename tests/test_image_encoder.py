@@ -405,3 +405,25 @@ def test_layer_stem_runs_channels_last_with_the_same_values_and_gradients() -> N
     assert fast_grads.keys() == plain_grads.keys() and "backbone.model.patch_embed.backbone.norm.weight" in fast_grads
     for name in plain_grads:
         assert torch.equal(fast_grads[name], plain_grads[name]), name
+
+
+@pytest.mark.parametrize("side", [32, 16, 15])
+def test_stem_max_pool_without_its_padded_copy_pools_the_same(side: int) -> None:
+    """The layer stem's max-pool skips timm's -inf padded copy on even maps (``ceil_mode`` takes the
+    same windows): the same values and input gradients as timm's ``MaxPool2dSame``, odd maps included."""
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    from encoders.image import _MaxPool2dSameNoCopy
+
+    stem = ImageEncoder(ImageEncoderConfig(stem_norm="layer")).backbone.model.patch_embed.backbone
+    assert type(stem.pool) is _MaxPool2dSameNoCopy
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, side, side).round(decimals=1)  # ties: the argmax must be the same one
+    grads = []
+    for pool in (stem.pool, MaxPool2dSame(3, 2)):
+        leaf = x.clone().requires_grad_(True)
+        out = pool(leaf)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), leaf.grad))
+    assert grads[0][0].shape[-1] == math.ceil(side / 2)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
