@@ -427,3 +427,22 @@ def test_stem_max_pool_without_its_padded_copy_pools_the_same(side: int) -> None
         grads.append((out.detach(), leaf.grad))
     assert grads[0][0].shape[-1] == math.ceil(side / 2)
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
+@pytest.mark.parametrize("size", [(64, 64), (37, 23)])
+def test_direct_transform_equals_torchvisions_composed_pipeline(mode: str, size: tuple[int, int]) -> None:
+    """``image_transform`` runs the composed torchvision steps directly: bit for bit the same
+    tensor, for every mode, with and without a resize (64x64 is the built-in scenes' size)."""
+    from encoders.preprocess import torchvision_image_transform
+
+    pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = PIL.Image.fromarray(pixels).convert(mode)
+    for train in (False, True):
+        ours, reference = image_transform(64, train=train)(image), torchvision_image_transform(64, train=train)(image)
+        assert type(ours) is torch.Tensor and ours.shape == reference.shape == (3, 64, 64)
+        assert torch.equal(ours, reference)
+    torch.manual_seed(0)
+    jittered = image_transform(64, train=True, augment=True)(image)
+    torch.manual_seed(0)
+    assert torch.equal(jittered, torchvision_image_transform(64, train=True, augment=True)(image))
