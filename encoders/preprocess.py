@@ -43,7 +43,7 @@ class ImageTransform:
 
     def __call__(self, image: PIL.Image.Image) -> Tensor:
         rgb = image.convert("RGB")  # alpha dropped, greyscale replicated
-        x = torch.from_numpy(np.array(rgb, copy=True)).view(rgb.height, rgb.width, 3).permute(2, 0, 1)  # [3, H, W] uint8
+        x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W] uint8
         x = TF.resize(x, self.size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)  # as is if already square
         if self.jitter is not None:
             x = self.jitter(x)

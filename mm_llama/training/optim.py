@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import lightning as L
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 @dataclass
