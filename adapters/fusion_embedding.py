@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mm_llama.static import must_stay_static
+
 
 class FusionEmbedding(nn.Module):
     """Embed ids below ``base_vocab`` with the frozen table, the rest with a trainable one."""
@@ -26,9 +28,9 @@ class FusionEmbedding(nn.Module):
         """``ids [b, s]`` → ``[b, s, d]``; ``base`` is the frozen LM's embedding."""
         is_new = ids >= self.base_vocab
         out = base(ids.clamp(max=self.base_vocab - 1))  # [b, s, d]
-        # The test reads a device value on the host, which a CUDA graph under capture cannot
-        # (mm_llama.generation.StaticStep); there both branches run.
-        if (ids.is_cuda and torch.cuda.is_current_stream_capturing()) or is_new.any():
+        # The test reads a device value on the host, which a CUDA graph cannot (mm_llama.static);
+        # there both branches run.
+        if must_stay_static(ids) or is_new.any():
             new = self.new((ids - self.base_vocab).clamp(min=0))  # [b, s, d]
             out = torch.where(is_new[..., None], new.to(out.dtype), out)
         return out

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mm_llama.checkpoint_files import atomic_write
+from mm_llama.static import must_stay_static
 
 
 class CaptionDecoder(nn.Module):
@@ -141,9 +142,12 @@ class PromptReader(nn.Module):
             lengths: ``[b]`` prompt lengths, each in ``1..s``.
             media: ``[b, s_e, d_e]`` the image encoder's tokens; ``media_mask`` ``[b, s_e]``.
         """
-        if bool((lengths < 1).any()) or bool((lengths > ids.shape[1]).any()):
+        static = must_stay_static(lengths)  # a captured step: fixed shapes, no host reads
+        if not static and (bool((lengths < 1).any()) or bool((lengths > ids.shape[1]).any())):
             raise ValueError(f"prompt lengths must be in 1..{ids.shape[1]}, got {lengths.tolist()}")
-        states = self.rows(ids[:, :int(lengths.max())], media, media_mask)  # [b, s, w]
+        # The decoder is causal: columns past the longest prompt change no state read here.
+        upto = ids.shape[1] if static else int(lengths.max())
+        states = self.rows(ids[:, :upto], media, media_mask)  # [b, s, w]
         return states[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1]
 
     def rows(self, ids: Tensor, media: Tensor, media_mask: Tensor) -> Tensor:

@@ -152,12 +152,26 @@ def make_batch(b: int, s: int, response_len: int, vocab: int, image_size: int, s
 
 # --- the two models -------------------------------------------------------------------------
 class Runner:
-    """One implementation behind a common interface: ``loss``, ``generate``, parameter groups."""
+    """One implementation behind a common interface: ``loss``, ``generate``, parameter groups,
+    and the training step (by default eager: loss, backward, ``torch.optim.AdamW`` step)."""
 
     model: torch.nn.Module
 
     def loss(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.trainable(), lr=1e-4, weight_decay=0.01)
+
+    def train_step(self, opt: torch.optim.Optimizer, batch: Batch, autocast: torch.autocast) -> None:
+        with autocast:
+            loss = self.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
     def generate(self, batch: Batch, b: int, new_tokens: int, on_token) -> None:
         raise NotImplementedError
@@ -171,7 +185,10 @@ class Runner:
 
 
 class OursRunner(Runner):
-    def __init__(self, vision: VisionSizes) -> None:
+    """Ours; ``graph``: its training step through :class:`GraphedTrainStep` (one CUDA graph
+    replayed per step on a GPU; elsewhere the same static step, eager)."""
+
+    def __init__(self, vision: VisionSizes, graph: bool = False) -> None:
         from encoders import ImageEncoderConfig
         from mm_llama.config import LlamaConfig
         from mm_llama.llama import LlamaLM
@@ -190,9 +207,35 @@ class OursRunner(Runner):
         cfg = ModelConfig(image_encoder=encoder, cross_attention=CrossAttentionConfig(every=4),
                           trainable=("image_encoder", "projection", "cross_attention"))
         self.model = MultimodalLlama(lm, cfg)
+        self.graph = graph
+        self.autocast_dtype: torch.dtype | None = None  # set by the worker: bf16 under --precision bf16-mixed
+        self.step = None  # the GraphedTrainStep, built at the first training step
 
     def loss(self, batch: Batch) -> torch.Tensor:
+        if self.graph:  # the static form the captured step runs, also for the FLOP and activation counts
+            n = int((batch.labels[:, 1:] != -100).sum())
+            return self.model.loss(batch.ids, batch.labels, batch.images, max_labeled=n)
         return self.model.loss(batch.ids, batch.labels, batch.images)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        if not self.graph:
+            return super().optimizer()
+        # The same AdamW, its step count kept on the device so that a CUDA graph can capture it.
+        cuda = self.trainable()[0].is_cuda
+        return torch.optim.AdamW(self.trainable(), lr=1e-4, weight_decay=0.01, capturable=cuda)
+
+    def train_step(self, opt: torch.optim.Optimizer, batch: Batch, autocast: torch.autocast) -> None:
+        if not self.graph:
+            return super().train_step(opt, batch, autocast)
+        if self.step is None:
+            from mm_llama.training.graphed_step import GraphedTrainStep
+
+            n = int((batch.labels[:, 1:] != -100).sum())  # the benchmark's batch never changes
+            self.step = GraphedTrainStep(
+                lambda ids, labels, images: self.model.loss(ids, labels, images, max_labeled=n), opt,
+                dict(ids=batch.ids, labels=batch.labels, images=batch.images),
+                autocast_dtype=self.autocast_dtype)
+        self.step(ids=batch.ids, labels=batch.labels, images=batch.images)
 
     def generate(self, batch: Batch, b: int, new_tokens: int, on_token) -> None:
         from mm_llama.generation import generate
@@ -462,7 +505,7 @@ class Worker:
     """One implementation in its own process, driven one command at a time by the parent.
 
     Commands: ``train`` (one training step; the first one builds the optimizer and resets the
-    RSS high-water mark), ``train_done`` (memory figures, then one FLOP-counted step),
+    RSS high-water mark), ``train_done`` (memory figures, then one FLOP-counted forward and backward),
     ``generate <b> <n>`` (one greedy generation), ``report`` (everything, then exit).
     """
 
@@ -471,7 +514,10 @@ class Worker:
 
         torch.manual_seed(0)
         vision = VisionSizes()
-        self.runner = {"ours": OursRunner, "hf": HFRunner, "torchtune": TorchtuneRunner}[impl](vision)
+        if impl == "ours":
+            self.runner = OursRunner(vision, graph=args.ours_graph)
+        else:
+            self.runner = {"hf": HFRunner, "torchtune": TorchtuneRunner}[impl](vision)
         self.device, self.cuda = args.device, args.device.startswith("cuda")
         self.runner.to(self.device)
         self.batch = make_batch(args.batch_size, args.seq_len, args.response_len, LlamaConfig().vocab_size,
@@ -484,6 +530,9 @@ class Worker:
         self.peak_n = 1024 if args.quick else (8192 if self.cuda else 2048)  # side of the peak-measuring matmuls
         self.report: dict = {"impl": impl, "threads": torch.get_num_threads(), "device": self.device_name(),
                              "precision": args.precision}
+        if isinstance(self.runner, OursRunner):
+            self.runner.autocast_dtype = self.dtype if args.precision == "bf16-mixed" else None
+            self.report["train_step"] = "graphed" if args.ours_graph else "eager"
         if isinstance(self.runner, HFRunner):
             self.report["attn_implementation"] = self.runner.attn_implementation
             self.runner.static_cache = args.hf_static_cache
@@ -502,8 +551,7 @@ class Worker:
             import gc
 
             model.train()
-            self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                        weight_decay=0.01)
+            self.opt = self.runner.optimizer()
             gc.collect()
             self.report["peak_rss_before_training_mb"] = peak_rss_mb()
             self.report["loaded_rss_mb"] = round(rss_mb(), 1)
@@ -514,11 +562,7 @@ class Worker:
                 torch.cuda.reset_peak_memory_stats(self.device)
         self.sync()
         start = time.perf_counter()
-        with self.autocast:
-            loss = self.runner.loss(self.batch)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.runner.train_step(self.opt, self.batch, self.autocast)
         self.sync()
         return {"s": time.perf_counter() - start}
 
@@ -532,8 +576,10 @@ class Worker:
             r["peak_gpu_mb"] = round(max(r.pop("peak_gpu_before_training_mb"), gpu_peak), 1)
             r["host_train_increment_mb"] = r["train_increment_mb"]
             r["train_increment_mb"] = round(gpu_peak - r["loaded_gpu_mb"], 1)
-        with flop_counter() as counter:
-            self.train()
+        with flop_counter() as counter:  # an eager step (a replayed graph dispatches no op to count)
+            with self.autocast:
+                loss = self.runner.loss(self.batch)
+            torch.autograd.grad(loss, self.runner.trainable(), allow_unused=True)
         r["step_gflop"] = round(counter.get_total_flops() / 1e9, 2)
         r["saved_activation_mb"] = round(saved_activation_mb(self.runner, self.batch, self.autocast), 1)
         r["trainable_params"] = sum(p.numel() for p in self.runner.model.parameters() if p.requires_grad)
@@ -684,6 +730,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--hf-static-cache", action="store_true",
                         help="HF generates with cache_implementation='static' (its fixed-shape cache; transformers "
                              "may then compile its forward) instead of its default dynamic cache")
+    parser.add_argument("--ours-graph", action="store_true",
+                        help="ours trains through GraphedTrainStep: on CUDA one captured graph replayed per step "
+                             "(AdamW capturable); elsewhere the same static step, eager")
     parser.add_argument("--torchtune", action="store_true",
                         help="also measure torchtune's llama3_2_vision builders (needs torchtune + torchao)")
     parser.add_argument("--torchtune-python", default=sys.executable,
@@ -701,7 +750,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     forwarded = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                  "--response-len", str(args.response_len), "--device", args.device, "--precision", args.precision,
                  *(["--quick"] if args.quick else []), *(["--ragged"] if args.ragged else []),
-                 *(["--hf-static-cache"] if args.hf_static_cache else [])]
+                 *(["--hf-static-cache"] if args.hf_static_cache else []),
+                 *(["--ours-graph"] if args.ours_graph else [])]
     return args, forwarded
 
 
@@ -733,7 +783,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = versus(hf)
     summary["config"] = {
         "batch_size": args.batch_size, "seq_len": args.seq_len, "response_len": args.response_len,
-        "ragged": args.ragged, "steps": args.steps, "warmup": args.warmup, "new_tokens": args.new_tokens,
+        "ragged": args.ragged, "ours_graph": args.ours_graph, "steps": args.steps, "warmup": args.warmup,
+        "new_tokens": args.new_tokens,
         "device": ours["device"], "precision": args.precision,
         "generate_batch": args.generate_batch, "vision": asdict(VisionSizes()),
         "hf_cross_attention_layers": hf_cross_attention_layers(30, 4),

@@ -39,6 +39,7 @@ from encoders.speech import SpeechEncoder, SpeechEncoderConfig  # noqa: E402
 from mm_llama.llama import KVCache, LlamaLM, SharedPrefix  # noqa: E402
 from mm_llama.lm import freeze  # noqa: E402
 from mm_llama.packing import PackedRows, packing_pays  # noqa: E402
+from mm_llama.static import must_stay_static  # noqa: E402
 from mm_llama.video_adapter import VideoAdapter, VideoConfig  # noqa: E402
 
 MEDIA_TOKENS: tuple[str, ...] = ("image", "video", "speech")
@@ -541,19 +542,22 @@ class MultimodalLlama(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None, *,
              videos: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
-             share_prefix: bool = True, pack: bool = True) -> torch.Tensor:
+             share_prefix: bool = True, pack: bool = True, max_labeled: int | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over labeled positions (``labels [b, s]``, -100 = none).
 
         A prompt reader reads each row up to its first labeled column: the prompt, never the answer
-        (with ``every_row``, each row reads up to itself: causal, as the LM)."""
+        (with ``every_row``, each row reads up to itself: causal, as the LM).
+
+        ``max_labeled``: the static form a CUDA graph can capture (:mod:`mm_llama.static`): no
+        shared prefix, no packing, and the loss's rows gathered into exactly ``max_labeled``
+        (at least the batch's labelled count; see :func:`labeled_cross_entropy`)."""
+        kw = dict(share_prefix=share_prefix, pack=pack, max_labeled=max_labeled)
         prompts = None
         if self.reads_every_row and images is not None:
-            return self.labeled_loss(input_ids, labels, self.reading_context(images, input_ids),
-                                     share_prefix=share_prefix, pack=pack)
+            return self.labeled_loss(input_ids, labels, self.reading_context(images, input_ids), **kw)
         if self.prompt_reader is not None and images is not None:
             prompts = (input_ids, prompt_lengths(labels))
-        return self.labeled_loss(input_ids, labels, self._context(images, videos, frame_mask, prompts),
-                                 share_prefix=share_prefix, pack=pack)
+        return self.labeled_loss(input_ids, labels, self._context(images, videos, frame_mask, prompts), **kw)
 
     def _pack_multiple(self, device: torch.device) -> int:
         """Length multiple of a packed row: :data:`BF16_CPU_PACK_MULTIPLE` where matmuls run in
@@ -570,7 +574,7 @@ class MultimodalLlama(nn.Module):
         return all(m.row_mask_mode == "both" for m in self.modules() if isinstance(m, GatedCrossAttention))
 
     def labeled_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, media: MediaContext | None, *,
-                     share_prefix: bool = True, pack: bool = True) -> torch.Tensor:
+                     share_prefix: bool = True, pack: bool = True, max_labeled: int | None = None) -> torch.Tensor:
         """:meth:`loss` on encoded ``media``, computing only what the loss reads.
 
         - The columns every row shares before its media (the chat header) go through the
@@ -582,8 +586,11 @@ class MultimodalLlama(nn.Module):
           row without padding (:mod:`mm_llama.packing`), when :func:`packing_pays`.
 
         Both give the plain forward's loss and gradients up to float rounding (tested).
-        ``input_ids``/``labels`` ``[b, s]``, right-padded.
+        ``input_ids``/``labels`` ``[b, s]``, right-padded. ``max_labeled`` (the static form,
+        :meth:`loss`) turns both off: their shapes depend on the batch's values.
         """
+        if max_labeled is not None:
+            share_prefix = pack = False
         p = shared_prefix_length(input_ids, labels, self.lm.cfg.vocab_size) if share_prefix else 0
         prefix = None
         if p:
@@ -600,18 +607,21 @@ class MultimodalLlama(nn.Module):
                                         attn_mask=rows.attention_mask(p), cache=prefix)
             return labeled_cross_entropy(hidden, rows.labels(labels), self.lm.output_weight)
         hidden = self.hidden_states(ids, media, row_mask=row_mask, cache=prefix)
-        return labeled_cross_entropy(hidden, labels, self.lm.output_weight)
+        return labeled_cross_entropy(hidden, labels, self.lm.output_weight, max_labeled=max_labeled)
 
 
 def prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
     """``[b]``: columns of each row of ``labels [b, s]`` before its first labeled one (the prompt).
 
-    Raises ``ValueError`` for a row with no label, or one labeled from column 0 (no prompt).
+    Raises ``ValueError`` for a row with no label, or one labeled from column 0 (no prompt),
+    except under :func:`~mm_llama.static.static_shapes` or a capture, which cannot read the test.
     """
     labeled = labels != -100  # [b, s]
+    first = labeled.long().argmax(1)  # [b]
+    if must_stay_static(labels):
+        return first
     if not bool(labeled.any(1).all()):
         raise ValueError("a row has no labeled position: the prompt reader cannot tell where its prompt ends")
-    first = labeled.long().argmax(1)  # [b]
     if bool((first == 0).any()):
         raise ValueError("a row is labeled from column 0: it has no prompt for the prompt reader")
     return first
@@ -634,14 +644,22 @@ def shared_prefix_length(input_ids: torch.Tensor, labels: torch.Tensor, vocab_si
 
 
 def labeled_cross_entropy(
-    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk: int = 4096
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk: int = 4096,
+    max_labeled: int | None = None,
 ) -> torch.Tensor:
     """Next-token CE computed only where a label exists.
 
     ``hidden [b, s, d]`` predicts ``labels[:, 1:]``; positions labeled -100 never get
     logits, and the labeled ones are projected ``chunk`` rows at a time, so peak memory
     is ``chunk x v`` instead of ``b x s x v``.
+
+    ``max_labeled``: take exactly that many rows, the labelled positions first in order, then
+    unlabelled ones, which the loss ignores: fixed shapes and no host read, the form a CUDA
+    graph can capture (:mod:`mm_llama.static`). It must be at least the batch's labelled count;
+    outside :func:`~mm_llama.static.static_shapes` and capture, a smaller one is rejected.
     """
+    if max_labeled is not None:
+        return _static_labeled_cross_entropy(hidden, labels, weight, chunk, max_labeled)
     targets = labels[:, 1:]
     keep = targets != -100  # [b, s-1]
     h = hidden[:, :-1][keep]  # [n, d]
@@ -653,3 +671,28 @@ def labeled_cross_entropy(
         logits = F.linear(h[start : start + chunk], weight).float()  # [n_chunk, v]
         total = total + F.cross_entropy(logits, y[start : start + chunk], reduction="sum")
     return total / y.numel()
+
+
+def _static_labeled_cross_entropy(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk: int, max_labeled: int
+) -> torch.Tensor:
+    targets = labels[:, 1:].flatten()  # [b * (s-1)]
+    keep = targets != -100
+    if not 0 < max_labeled <= targets.numel():
+        raise ValueError(f"max_labeled must be in 1..{targets.numel()} (the batch's positions), got {max_labeled}")
+    if not must_stay_static(labels):
+        n = int(keep.sum())
+        if n == 0:
+            raise ValueError("batch has no labeled positions: every label is -100")
+        if n > max_labeled:
+            raise ValueError(f"batch has {n} labeled positions, more than max_labeled={max_labeled}")
+    # A stable sort puts the labelled positions first, in order: the same rows, in the same
+    # order, as the boolean gather above, padded with unlabelled ones (target -100, ignored).
+    rows = torch.argsort((~keep).to(torch.uint8), stable=True)[:max_labeled]  # [n_max]
+    h = hidden[:, :-1].flatten(0, 1).index_select(0, rows)  # [n_max, d]
+    y = targets.index_select(0, rows)  # [n_max]
+    total = hidden.new_zeros(())
+    for start in range(0, max_labeled, chunk):
+        logits = F.linear(h[start : start + chunk], weight).float()  # [n_chunk, v]
+        total = total + F.cross_entropy(logits, y[start : start + chunk], reduction="sum")
+    return total / keep.sum().clamp(min=1)

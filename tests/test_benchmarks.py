@@ -59,6 +59,28 @@ def test_vs_hf_mllama_quick_prints_ratios():
     assert abs(out["trainable_params_diff"]) < 0.001 * hf["trainable_params"]
 
 
+def test_vs_hf_mllama_graphed_runner_takes_the_eager_runners_step():
+    """``--ours-graph`` (GraphedTrainStep; eager here, captured on a GPU) trains ours at the
+    benchmark's full shape the same as the default step, up to float rounding."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import torch
+    from vs_hf_mllama import OursRunner, VisionSizes, make_batch
+
+    batch = make_batch(2, 24, 8, 49152, VisionSizes().image_size)
+    off = torch.autocast("cpu", enabled=False)
+    after = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        runner = OursRunner(VisionSizes(), graph=graph)
+        opt = runner.optimizer()
+        before = torch.cat([p.detach().flatten() for p in runner.trainable()])
+        runner.train_step(opt, batch, off)
+        after.append(torch.cat([p.detach().flatten() for p in runner.trainable()]))
+    assert runner.step is not None  # the graphed runner went through GraphedTrainStep
+    assert (after[1] - before).abs().max() > 1e-5  # AdamW at lr 1e-4 moved the weights
+    torch.testing.assert_close(after[1], after[0], rtol=1e-4, atol=1e-6)
+
+
 def test_data_loader_reports_loader_rate_against_the_step(tiny_lm_dir):
     out = run_json("data_loader.py", "--lm", str(tiny_lm_dir), "--samples", "24", "--shards", "2",
                    "--batch-size", "4", "--num-workers", "0", "--batches", "3", "--step-samples-per-s", "2.0")
