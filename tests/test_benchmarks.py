@@ -61,7 +61,8 @@ def test_vs_hf_mllama_quick_prints_ratios():
 
 def test_vs_hf_mllama_graphed_runner_takes_the_eager_runners_step():
     """``--ours-graph`` (GraphedTrainStep; eager here, captured on a GPU) trains ours at the
-    benchmark's full shape the same as the default step, up to float rounding."""
+    benchmark's full shape the same as the default step, up to float rounding, with code a
+    capture accepts."""
     sys.path.insert(0, str(BENCHMARKS))
     import torch
     from vs_hf_mllama import OursRunner, VisionSizes, make_batch
@@ -79,6 +80,16 @@ def test_vs_hf_mllama_graphed_runner_takes_the_eager_runners_step():
     assert runner.step is not None  # the graphed runner went through GraphedTrainStep
     assert (after[1] - before).abs().max() > 1e-5  # AdamW at lr 1e-4 moved the weights
     torch.testing.assert_close(after[1], after[0], rtol=1e-4, atol=1e-6)
+    # ... and at this shape the captured code reads no device value on the host (what a capture
+    # would reject; tests/test_graphed_step.py shows that this check fails where it should).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mm_llama.static import static_shapes
+
+    n = int((batch.labels[:, 1:] != -100).sum())
+    with FakeTensorMode(allow_non_fake_inputs=True), static_shapes():
+        loss = runner.model.loss(batch.ids, batch.labels, batch.images, max_labeled=n)
+        torch.autograd.grad(loss, runner.trainable(), allow_unused=True)
 
 
 def test_data_loader_reports_loader_rate_against_the_step(tiny_lm_dir):
