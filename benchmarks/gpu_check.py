@@ -8,7 +8,9 @@ the same, the accuracy is meaningless. Prints one JSON line.
 
 * ``throughput``: fwd + bwd + AdamW steps of the fused model (frozen LM in bf16, adapters in
   fp32, bf16 autocast) on chat-shaped batches, eager and with every decoder / cross-attention
-  block compiled (:func:`mm_llama.training.scale.compile_blocks_`). ``mfu`` is the step's
+  block compiled (:func:`mm_llama.training.scale.compile_blocks_`), and as one CUDA graph
+  replayed per step (:class:`mm_llama.training.graphed_step.GraphedTrainStep`, the static loss;
+  ``--no-graph`` skips these rows). ``mfu`` is the step's
   FLOPs (``torch.utils.flop_counter``) per second over the measured bf16 matmul peak of the
   device (``mfu_vs_spec``: over ``--peak-tflops``, the data-sheet dense bf16 figure);
 * ``--llama3-8b``: the same rows for Llama 3.1 8B's shape with the paper's ViT-H/14
@@ -29,6 +31,7 @@ the same, the accuracy is meaningless. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -45,6 +48,7 @@ from mm_llama.config import LlamaConfig, RopeScaling  # noqa: E402
 from mm_llama.llama import LlamaLM  # noqa: E402
 from mm_llama.lm import load_language_model  # noqa: E402
 from mm_llama.model import ModelConfig, MultimodalLlama  # noqa: E402
+from mm_llama.training.graphed_step import GraphedTrainStep  # noqa: E402
 from mm_llama.training.optim import OptimConfig, build_optimizer  # noqa: E402
 from mm_llama.training.run import RunConfig, run  # noqa: E402
 from mm_llama.training.scale import compile_blocks_  # noqa: E402
@@ -80,13 +84,15 @@ def build_model(lm: str | None, device: str = "cuda", shape: LlamaConfig = LLAMA
 
 
 def step_throughput(lm: str | None, batch: int, seq: int, compiled: bool, peak: float, steps: int = 10,
-                    profile: Path | None = None) -> dict:
+                    profile: Path | None = None, graph: bool = False) -> dict:
     """Steps/s, tokens/s, MFU and peak memory of the fused model's training step.
 
     The batch: ``<|im_start|>user\\n<|image|>`` then random prompt tokens; the last 8 tokens
     of every row are the labelled answer (the built-in data's shape). ``lm=None``: Llama 3.1
     8B's shape (:data:`LLAMA3_8B`, :data:`VIT_H14`). ``profile``: also write a
     ``torch.profiler`` table of 3 steps (top ops by GPU and by CPU time) to that file.
+    ``graph``: the step through :class:`GraphedTrainStep` (the static loss, one CUDA graph
+    replayed per step; its warm-up and capture happen in the first of the 3 warm-up calls).
     """
     torch.manual_seed(0)
     model = build_model(lm).train()
@@ -101,7 +107,9 @@ def step_throughput(lm: str | None, batch: int, seq: int, compiled: bool, peak: 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt, _ = build_optimizer(named, model.group_of, OptimConfig())
 
-    def step() -> torch.Tensor:
+    n_labeled = int((labels[:, 1:] != -100).sum())
+
+    def eager_step() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model.loss(ids, labels, images)
         opt.zero_grad(set_to_none=True)
@@ -109,13 +117,24 @@ def step_throughput(lm: str | None, batch: int, seq: int, compiled: bool, peak: 
         opt.step()
         return loss
 
+    step = eager_step
+    if graph:  # build_optimizer fuses AdamW on a GPU: graph-safe
+        graphed = GraphedTrainStep(lambda ids, labels, images: model.loss(ids, labels, images, max_labeled=n_labeled),
+                                   opt, dict(ids=ids, labels=labels, images=images), autocast_dtype=torch.bfloat16)
+        step = functools.partial(graphed, ids=ids, labels=labels, images=images)
+
     start = time.perf_counter()
-    for _ in range(3):  # warm-up (and compilation)
+    for _ in range(3):  # warm-up (and compilation, or the graph's capture)
         step()
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - start
-    with flop_counter() as counter:
-        step()
+    with flop_counter() as counter:  # a replayed graph dispatches no op to count: count an eager pass
+        if graph:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.loss(ids, labels, images, max_labeled=n_labeled)
+            torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        else:
+            step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -127,6 +146,7 @@ def step_throughput(lm: str | None, batch: int, seq: int, compiled: bool, peak: 
     if profile is not None:
         write_profile(step, profile)
     return {"trainable_params": sum(p.numel() for _, p in named), "batch": batch, "seq": seq, "compiled": compiled,
+            "graph": graph,
             "warmup_s": round(warmup_s, 1),
             "step_ms": round(dt * 1e3, 2), "tokens_per_s": round(batch * seq / dt),
             "samples_per_s": round(batch / dt, 1), "step_tflop": round(flops / 1e12, 4),
@@ -196,6 +216,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=48, help="throughput tokens per row")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="data-sheet dense bf16 peak (H100 SXM)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled throughput rows")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="skip the rows of the step as one CUDA graph (GraphedTrainStep)")
     parser.add_argument("--no-run", action="store_true", help="skip the default image run")
     parser.add_argument("--generate-batches", type=int, nargs="*", default=[1, 8],
                         help="generation batch sizes (eager vs CUDA graph); none: skip")
@@ -210,14 +232,18 @@ def main() -> None:
     peak = matmul_peak_flops(8192, device="cuda", dtype=torch.bfloat16)
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "lm": lm,
                     "bf16_matmul_peak_tflops": round(peak / 1e12, 1), "throughput": []}
-    for compiled in (False,) if args.no_compile else (False, True):
+    variants = [(False, False)]  # (compiled, graph): eager first
+    variants += [] if args.no_graph else [(False, True)]
+    variants += [] if args.no_compile else [(True, False)]
+    for compiled, graph in variants:
         for b in args.batches:
             try:
-                profile = Path(f"{args.profile}.b{b}.txt") if args.profile and not compiled else None
-                row = step_throughput(None if args.llama3_8b else lm, b, args.seq, compiled, peak, profile=profile)
+                profile = Path(f"{args.profile}.b{b}.txt") if args.profile and not (compiled or graph) else None
+                row = step_throughput(None if args.llama3_8b else lm, b, args.seq, compiled, peak, profile=profile,
+                                      graph=graph)
                 row["mfu_vs_spec"] = round(row["achieved_tflops"] / args.peak_tflops, 4)
             except Exception as err:  # a failed variant is a finding, not the end of the check
-                row = {"batch": b, "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:500]}
+                row = {"batch": b, "compiled": compiled, "graph": graph, "error": f"{type(err).__name__}: {err}"[:500]}
                 del err
                 torch.cuda.empty_cache()
             print(json.dumps(row), flush=True)
