@@ -102,21 +102,23 @@ class GraphedTrainStep:
     # --- first call: warm up, undo, capture --------------------------------------------------
     def _prepare(self) -> None:
         self.prepared = True
+        # Warm-up and capture share one side stream: per-stream lazy inits (cuBLAS workspaces)
+        # then happen in the warm-up, never under capture.
+        side = torch.cuda.Stream(self.device) if self.cuda else None
         if self.warmup_steps:
             params, state = self._snapshot()
-            side = torch.cuda.Stream() if self.cuda else None
             if side is not None:
-                side.wait_stream(torch.cuda.current_stream())
+                side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 for _ in range(self.warmup_steps):
                     self._step()
             if side is not None:
-                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.current_stream(self.device).wait_stream(side)
             self._restore(params, state)
-        if self.cuda:
+        if side is not None:
             self.optimizer.zero_grad(set_to_none=True)  # the backward under capture allocates them in the pool
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=side):
                 self.loss = self._step()
 
     def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
