@@ -23,8 +23,8 @@ Each model lives in its own subprocess (``--worker``), so peak RSS is its own; t
 drives both one step (or one generation) at a time, alternating which goes first, so that
 load from elsewhere on a shared machine falls on both alike:
 
-* ``step_s``: median wall time of a training step (forward, loss, backward, AdamW step)
-  after ``--warmup`` unmeasured steps;
+* ``step_s``: median wall time of a training step (gradients set to ``None``, forward, loss,
+  backward, AdamW step) after ``--warmup`` unmeasured steps;
 * ``peak_rss_mb``: the process's peak resident set from start through the training steps
   (Python + torch + the model + training);
 * ``train_increment_mb``: the training steps' peak RSS minus the RSS of the loaded model just
@@ -167,9 +167,11 @@ class Runner:
         return torch.optim.AdamW(self.trainable(), lr=1e-4, weight_decay=0.01)
 
     def train_step(self, opt: torch.optim.Optimizer, batch: Batch, autocast: torch.autocast) -> None:
+        # The last step's gradients go before the forward, where the activations peak: the order of
+        # HF's Trainer (zero_grad after each step) and of GraphedTrainStep.
+        opt.zero_grad(set_to_none=True)
         with autocast:
             loss = self.loss(batch)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 

@@ -124,3 +124,31 @@ def test_loss_scaling_turns_fusing_off():
     opt, _ = build_optimizer(named, model.group_of, OptimConfig(), fused=not uses_loss_scaling(trainer))
     assert not opt.defaults["fused"]
     assert not clip_grad_norm(trainer, opt, 1.0)
+
+
+def test_gradients_are_dropped_after_each_optimizer_step_and_kept_while_accumulating():
+    """Lightning zeroes gradients between the next forward and its backward; the modules drop them
+    right after the step instead (``ClipsGradients.optimizer_step``), so they are not alive during
+    the forward's activation peak. Accumulated micro-batches keep theirs."""
+    import lightning as L
+
+    from mm_llama.training.scale import ClipsGradients
+
+    class Probe(ClipsGradients, L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+            self.grad_at_forward: list[bool] = []
+
+        def training_step(self, batch, batch_idx):
+            self.grad_at_forward.append(self.lin.weight.grad is not None)
+            return self.lin(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 4)), batch_size=2)
+    probe = Probe()
+    L.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=1.0, logger=False,
+              enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False).fit(probe, data)
+    assert probe.grad_at_forward == [False, True] * 3  # after a step: none; mid-accumulation: kept

@@ -342,12 +342,21 @@ def clip_grad_norm(trainer: L.Trainer, optimizer: torch.optim.Optimizer, max_nor
 class ClipsGradients:
     """Mixin (before ``L.LightningModule``) for modules whose optimizer comes from
     :func:`~mm_llama.training.optim.build_optimizer`: clipping by norm goes through
-    :func:`clip_grad_norm`, anything else to Lightning."""
+    :func:`clip_grad_norm`, anything else to Lightning. The gradients are dropped as soon as the
+    optimizer has stepped (:meth:`optimizer_step`)."""
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
         if not (by_norm and clip_grad_norm(self.trainer, optimizer, gradient_clip_val)):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Step, then set the gradients to ``None``. Lightning zeroes them only between the next
+        forward and its backward, so the last step's gradients would stay alive through the
+        forward, where the saved activations peak; HF's Trainer drops them after the step too.
+        With gradient accumulation this runs only when the optimizer steps."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
 
 
 def compile_blocks_(model: nn.Module, **compile_kwargs) -> list[nn.Module]:
