@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-from mm_llama.model import labeled_cross_entropy
+from mm_llama.model import MultimodalLlama, labeled_cross_entropy
 from mm_llama.static import must_stay_static, static_shapes
 from mm_llama.training.graphed_step import GraphedTrainStep, check_graph_safe
 from tests.test_model import VOCAB, batch, tiny_lm, tiny_model
@@ -28,7 +28,7 @@ def _model(reader: str = "no-reader"):
         return tiny_model(gate_init=0.2)
     from adapters.prompt_reader import PromptReaderConfig
     from encoders import ImageEncoderConfig
-    from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
+    from mm_llama.model import CrossAttentionConfig, ModelConfig
 
     enc = ImageEncoderConfig(backbone="timm:vit_tiny_patch16_224", image_size=16, patch_size=8, depth=2, width=32,
                              heads=2, intermediate_layers=(0,))
@@ -113,6 +113,23 @@ def test_the_captured_code_reads_no_device_value_on_the_host(reader):
         model.loss(ids, labels, images)
     with pytest.raises(DataDependentOutputException), FakeTensorMode(allow_non_fake_inputs=True):
         model.loss(ids, labels, images, max_labeled=n)
+
+
+def test_the_video_models_static_loss_reads_nothing_on_the_host_either():
+    import dataclasses
+
+    from tests.test_video_model import VIDEO, image_config
+
+    model = MultimodalLlama(tiny_lm(), image_config(video=dataclasses.replace(VIDEO, gate_init=0.5)))
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ids[:, 2] = model.media_token_id("video")
+    labels = ids.clone()
+    labels[:, :3] = -100
+    clips = dict(videos=torch.randn(2, 6, 3, 16, 16), frame_mask=torch.tensor([[True] * 6, [True] * 2 + [False] * 4]))
+    n = _n_labeled(labels)
+    torch.testing.assert_close(model.loss(ids, labels, **clips, max_labeled=n), model.loss(ids, labels, **clips))
+    with FakeTensorMode(allow_non_fake_inputs=True), static_shapes():
+        model.loss(ids, labels, **clips, max_labeled=n).backward()
 
 
 def test_static_shapes_is_scoped_and_nestable():
