@@ -330,3 +330,18 @@ def test_no_progress_reaches_the_shard_generators(monkeypatch, tmp_path, modalit
     cfg = run_module.RunConfig(modality=modality, data_dir=str(tmp_path), progress=progress)
     cfg.spec.datamodule(cfg).prepare_data()
     assert calls == [progress]
+
+
+def test_sample_grid_writes_control_bytes_as_escapes(tmp_path):
+    """An untrained model's answer can be control bytes; the grid shows them as ``\\x13``, which the
+    font can draw, instead of empty boxes and a matplotlib warning per missing glyph."""
+    import warnings
+
+    from mm_llama.training.report import _wrap, plot_samples
+
+    sample = {"image": torch.rand(8, 8, 3), "prompt": "what colour?", "prediction": "red\x13\x07", "response": "red"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing glyph is a UserWarning
+        path = plot_samples([sample], tmp_path / "grid.png")
+    assert path.stat().st_size > 1000
+    assert _wrap("red\x13\x07  ok\n") == r"red\x13\x07 ok"

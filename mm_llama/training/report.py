@@ -162,7 +162,9 @@ def plot_samples(samples: list[dict[str, Any]], path: str | Path, judge=None, co
 
 
 def _wrap(text: str, width: int = 44, max_lines: int = 2) -> str:
-    text = " ".join(text.split())
+    # An untrained model's answer can hold control bytes (``\x13``), which no font draws: show them
+    # as escapes rather than as empty boxes (and a matplotlib warning per glyph).
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in " ".join(text.split()))
     lines, line = [], ""
     for word in text.split(" "):
         if line and len(line) + 1 + len(word) > width:
