@@ -71,8 +71,9 @@ from pathlib import Path
 
 import torch
 
+# The workers import train_step (and through it the model code) when they need it: the parent
+# only drives them, and importing the model there would hold up their start by seconds.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import flop_counter, matmul_peak_flops  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "hf", "torchtune")
 
@@ -569,6 +570,8 @@ class Worker:
         return {"s": time.perf_counter() - start}
 
     def train_done(self) -> dict:
+        from train_step import flop_counter, matmul_peak_flops
+
         train_peak = peak_rss_mb()
         r = self.report
         r["peak_rss_mb"] = round(max(r.pop("peak_rss_before_training_mb"), train_peak), 1)
@@ -692,6 +695,7 @@ def _measure(args: argparse.Namespace, remotes: list[Remote]) -> dict[str, dict]
                 "decode_tokens_per_s": round(statistics.median(x["decode_tokens_per_s"] for x in rs), 2),
                 "e2e_tokens_per_s": round(statistics.median(x["e2e_tokens_per_s"] for x in rs), 2),
             }
+    phase("generation done")
     results = {}
     b, s = args.batch_size, args.seq_len
     for r in remotes:
