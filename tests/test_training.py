@@ -5,11 +5,13 @@ writes every artefact of ``train_adapter.py``."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from encoders import ImageEncoderConfig
 from mm_llama.data.scenes import make_default_shards
@@ -75,13 +77,15 @@ def trained(tiny_lm_dir, shapes_dir, tmp_path_factory):
     module, datamodule = make_module(tiny_lm_dir), make_datamodule(shapes_dir)
     before = {"lm": parameters_digest(module.model.lm), "trainable": trainable(module)}
     trainer = make_trainer(root)
-    trainer.fit(module, datamodule=datamodule)
+    with warnings.catch_warnings(record=True) as fit_warnings:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=datamodule)
     after_fit = {"lm": parameters_digest(module.model.lm), "val": module.last_eval}
     trainer.test(module, datamodule=datamodule, verbose=False)
     ckpt = root / "adapter.ckpt"
     trainer.save_checkpoint(ckpt)
     return {"module": module, "datamodule": datamodule, "trainer": trainer, "before": before,
-            "after_fit": after_fit, "ckpt": ckpt}
+            "after_fit": after_fit, "ckpt": ckpt, "fit_warnings": [str(w.message) for w in fit_warnings]}
 
 
 def test_fit_trains_the_adapters_and_never_the_lm(trained):
@@ -96,6 +100,20 @@ def test_fit_trains_the_adapters_and_never_the_lm(trained):
         assert changed, f"no {group} tensor changed"
     gates = [k for k in now if k.startswith("cross_attn.") and "gate" in k]
     assert gates and all(not torch.equal(now[k], before[k]) for k in gates)
+
+
+def test_frozen_parts_in_eval_mode_raise_no_warning(trained):
+    """The frozen LM is in eval mode on purpose: neither Lightning's count of eval-mode modules
+    nor our check of trainable ones speaks up for the default model."""
+    assert not [w for w in trained["fit_warnings"] if "in eval mode" in w], trained["fit_warnings"]
+    assert not trained["module"].model.lm.training and trained["module"].model.cross_attn.training
+
+
+def test_a_trainable_module_left_in_eval_mode_is_named(tiny_lm_dir, shapes_dir, tmp_path):
+    module = make_module(tiny_lm_dir)
+    module.model.cross_attn.eval()  # e.g. a model put in eval mode for a look at its answers, then trained
+    with pytest.warns(PossibleUserWarning, match=r"trainable weights are in eval mode .*: model\.cross_attn\.\d"):
+        make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=make_datamodule(shapes_dir))
 
 
 def test_epoch_reaches_the_training_shards_and_nothing_is_skipped(trained):
@@ -289,6 +307,7 @@ def test_bf16_run_holds_the_frozen_lm_in_bf16_and_never_changes_it(tiny_lm_dir, 
 
     class Recording(AdapterModule):
         def on_fit_start(self):
+            super().on_fit_start()
             seen["start"] = (self.model.lm.embed_tokens.weight.dtype, parameters_digest(self.model.lm))
 
         def on_fit_end(self):
@@ -335,8 +354,6 @@ def test_no_progress_reaches_the_shard_generators(monkeypatch, tmp_path, modalit
 def test_sample_grid_writes_control_bytes_as_escapes(tmp_path):
     """An untrained model's answer can be control bytes; the grid shows them as ``\\x13``, which the
     font can draw, instead of empty boxes and a matplotlib warning per missing glyph."""
-    import warnings
-
     from mm_llama.training.report import _wrap, plot_samples
 
     sample = {"image": torch.rand(8, 8, 3), "prompt": "what colour?", "prediction": "red\x13\x07", "response": "red"}

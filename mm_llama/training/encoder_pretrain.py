@@ -45,6 +45,7 @@ from encoders import ImageEncoder
 from encoders.base import EncoderOutput
 from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training.datamodule import ModelInputs
+from mm_llama.training.modes import NamesTrainableInEval
 from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
 from mm_llama.training.scale import ClipsGradients
 from mm_llama.training.report import TrainingHistory
@@ -139,7 +140,7 @@ class ClipEncoder(nn.Module):
         return EncoderOutput(tokens, mask)
 
 
-class EncoderPretrainModule(ClipsGradients, L.LightningModule):
+class EncoderPretrainModule(ClipsGradients, NamesTrainableInEval, L.LightningModule):
     """Trains an :class:`ImageEncoder` (or a :class:`ClipEncoder`) and a :class:`CaptionDecoder` on the
     response tokens.
 
