@@ -24,11 +24,12 @@ from typing import Any, Sequence
 from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from mm_llama.checkpoint_files import check_checkpoint_file
 from mm_llama.training import checkpoint_io
+from mm_llama.training.console import PartsSummary, StepProgressBar, quiet_lightning
 from mm_llama.training.datamodule import ImageDataModule
 from mm_llama.training.module import AdapterModule
 from mm_llama.training.run import trainer_defaults
@@ -56,6 +57,21 @@ class AdapterCLI(LightningCLI):
         parser.set_defaults({"data": {"class_path": f"{ImageDataModule.__module__}.{ImageDataModule.__name__}"}})
         # Training examples and evaluation prompts must use the same system message.
         parser.link_arguments("model.system_prompt", "data.init_args.system_prompt")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, with :class:`~mm_llama.training.console.StepProgressBar` and
+        :class:`~mm_llama.training.console.PartsSummary` unless the config turns them off
+        (``enable_progress_bar`` / ``enable_model_summary``) or brings its own (``trainer.callbacks``)."""
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        callbacks = kwargs.get("callbacks", trainer_cfg.get("callbacks")) or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        ours = {"enable_progress_bar": (ProgressBar, lambda: StepProgressBar(self.subcommand or "fit")),
+                "enable_model_summary": (ModelSummary, PartsSummary)}
+        for switch, (kind, make) in ours.items():
+            if trainer_cfg.get(switch) is not False and not any(isinstance(c, kind) for c in callbacks):
+                callbacks.append(make())
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then refuse a truncated ``--ckpt_path`` with an error naming it.
@@ -122,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in LIGHTNING_SUBCOMMANDS:
         print(f"mm-llama: unknown subcommand {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    quiet_lightning()
     AdapterCLI(**cli_kwargs(), args=None if from_sys else argv)  # None: LightningCLI reads sys.argv itself
     return 0
 

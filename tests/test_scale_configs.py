@@ -23,6 +23,7 @@ from mm_llama.cli import AdapterCLI, cli_kwargs, main
 from mm_llama.data.scenes import make_default_shards
 from mm_llama.lm import parameters_digest
 from mm_llama.llama import DecoderLayer
+from mm_llama.training.console import PartsSummary, StepProgressBar
 from mm_llama.training.datamodule import ImageDataModule, model_inputs
 from mm_llama.training.module import AdapterModule
 from mm_llama.training.optim import OptimConfig
@@ -138,6 +139,20 @@ def test_shipped_config_builds_model_data_and_trainer(name, tiny_lm_dir, tmp_pat
         check_unit_dtypes(cli.model, fsdp_units(cli.model))  # what FSDP would flatten is uniform
     else:
         assert type(strategy).__name__ == ("DDPStrategy" if name == "multinode" else "SingleDeviceStrategy")
+    assert isinstance(cli.trainer.progress_bar_callback, StepProgressBar)  # beside the config's own callbacks
+    assert [type(c) for c in cli.trainer.callbacks if isinstance(c, L.pytorch.callbacks.ModelSummary)] == [PartsSummary]
+    assert any(type(c).__name__ == "ModelCheckpoint" for c in cli.trainer.callbacks)
+
+
+def test_cli_progress_bar_and_summary_can_be_turned_off(tiny_lm_dir, tmp_path):
+    overrides = ["--model.lm", str(tiny_lm_dir), "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                 "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+                 "--trainer.enable_model_summary", "false"]
+    overrides += [arg for key, value in TINY_ENCODER.items() for arg in (f"--model.model.image_encoder.{key}", value)]
+    cli = AdapterCLI(**{**cli_kwargs(), "save_config_callback": None}, run=False,
+                     args=[*config_args("image"), *overrides])
+    assert cli.trainer.progress_bar_callback is None
+    assert not any(isinstance(c, (StepProgressBar, PartsSummary)) for c in cli.trainer.callbacks)
 
 
 # --------------------------------------------------------------------------- FSDP policies

@@ -20,6 +20,7 @@ import torch
 from encoders.best_rq import BestRQ, BestRQConfig
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm_llama.checkpoint_files import atomic_write
+from mm_llama.training.console import StepProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def pretrain_speech_encoder(encoder: SpeechEncoderConfig, datamodule: L.Lightnin
     module = BestRQModule(encoder, best_rq, lr=lr)
     trainer = L.Trainer(**{**(trainer_defaults or {}), "max_steps": steps, "limit_val_batches": 0,
                            "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
+                           "callbacks": [StepProgressBar("BEST-RQ")] if progress else [],
                            "enable_progress_bar": progress, "enable_model_summary": False,
                            "default_root_dir": str(out)})
     start = time.perf_counter()

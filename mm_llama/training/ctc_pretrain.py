@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from adapters.speech_adapter import SpeechAdapter, SpeechAdapterConfig
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm_llama.checkpoint_files import atomic_write
+from mm_llama.training.console import StepProgressBar
 from mm_llama.training.modes import NamesTrainableInEval
 from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
 from mm_llama.training.scale import ClipsGradients
@@ -278,7 +279,8 @@ def _fit(module: _CTCStage, datamodule: L.LightningDataModule, steps: int, out: 
     trainer = L.Trainer(**{**(trainer_defaults or {}), "max_steps": steps, "limit_val_batches": 0,
                            "num_sanity_val_steps": 0, "enable_checkpointing": False,
                            "logger": L.pytorch.loggers.CSVLogger(str(out / "logs"), name=f"{module.name}_pretrain"),
-                           "log_every_n_steps": 10, "callbacks": [history],
+                           "log_every_n_steps": 10,
+                           "callbacks": [history, *([StepProgressBar(f"{module.name} CTC")] if progress else [])],
                            "enable_progress_bar": progress, "enable_model_summary": False,
                            "default_root_dir": str(out)})
     start = time.perf_counter()

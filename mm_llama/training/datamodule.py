@@ -381,10 +381,11 @@ class ImageDataModule(L.LightningDataModule):
         return out
 
     def log_skipped(self, split: str) -> None:
-        """Log ``split``'s skip counts (a warning when any sample was skipped; zero for
-        validation, which runs often, only at debug level)."""
+        """Log ``split``'s skip counts: a warning when any sample was skipped; a zero count only
+        for the test split (once a run) at info level, for training and validation (every epoch
+        and every validation) at debug level."""
         counts = self.skipped()[split]
-        level = logging.WARNING if counts["total"] else logging.DEBUG if split == "val" else logging.INFO
+        level = logging.WARNING if counts["total"] else logging.INFO if split == "test" else logging.DEBUG
         log.log(level, "%s: %d sample(s) skipped so far %s", split, counts["total"],
                 {k: v for k, v in counts.items() if k != "total"})
 

@@ -44,6 +44,7 @@ from adapters.temporal import TemporalAggregator
 from encoders import ImageEncoder
 from encoders.base import EncoderOutput
 from mm_llama.checkpoint_files import atomic_write
+from mm_llama.training.console import StepProgressBar
 from mm_llama.training.datamodule import ModelInputs
 from mm_llama.training.modes import NamesTrainableInEval
 from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
@@ -259,7 +260,7 @@ def pretrain_image_encoder(
         enable_checkpointing=False,
         logger=L.pytorch.loggers.CSVLogger(str(out / "logs"), name="encoder_pretrain"),
         log_every_n_steps=10,
-        callbacks=[history],
+        callbacks=[history, *([StepProgressBar("encoder pre-training")] if progress else [])],
         enable_progress_bar=progress,
         enable_model_summary=False,
     )

@@ -1,8 +1,10 @@
 """Train / eval modes at the start of training: the frozen parts stay in eval mode on purpose.
 
-The frozen LM (and, in later stages, a pre-trained encoder or prompt reader) is kept in eval mode
-by its owner's ``train()`` (:meth:`mm_llama.model.MultimodalLlama.train`), so that no dropout-like
-behaviour ever changes it. Lightning then warns at every fit that it "found N module(s) in eval
+The frozen LM is kept in eval mode by its owner's ``train()`` (:meth:`mm_llama.model.MultimodalLlama.train`;
+the token-CTC stage does the same for its frozen speech encoder), so that no dropout-like behaviour
+ever changes it. (A pre-trained encoder frozen for stage 2 is not: it trains in train mode, which for
+the default encoders changes nothing but the speech front end's SpecAugment; ``PartsSummary`` in
+:mod:`mm_llama.training.console` shows each part's mode.) Lightning then warns at every fit that it "found N module(s) in eval
 mode", hundreds of them, which is noise that hides the case that matters: a module that *trains*
 left in eval mode (its dropout off, its normalisation statistics frozen). :class:`NamesTrainableInEval`
 replaces that count with a check that names exactly those modules.

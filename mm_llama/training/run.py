@@ -40,6 +40,7 @@ from mm_llama.model import CrossAttentionConfig, ModelConfig
 from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training import checkpoint_io
 from mm_llama.training.checkpoint_io import AtomicCheckpointIO
+from mm_llama.training.console import PartsSummary, StepProgressBar, quiet_lightning
 from mm_llama.data.pipeline import check_task_weights
 from mm_llama.training.datamodule import ImageDataModule, ModelInputs
 from mm_llama.training.encoder_pretrain import EncoderPretrainConfig, pretrain_image_encoder
@@ -556,6 +557,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     Returns:
         The metrics also written to ``metrics.json``.
     """
+    quiet_lightning()
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -598,7 +600,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     }
     trainer = L.Trainer(
         **trainer_cfg,
-        callbacks=[ModelCheckpoint(**checkpoint_cfg), history, test_samples],
+        callbacks=[ModelCheckpoint(**checkpoint_cfg), history, test_samples,
+                   *([PartsSummary(), StepProgressBar("adapters")] if cfg.progress else [])],
         logger=CSVLogger(**logger_cfg),
         plugins=[AtomicCheckpointIO()],  # last.ckpt / adapter.ckpt are never left half-written
         enable_progress_bar=cfg.progress,
