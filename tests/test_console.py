@@ -109,7 +109,7 @@ def test_an_epoch_bounded_fit_keeps_one_bar_an_epoch(tmp_path):
     assert task.description.strip() == "adapters (epoch 1)" and "v_num" not in out.getvalue()
 
 
-def test_quiet_lightning_drops_tips_and_its_leafspec_warning_only(tmp_path):
+def test_quiet_lightning_drops_its_notices_and_leafspec_warning_only(tmp_path):
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     records: list[str] = []
 
@@ -119,27 +119,28 @@ def test_quiet_lightning_drops_tips_and_its_leafspec_warning_only(tmp_path):
 
     handler = Keep(level=logging.INFO)
     rank_zero.addHandler(handler)
-    rank_zero.removeFilter(console._TIP_FILTER)  # as before any run in this process
+    rank_zero.removeFilter(console._NOTICE_FILTER)  # as before any run in this process
     level = rank_zero.level
     rank_zero.setLevel(logging.INFO)
     try:
         with warnings.catch_warnings(record=True) as loud:
             warnings.simplefilter("always")
-            fit(tmp_path / "loud", None)
+            fit(tmp_path / "loud", None, callbacks=[console.PartsSummary()], enable_model_summary=True)
         loud_records, records[:] = list(records), []
         with warnings.catch_warnings(record=True) as quiet:
             warnings.simplefilter("always")
             quiet_lightning()
             quiet_lightning()  # idempotent
-            fit(tmp_path / "quiet", None)
+            fit(tmp_path / "quiet", None, callbacks=[console.PartsSummary()], enable_model_summary=True)
     finally:
         rank_zero.removeHandler(handler)
         rank_zero.setLevel(level)
         quiet_lightning()
-    assert any(r.startswith("💡 Tip") for r in loud_records), loud_records
-    assert not any(r.startswith("💡 Tip") for r in records), records
+    for notice in console.LIGHTNING_NOTICES:
+        assert any(r.startswith(notice) for r in loud_records), (notice, loud_records)
+        assert not any(r.startswith(notice) for r in records), (notice, records)
     assert any(r.startswith("GPU available") for r in records)  # Lightning's other messages stay
-    assert rank_zero.filters.count(console._TIP_FILTER) == 1
+    assert rank_zero.filters.count(console._NOTICE_FILTER) == 1
 
     def leafspec(ws):
         return [w for w in ws if "LeafSpec" in str(w.message)]

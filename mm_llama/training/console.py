@@ -30,21 +30,25 @@ from torch import nn
 
 # Lightning's `utilities/_pytree.py` builds `LeafSpec()`, which torch 2.14 deprecates (FutureWarning).
 LIGHTNING_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
-LIGHTNING_TIP_PREFIX = "💡 Tip:"
+LIGHTNING_NOTICES = (
+    "💡 Tip:",  # "try installing litlogger / litmodels"
+    "Trainer already configured with model summary callbacks",  # that is PartsSummary, on purpose
+)
 
 
-class _DropTips(logging.Filter):
-    """Drops Lightning's "💡 Tip: try installing ..." records."""
+class _DropNotices(logging.Filter):
+    """Drops Lightning's records that start with one of :data:`LIGHTNING_NOTICES`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(LIGHTNING_TIP_PREFIX)
+        return not str(record.msg).startswith(LIGHTNING_NOTICES)
 
 
-_TIP_FILTER = _DropTips()
+_NOTICE_FILTER = _DropNotices()
 
 
 def quiet_lightning() -> None:
-    """Silence Lightning's product tips and its own ``LeafSpec`` deprecation warning, for this process.
+    """Silence Lightning's product tips, its notice that :class:`PartsSummary` replaces its summary,
+    and its own ``LeafSpec`` deprecation warning, for this process.
 
     Idempotent. Called by ``train_adapter.py``'s :func:`~mm_llama.training.run.run` and by
     ``mm-llama`` before their trainers are built (the tips are logged by ``Trainer.__init__``).
@@ -52,8 +56,8 @@ def quiet_lightning() -> None:
     """
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
-        if _TIP_FILTER not in logger.filters:
-            logger.addFilter(_TIP_FILTER)
+        if _NOTICE_FILTER not in logger.filters:
+            logger.addFilter(_NOTICE_FILTER)
     warnings.filterwarnings("ignore", message=LIGHTNING_LEAFSPEC_WARNING, category=FutureWarning)
 
 
