@@ -318,9 +318,27 @@ class MultimodalLlama(nn.Module):
         state = self.state_dict()
         return {k: v for k, v in state.items() if self.group_of(k) is not None}
 
+    def frozen_parts(self) -> dict[str, nn.Module]:
+        """The parts outside the LM whose group is not in ``cfg.trainable`` (stage 1's encoder in
+        stage 2, a pre-trained prompt reader), by attribute path (``"image_encoder"``, ``"video.aggregator"``)."""
+        parts = {}
+        for group, prefixes in TRAINABLE_GROUPS.items():
+            if group in self.cfg.trainable:
+                continue
+            for prefix in prefixes:
+                try:
+                    parts[prefix.rstrip(".")] = self.get_submodule(prefix.rstrip("."))
+                except AttributeError:  # this model has no such part
+                    pass
+        return parts
+
     def train(self, mode: bool = True) -> MultimodalLlama:
+        """Train mode for the trainable parts; the LM and :meth:`frozen_parts` stay in eval mode
+        (no dropout, no SpecAugment: a frozen part computes what it will compute at test time)."""
         super().train(mode)
-        self.lm.eval()  # frozen: no dropout-style behaviour change, ever
+        self.lm.eval()
+        for part in self.frozen_parts().values():
+            part.eval()
         return self
 
     # --- ids ---------------------------------------------------------------------------

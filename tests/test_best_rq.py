@@ -79,7 +79,16 @@ def test_masked_frame_prediction_learns():
     assert model.quantizer.projection.grad is None  # the targets never train
 
 
-def test_lightning_stage_writes_a_loadable_encoder(tmp_path):
+def test_lightning_stage_writes_a_loadable_encoder(tmp_path, monkeypatch):
+    """...and quantizes clean features: its front end's SpecAugment is off while the encoder trains."""
+    modes = []
+    forward = BestRQ.forward
+
+    def recording(self, *args, **kwargs):
+        modes.append((self.encoder.frontend.training, self.encoder.backbone.training))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BestRQ, "forward", recording)
     data = tmp_path / "speech"
     spoken.make_default_shards(data, n_train=8, n_val=2, n_test=2, samples_per_shard=4, progress=False)
     tok = chat_tokenizer()
@@ -90,6 +99,7 @@ def test_lightning_stage_writes_a_loadable_encoder(tmp_path):
                                       best_rq=BestRQConfig(codebook_size=32), trainer_defaults={"accelerator": "cpu"},
                                       progress=False)
     assert summary["steps"] == 2 and math.isfinite(summary["loss"])
+    assert modes == [(False, True)] * 2
     loaded = SpeechEncoder(dataclasses.replace(TINY, checkpoint=summary["checkpoint"]))
     saved = torch.load(summary["checkpoint"], weights_only=True)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())

@@ -105,6 +105,21 @@ def test_trainable_parameter_names_exactly():
     }
 
 
+def test_train_mode_leaves_the_lm_and_every_frozen_part_in_eval():
+    model = tiny_model()
+    assert model.frozen_parts() == {}
+    model.train()
+    assert model.image_encoder.training and model.cross_attn.training and not model.lm.training
+    stage2 = MultimodalLlama(tiny_lm(), ModelConfig(model.cfg.image_encoder, trainable=("cross_attention",)))
+    assert set(stage2.frozen_parts()) == {"image_encoder", "image_projection", "fusion_embed"}
+    stage2.train()
+    for part in [stage2.lm, *stage2.frozen_parts().values()]:
+        assert not any(m.training for m in part.modules())
+    assert all(m.training for m in stage2.cross_attn.modules())
+    stage2.eval()
+    assert not any(m.training for m in stage2.modules())
+
+
 def test_residual_rms_scale_is_measured_per_layer():
     model = tiny_model(output_scale="residual_rms")
     scales = {i: float(b.output_scale) for i, b in model.cross_attn.items()}

@@ -109,9 +109,46 @@ def test_frozen_parts_in_eval_mode_raise_no_warning(trained):
     assert not trained["module"].model.lm.training and trained["module"].model.cross_attn.training
 
 
+class RecordModes(L.Callback):
+    """(image encoder, any of its modules, cross-attention, LM) ``training`` flags at each training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, bool, bool, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        m = pl_module.model
+        self.seen.append((m.image_encoder.training, any(x.training for x in m.image_encoder.modules()),
+                          m.cross_attn.training, any(x.training for x in m.lm.modules())))
+
+
+def test_the_models_own_train_sets_the_modes_a_fit_trains_in(tiny_lm_dir, shapes_dir, tmp_path):
+    """Lightning keeps the modes modules were built in; ``TrainModes`` calls ``train()`` when training
+    starts. A trainable part left in eval mode trains in train mode, a frozen part (the image encoder,
+    as in stage 2) stays in eval mode, and so it is after every validation."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    frozen_encoder = dataclasses.replace(TINY_MODEL, trainable=("projection", "cross_attention", "fusion_embedding"))
+    module = AdapterModule(lm=str(tiny_lm_dir), model=frozen_encoder, eval_max_new_tokens=2,
+                           optim=OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10))
+    assert module.model.image_encoder.training  # as built
+    module.model.cross_attn.eval()  # e.g. put in eval mode for a look at its answers, then trained
+    record = RecordModes()
+    make_trainer(tmp_path, max_steps=3, limit_train_batches=3, val_check_interval=1, limit_val_batches=1,
+                 callbacks=[record]).fit(module, datamodule=make_datamodule(shapes_dir))
+    assert record.seen == [(False, False, True, False)] * 3
+
+
 def test_a_trainable_module_left_in_eval_mode_is_named(tiny_lm_dir, shapes_dir, tmp_path):
     module = make_module(tiny_lm_dir)
-    module.model.cross_attn.eval()  # e.g. a model put in eval mode for a look at its answers, then trained
+    model = module.model
+
+    def train(mode: bool = True):  # a train() override that forgets what trains
+        type(model).train(model, mode)
+        model.cross_attn.eval()
+        return model
+
+    model.train = train
     with pytest.warns(PossibleUserWarning, match=r"trainable weights are in eval mode .*: model\.cross_attn\.\d"):
         make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=make_datamodule(shapes_dir))
 

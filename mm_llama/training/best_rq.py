@@ -21,11 +21,12 @@ from encoders.best_rq import BestRQ, BestRQConfig
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training.console import StepProgressBar
+from mm_llama.training.modes import TrainModes
 
 log = logging.getLogger(__name__)
 
 
-class BestRQModule(L.LightningModule):
+class BestRQModule(TrainModes, L.LightningModule):
     """Masked-frame prediction of random-projection labels.
 
     Args:

@@ -42,7 +42,7 @@ from adapters.speech_adapter import SpeechAdapter, SpeechAdapterConfig
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training.console import StepProgressBar
-from mm_llama.training.modes import NamesTrainableInEval
+from mm_llama.training.modes import TrainModes
 from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
 from mm_llama.training.scale import ClipsGradients
 from mm_llama.training.report import TrainingHistory
@@ -69,7 +69,7 @@ def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[str]:
     return texts
 
 
-class _CTCStage(ClipsGradients, NamesTrainableInEval, L.LightningModule):
+class _CTCStage(ClipsGradients, TrainModes, L.LightningModule):
     """What the two CTC stages share: AdamW over the trainable parameters, a finite-loss check,
     the log, and writing one part's state dict for the fused model to load.
 

@@ -46,7 +46,7 @@ from encoders.base import EncoderOutput
 from mm_llama.checkpoint_files import atomic_write
 from mm_llama.training.console import StepProgressBar
 from mm_llama.training.datamodule import ModelInputs
-from mm_llama.training.modes import NamesTrainableInEval
+from mm_llama.training.modes import TrainModes
 from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
 from mm_llama.training.scale import ClipsGradients
 from mm_llama.training.report import TrainingHistory
@@ -141,7 +141,7 @@ class ClipEncoder(nn.Module):
         return EncoderOutput(tokens, mask)
 
 
-class EncoderPretrainModule(ClipsGradients, NamesTrainableInEval, L.LightningModule):
+class EncoderPretrainModule(ClipsGradients, TrainModes, L.LightningModule):
     """Trains an :class:`ImageEncoder` (or a :class:`ClipEncoder`) and a :class:`CaptionDecoder` on the
     response tokens.
 

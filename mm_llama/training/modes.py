@@ -1,13 +1,16 @@
-"""Train / eval modes at the start of training: the frozen parts stay in eval mode on purpose.
+"""Train / eval modes at the start of training: each module's own ``train()`` decides them.
 
-The frozen LM is kept in eval mode by its owner's ``train()`` (:meth:`mm_llama.model.MultimodalLlama.train`;
-the token-CTC stage does the same for its frozen speech encoder), so that no dropout-like behaviour
-ever changes it. (A pre-trained encoder frozen for stage 2 is not: it trains in train mode, which for
-the default encoders changes nothing but the speech front end's SpecAugment; ``PartsSummary`` in
-:mod:`mm_llama.training.console` shows each part's mode.) Lightning then warns at every fit that it "found N module(s) in eval
-mode", hundreds of them, which is noise that hides the case that matters: a module that *trains*
-left in eval mode (its dropout off, its normalisation statistics frozen). :class:`NamesTrainableInEval`
-replaces that count with a check that names exactly those modules.
+The frozen LM and any part frozen for a stage (stage 1's encoder in stage 2, the speech encoder
+under token CTC) stay in eval mode: their owners override ``train()`` to keep them there
+(:meth:`mm_llama.model.MultimodalLlama.train`, ``TokenCTCModule.train``; ``BestRQ.train`` keeps its
+front end's SpecAugment off so that the targets see clean features). But Lightning (2.2 and later)
+never calls ``train()`` when a fit starts: it keeps whatever modes the modules were built in, all
+``training=True`` (those overrides were dead code until stop 31: SpecAugment ran inside the frozen
+speech encoder, and BEST-RQ quantized augmented features). :class:`TrainModes` calls it.
+
+It also replaces Lightning's warning that it "found N module(s) in eval mode", hundreds of them,
+all frozen on purpose, with a check that names the case that matters: a module that *trains* but
+is left in eval mode (its dropout off, its normalisation statistics frozen).
 """
 
 from __future__ import annotations
@@ -31,10 +34,14 @@ def trainable_in_eval(module: nn.Module) -> list[str]:
     ]
 
 
-class NamesTrainableInEval:
-    """Mixin (before ``L.LightningModule``): at the start of training, warn naming every module
-    that owns trainable weights but is in eval mode, instead of Lightning's count of all modules
-    in eval mode (the frozen ones are meant to be)."""
+class TrainModes:
+    """Mixin (before ``L.LightningModule``): when training starts, put the module in train mode
+    through ``self.train()`` (so every ``train()`` override below it runs), then warn naming every
+    module that owns trainable weights but is in eval mode, instead of Lightning's count of all
+    modules in eval mode (the frozen ones are meant to be).
+
+    Lightning keeps these modes across validation (it restores each module's flag afterwards).
+    """
 
     def on_fit_start(self) -> None:
         # Filters added here persist for the process: the message is only ever this count.
@@ -42,6 +49,7 @@ class NamesTrainableInEval:
         super().on_fit_start()
 
     def on_train_start(self) -> None:
+        self.train()
         stale = trainable_in_eval(self)
         if stale:
             shown = ", ".join(stale[:8]) + (f" and {len(stale) - 8} more" if len(stale) > 8 else "")

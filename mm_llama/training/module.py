@@ -25,7 +25,7 @@ from mm_llama.lm import load_language_model
 from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
 from mm_llama.data.video import frame_view
 from mm_llama.speech_generation import generate_from_speech
-from mm_llama.training.modes import NamesTrainableInEval
+from mm_llama.training.modes import TrainModes
 from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
 from mm_llama.training.scale import ClipsGradients, compile_blocks_, gather_to_all, is_sharded
 from mm_llama.training.speech_metrics import speech_metrics
@@ -52,7 +52,7 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 
 
-class AdapterModule(ClipsGradients, NamesTrainableInEval, L.LightningModule):
+class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
     """Trains everything but the frozen LM on next-token loss over response tokens.
 
     Args:
