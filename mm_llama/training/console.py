@@ -5,7 +5,7 @@ epochs: stage 1 of the default image run showed sixteen bars of 61 batches, each
 ``Epoch N/-2`` with the logger's ``v_num: 0.000`` beside the loss, and no time left for the
 stage as a whole. :class:`StepProgressBar` shows one bar per stage instead::
 
-    stage 1 (epoch 3) ━━━━━━━━━━━━━━━━━━ 640/1000 0:10:33 • 0:05:56 1.01it/s pretrain/loss: 0.005
+    encoder pre-training (epoch 0) ━━━━━━━━━━ 70/70 0:00:41 • 0:00:00 1.70it/s pretrain/loss: 0.583
 
 :class:`PartsSummary` replaces Lightning's model summary, which listed the whole model as one row
 with a "FLOPs 0" column (it counts FLOPs only given an example input), by one row per part: the
@@ -14,7 +14,7 @@ many of them train, and its train/eval mode.
 
 :func:`quiet_lightning` drops Lightning's advertisements ("💡 Tip: ... install litlogger") and a
 deprecation warning that Lightning's own code raises under this torch (``LeafSpec``); neither
-asks anything of a researcher, and together they made up a third of the run's console output.
+asks anything of a researcher.
 """
 
 from __future__ import annotations
@@ -94,15 +94,16 @@ class StepProgressBar(RichProgressBar):
         return f"{description:{len(self.validation_description)}}"
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._counts_steps(trainer) or self.train_progress_bar_id is None or self.progress is None:
-            super().on_train_epoch_start(trainer, pl_module)  # creates the bar (or a per-epoch one)
-            if self._counts_steps(trainer) and self.progress is not None and self.train_progress_bar_id is not None:
-                self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)
+        steps = self._counts_steps(trainer)
+        if steps and self.progress is not None and self.train_progress_bar_id is not None:
+            # Later epochs keep the bar and its rate; only the title changes.
+            self.progress.update(self.train_progress_bar_id,
+                                 description=self._get_train_description(trainer.current_epoch))
+            self.refresh()
             return
-        # Later epochs keep the bar and its rate; only the title changes.
-        self.progress.update(self.train_progress_bar_id,
-                             description=self._get_train_description(trainer.current_epoch))
-        self.refresh()
+        super().on_train_epoch_start(trainer, pl_module)  # creates the bar (or a per-epoch one)
+        if steps and self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)  # a resumed fit
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

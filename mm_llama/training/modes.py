@@ -3,7 +3,7 @@
 The frozen LM and any part frozen for a stage (stage 1's encoder in stage 2, the speech encoder
 under token CTC) stay in eval mode: their owners override ``train()`` to keep them there
 (:meth:`mm_llama.model.MultimodalLlama.train`, ``TokenCTCModule.train``; ``BestRQ.train`` keeps its
-front end's SpecAugment off so that the targets see clean features). But Lightning (2.2 and later)
+front end's SpecAugment off so that the targets see clean features). But Lightning (2.6, as pinned)
 never calls ``train()`` when a fit starts: it keeps whatever modes the modules were built in, all
 ``training=True`` (those overrides were dead code until stop 31: SpecAugment ran inside the frozen
 speech encoder, and BEST-RQ quantized augmented features). :class:`TrainModes` calls it.
