@@ -28,7 +28,7 @@ class GatedCrossAttention(nn.Module):
     tokens have no position in the text). ``s`` is ``output_scale``, a fixed
     (non-trainable) multiplier: with ``s`` set to the residual stream's typical
     RMS at this depth, an adapter output of unit size moves the frozen LM as much
-    in layer 27 as in layer 3 (see README, "Learning dynamics"). The gates start at
+    in layer 27 as in layer 3 (see benchmarks/RESULTS.md, "Learning dynamics"). The gates start at
     ``gate_init`` (0 by default), so at initialisation the block is the identity.
 
     ``row_mask_mode`` decides what happens to text rows that see no media (before the

@@ -50,7 +50,7 @@ class ImageEncoderConfig:
     stride-4 feature map, i.e. 32x32 pixels, 4 blocks of width 192): a 64x64 image
     gives 4 tokens of 576 dims, one per cell of the built-in 2x2 scenes; ``patch_size=4``
     (16 tokens) suits finer layouts such as ``make-shards --grid 3``. On the built-in
-    scenes it learns far faster than a plain ViT with 8x8-pixel patches (README,
+    scenes it learns far faster than a plain ViT with 8x8-pixel patches (benchmarks/RESULTS.md,
     "Learning dynamics"). The paper's encoder is
     ``backbone="open_clip:ViT-H-14"``, ``image_size=224`` with every override
     ``None``, ``intermediate_layers=(3, 7, 15, 23, 30)``, ``n_global_layers=8``.
@@ -84,7 +84,7 @@ class ImageEncoderConfig:
             ``"library"`` (default; the library's own: std 0.02 in timm, ``width ** -0.5``
             in open_clip, a few percent of the patch signal). Ignored when a
             ``checkpoint`` is loaded. Measured on the built-in scenes, sincos did *not*
-            help (README, "Learning dynamics").
+            help (benchmarks/RESULTS.md, "Learning dynamics").
         patch_attention: what the backbone's self-attention lets a token see: ``"global"``
             (default; every token, as in every ViT) or ``"self"`` (only itself, so the blocks act
             on each patch alone: a token then describes its own patch and nothing of the others,
@@ -98,15 +98,15 @@ class ImageEncoderConfig:
             because every tile gets the same patch position embedding. Tokens come tile by tile in
             reading order, then patch by patch; with one patch per tile that is the untiled order. The
             global layers, if any, still see every tile. Measured on the built-in scenes with ``2``:
-            76.6 % against 89.3 % (README, "Results", stop 21).
+            76.6 % against 89.3 % (benchmarks/RESULTS.md, "Image runs", stop 21).
         stem_norm: the norm after a hybrid backbone's stem convolution (``timm:vit_*_r_*``):
             ``"group"`` (default; timm's GroupNorm, whose statistics span the whole image, so every
             cell's features carry something of the others') or ``"layer"`` (a LayerNorm over the
             channels of each pixel: a stem feature then depends on its receptive field alone). The
             parameters have the same names and shapes, so a checkpoint loads into either: keep the
-            value it was trained with. Measured on the built-in scenes (README, "Results", stop 22):
-            stage 1's decoder answers "where is the <colour> <shape>?" about two-object scenes 71 %
-            right with ``"layer"`` against 37 % with ``"group"``.
+            value it was trained with. Measured on the built-in scenes (benchmarks/RESULTS.md,
+            "Image runs", stop 22): stage 1's decoder answers "where is the <colour> <shape>?"
+            about two-object scenes 71 % right with ``"layer"`` against 37 % with ``"group"``.
     """
 
     backbone: str = "timm:vit_tiny_r_s16_p8_224"
@@ -355,7 +355,7 @@ class TimmViT(ViTBackbone):
         # The per-pixel LayerNorm normalises over channels: on an NHWC (channels-last) feature map
         # its permutes are views, not copies. Same values and gradients (tests/test_image_encoder.py);
         # with the out-of-place ReLU, the stem's forward + backward at batch 64 takes 72 ms instead
-        # of 110 on this project's CPU (README, "Speed").
+        # of 110 on this project's CPU (benchmarks/RESULTS.md, "Speed").
         self.channels_last = config.stem_norm == "layer"
 
     def attention_mask(self, images: Tensor) -> Tensor | None:

@@ -31,8 +31,8 @@ class ImageTransform:
     The same operations, in the same order, as torchvision's composed ``v2`` pipeline
     (:func:`torchvision_image_transform`) and so the same values bit for bit
     (``tests/test_image_encoder.py``), called directly: the composed transforms spent most of
-    the loader's time on their own bookkeeping (README, "Speed"). A plain object with tensors
-    and a ``ColorJitter``: it pickles into DataLoader workers.
+    the loader's time on their own bookkeeping (benchmarks/RESULTS.md, "Speed"). A plain object
+    with tensors and a ``ColorJitter``: it pickles into DataLoader workers.
     """
 
     def __init__(self, image_size: int, jitter: v2.ColorJitter | None = None) -> None:

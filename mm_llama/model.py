@@ -70,7 +70,7 @@ BF16_CPU_PACK_MULTIPLE = 32
 """Packed rows are padded to a multiple of this many tokens when matmuls run in bf16 on a CPU:
 oneDNN's bf16 path keeps memory per distinct matrix shape, and a packed row's length changes every
 step (60 default stage-2 steps: +680 MB with exact lengths, +190 MB with multiples of 32; fp32
-levels off. Stop 18, README "Results")."""
+levels off. Stop 18, benchmarks/RESULTS.md, "Image runs")."""
 
 PROJECTIONS: tuple[str, ...] = ("linear_norm", "linear")
 """``linear_norm``: Linear + RMSNorm (default); ``linear``: Linear + bias only (Llama 3.2 Vision)."""

@@ -46,7 +46,7 @@ class PackedRows:
         ``multiple > 1`` rounds ``n`` up to a multiple of it (as far as the batch's dropped columns
         allow) with dropped, unlabelled columns appended after every kept token: a causal model's
         loss is unchanged, and the packed row takes one of few lengths. (bf16 matmuls on a CPU keep
-        memory per distinct shape: README "Results", stop 18.)
+        memory per distinct shape: benchmarks/RESULTS.md, "Image runs", stop 18.)
         """
         b, s = labels.shape
         cols = torch.arange(s, device=labels.device)

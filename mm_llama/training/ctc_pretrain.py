@@ -1,7 +1,7 @@
 """Speech stage 1: CTC pre-training of the Conformer on the transcripts, before the adapters.
 
-The image path measured it first (README, "Learning dynamics"): a randomly initialised
-encoder learns slowly when its only gradient comes through zero-initialised gates and a
+The image path measured it first (benchmarks/RESULTS.md, "Learning dynamics"): a randomly
+initialised encoder learns slowly when its only gradient comes through zero-initialised gates and a
 frozen 135M-parameter LM, where every sample costs a forward and backward of the LM. A
 short stage without the LM moves the encoder's learning to where samples are cheap. For
 speech the natural cheap target is the transcript itself: the Conformer and a linear

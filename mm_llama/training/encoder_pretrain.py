@@ -9,7 +9,7 @@ produce the *responses* of the training shards from the image and the prompt
 costs a few milliseconds per sample instead of the ~0.2 s of a step through the
 LM: in two and a half minutes on a 2-core CPU the encoder sees ~20k samples. Its
 backbone is then saved in the format :attr:`ImageEncoderConfig.checkpoint` loads
-and, by default, frozen for stage 2 (README, "Learning dynamics"). With
+and, by default, frozen for stage 2 (benchmarks/RESULTS.md, "Learning dynamics"). With
 ``EncoderPretrainConfig.prompt_reader`` (the image default) the decoder is saved too and stays,
 frozen, as stage 2's prompt reader (:mod:`adapters.prompt_reader`).
 
@@ -70,7 +70,7 @@ class EncoderPretrainConfig:
         vocab_scan_batches: training batches read up front to collect the token ids the
             decoder predicts; ids first seen later map to one unknown class.
         freeze_encoder: keep the pre-trained encoder fixed in stage 2 (measured better
-            than fine-tuning it with the adapters: README).
+            than fine-tuning it with the adapters: benchmarks/RESULTS.md).
         prompt_reader: images only: keep the decoder too (``prompt_reader.safetensors``), so
             stage 2 appends its reading of each prompt to the media tokens
             (:mod:`adapters.prompt_reader`, ``ModelConfig.prompt_reader``).
@@ -237,7 +237,7 @@ def pretrain_image_encoder(
         ``"prompt_reader"``: the :class:`PromptReaderConfig` (as a dict) that loads the decoder,
         and ``"decoder_exact_match"``: the decoder's teacher-forced exact match on the test split
         (:meth:`EncoderPretrainModule.answers_right`; overall and by json ``task``), which the
-        prompt reader's model follows closely (README, "Results", stop 24).
+        prompt reader's model follows closely (benchmarks/RESULTS.md, "Image runs", stop 24).
     """
     datamodule.connect(inputs)
     datamodule.prepare_data()

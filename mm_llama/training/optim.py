@@ -24,8 +24,8 @@ class OptimConfig:
         gate_lr_multiplier: extra factor on the lr of the scalar tanh gates (parameters
             named ``*_gate``). Adam moves every parameter by about ``lr`` per step
             whatever its gradient's size, so a gate that starts at 0 needs a few hundred
-            steps to open at the adapters' lr; the measured effect is in the README
-            ("Learning dynamics"). 1 disables it.
+            steps to open at the adapters' lr; the measured effect is in
+            benchmarks/RESULTS.md ("Learning dynamics"). 1 disables it.
         weight_decay: decoupled decay on matrices only (not on norms, gates, biases, embeddings).
         betas: AdamW betas.
         warmup_steps: linear warm-up from 0.
@@ -112,9 +112,9 @@ def build_optimizer(named, group_of, cfg: OptimConfig, ndims: dict[str, int] | N
     AdamW runs fused (``fused=True``: one kernel over all parameters instead of a chain of
     per-tensor ops) when every parameter is a float tensor on a CPU or a GPU, which is also what
     ``transformers``' Trainer picks by default. In the profile of an H100 training step torch's
-    multi-tensor AdamW took 23 % of the GPU's time (README, "GPU path"); on this project's 2-core
-    CPU the fused step over 25M parameters takes ~21 ms against 60-88 ms for the per-tensor one.
-    Parameters equal the unfused update's to float rounding (``tests/test_optim.py``).
+    multi-tensor AdamW took 23 % of the GPU's time (benchmarks/RESULTS.md, "GPU path"); on this
+    project's 2-core CPU the fused step over 25M parameters takes ~21 ms against 60-88 ms for the
+    per-tensor one. Parameters equal the unfused update's to float rounding (``tests/test_optim.py``).
     ``fused=False`` never fuses (under loss scaling: :func:`uses_loss_scaling`). Clipping a fused
     AdamW's gradients goes through :class:`~mm_llama.training.scale.ClipsGradients`.
     """

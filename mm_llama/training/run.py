@@ -319,16 +319,17 @@ CROSS_ATTENTION_MLP = 512
 
 Image: the default run answered 88.7 % of the test with it (stop 14), 84.8 % with the LM's width
 (stop 12), with 12.7M instead of 25.1M trainable parameters and 13 % fewer FLOPs per step
-(``benchmarks/train_step.py``: 329 instead of 377 GFLOP at batch 16 x 40; README, "Results").
+(``benchmarks/train_step.py``: 329 instead of 377 GFLOP at batch 16 x 40; benchmarks/RESULTS.md,
+"Image runs").
 Video (image and video blocks alike, stop 16): 97.7 % instead of 98.0 % on the temporal captions,
 16.6M instead of 32.5M trainable parameters, stage 2 in 720 instead of 783 s (README, "Video")."""
 
 
 IMAGE_STEM_NORM = "layer"
 """``ImageEncoderConfig.stem_norm`` of the image run's default (hybrid) backbone. With the prompt
-reader, two-object "where" rose from chance to 69-83 % with it (stops 22-23, README "Results");
-the stem's GroupNorm spreads one cell's colour over every cell. Another ``--encoder`` keeps its own
-stem, and video keeps ``"group"``, as it was measured."""
+reader, two-object "where" rose from chance to 69-83 % with it (stops 22-23, benchmarks/RESULTS.md,
+"Image runs"); the stem's GroupNorm spreads one cell's colour over every cell. Another
+``--encoder`` keeps its own stem, and video keeps ``"group"``, as it was measured."""
 
 
 def _encoder_config(cfg: RunConfig, stem_norm: str) -> ImageEncoderConfig:
@@ -495,7 +496,7 @@ class Modality:
         steps: default optimizer steps of the adapter stage.
         encoder_pretrain_steps: default steps of stage 1 (when ``encoder_pretraining``).
         cpu_bf16: ``precision="auto"`` trains in bf16-mixed on a CPU with native bf16 matmul
-            (measured for image: README "Results"); off: fp32 on every CPU.
+            (measured for image: benchmarks/RESULTS.md, "Image runs"); off: fp32 on every CPU.
         task_weights: default training mix of stage 2 (:attr:`RunConfig.task_weights`).
         prompt_reader: stage 1's decoder reads each prompt for stage 2 by default
             (:attr:`RunConfig.prompt_reader`; image only).
@@ -524,7 +525,7 @@ FRAME_PRETRAIN_STEPS = 600
 IMAGE_TASK_WEIGHTS: dict[str, float] = {"count": 0.25}
 """Stage 2's default mix on the image scenes: count questions are a quarter of the data and always
 answered right, so 3 in 4 of them give their place to the other tasks (stop 20, 2-core CPU: 88.7 %
-over 2 seeds of the whole run against 86-88.5 % before; README "Results")."""
+over 2 seeds of the whole run against 86-88.5 % before; benchmarks/RESULTS.md, "Image runs")."""
 
 
 MODALITIES: dict[str, Modality] = {
@@ -532,7 +533,8 @@ MODALITIES: dict[str, Modality] = {
     # accuracy follows stage 1's: 1000 steps of it (its decoder alone then answers 97.5-98.8 % of the
     # test, against 89.5-89.6 % at 600 on seeds 1 and 2), then 150 adapter steps, which the per-row
     # reading makes enough (count questions thinned to a quarter: always answered right). 150 answered
-    # as 200 did on three seeds in 40 s less (stop 25; 100 lost a point). README, "Results".
+    # as 200 did on three seeds in 40 s less (stop 25; 100 lost a point): benchmarks/RESULTS.md,
+    # "Image runs".
     "image": Modality(image_model_config, _image_datamodule, data_dir="data/shapes", out="runs/image",
                       steps=150, encoder_pretrain_steps=1000, cpu_bf16=True, task_weights=IMAGE_TASK_WEIGHTS,
                       prompt_reader=True),
