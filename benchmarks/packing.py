@@ -30,7 +30,8 @@ from mm_llama.data.scenes import brace_url, write_shards
 from mm_llama.model import MultimodalLlama, shared_prefix_length
 from mm_llama.packing import PackedRows, packing_pays
 from mm_llama.training.optim import OptimConfig, build_optimizer
-from mm_llama.training.run import RunConfig, image_model_config
+from mm_llama.training.modalities import image_model_config
+from mm_llama.training.run_config import RunConfig
 
 
 def real_batches(lm, image_size: int, batch_size: int, n: int, samples: int = 256) -> list[dict]:

@@ -33,7 +33,8 @@ from mm_llama.model import MultimodalLlama
 from mm_llama.training.datamodule import ModelInputs
 from mm_llama.training.encoder_pretrain import EncoderPretrainConfig, EncoderPretrainModule
 from mm_llama.training.optim import OptimConfig, build_optimizer
-from mm_llama.training.run import RunConfig, image_model_config
+from mm_llama.training.modalities import image_model_config
+from mm_llama.training.run_config import RunConfig
 
 
 @contextlib.contextmanager

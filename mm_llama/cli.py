@@ -32,7 +32,7 @@ from mm_llama.training import checkpoint_io
 from mm_llama.training.console import PartsSummary, StepProgressBar, quiet_lightning
 from mm_llama.training.datamodule import ImageDataModule
 from mm_llama.training.module import AdapterModule
-from mm_llama.training.run import trainer_defaults
+from mm_llama.training.run_config import trainer_defaults
 
 LIGHTNING_SUBCOMMANDS: dict[str, str] = {
     "fit": "train the adapters",

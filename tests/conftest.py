@@ -173,6 +173,7 @@ def two_stage_image_run(lm_dir, tmp_path, monkeypatch, encoder) -> tuple:
     image encoder ``encoder`` on tiny shards it writes; returns ``(out_dir, flags)`` (add ``--steps``)."""
     from mm_llama.data.scenes import make_default_shards
     from mm_llama.model import CrossAttentionConfig, ModelConfig
+    from mm_llama.training import modalities
     from mm_llama.training import run as run_module
 
     shapes = tmp_path / "shapes"
@@ -181,7 +182,7 @@ def two_stage_image_run(lm_dir, tmp_path, monkeypatch, encoder) -> tuple:
     spec = run_module.MODALITIES["image"]
     tiny = ModelConfig(image_encoder=encoder, cross_attention=CrossAttentionConfig(every=2))
     monkeypatch.setitem(run_module.MODALITIES, "image",
-                        run_module.Modality(lambda cfg: tiny, spec.datamodule, spec.data_dir, spec.out))
+                        modalities.Modality(lambda cfg: tiny, spec.datamodule, spec.data_dir, spec.out))
     out = tmp_path / "run"
     return out, ["--lm", str(lm_dir), "--data-dir", str(shapes), "--out", str(out), "--batch-size", "4",
                  "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--no-progress",

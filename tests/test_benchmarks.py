@@ -155,7 +155,8 @@ def test_train_step_stage_1_times_the_encoder_and_decoder(tiny_lm_dir):
     """``--stage 1`` times stage 1's step: the default image encoder and the caption decoder train
     (its trainable parameters are the encoder's plus the decoder's), no LM in the step."""
     from encoders import ImageEncoder
-    from mm_llama.training.run import RunConfig, image_model_config
+    from mm_llama.training.modalities import image_model_config
+    from mm_llama.training.run_config import RunConfig
 
     out = run_json("train_step.py", "--stage", "1", "--lm", str(tiny_lm_dir), "--batch-size", "4", "--steps", "1")
     assert out["stage"] == 1 and out["batch_size"] == 4 and out["prompt_reader"] is None

@@ -45,7 +45,8 @@ def test_image_config_validates(capsys):
     assert config["trainer"]["logger"]["class_path"].endswith("CSVLogger")
     assert config["trainer"]["precision"] == ("bf16-mixed" if torch.cuda.is_available() else "32-true")
     # the CLI's image model is train_adapter.py's
-    from mm_llama.training.run import RunConfig, image_model_config
+    from mm_llama.training.modalities import image_model_config
+    from mm_llama.training.run_config import RunConfig
 
     default = image_model_config(RunConfig(modality="image"))
     assert config["model"]["model"]["cross_attention"]["hidden_dim"] == default.cross_attention.hidden_dim == 512

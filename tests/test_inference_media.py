@@ -27,6 +27,7 @@ from mm_llama.generation import generate
 from mm_llama.inference import Assistant, GenerationSettings
 from mm_llama.inputs import InputError, load_audio, load_video
 from mm_llama.speech_generation import generate_from_speech
+from mm_llama.training import modalities
 from mm_llama.training import run as run_module
 from tests.test_speech_training import tiny_speech_model
 from tests.test_video_data import _audio_only_mp4
@@ -174,7 +175,7 @@ def speech_run(tiny_lm_dir, speech_dir, tmp_path_factory):
     """``(assistant, checkpoint)`` of a tiny cross-attention speech run."""
     out = tmp_path_factory.mktemp("speech-run")
     spec = run_module.MODALITIES["speech"]
-    tiny = run_module.Modality(lambda cfg: tiny_speech_model(cfg.fusion), spec.datamodule, spec.data_dir, spec.out,
+    tiny = modalities.Modality(lambda cfg: tiny_speech_model(cfg.fusion), spec.datamodule, spec.data_dir, spec.out,
                                encoder_pretraining=False, extra_metrics=spec.extra_metrics,
                                pretrain_stage=spec.pretrain_stage)
     with pytest.MonkeyPatch.context() as patch:

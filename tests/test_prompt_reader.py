@@ -222,7 +222,10 @@ def test_train_adapter_keeps_stage_1s_decoder_as_the_reader_and_resumes(tiny_lm_
     assert ckpt["hyper_parameters"]["model"].prompt_reader.every_row
 
     # --no-reader-rows on resume: stop 23's reader, one token at the prompt's end, from the same file
-    from mm_llama.training.run import EncoderPretrainConfig, RunConfig, _resumed_stage1, image_model_config
+    from mm_llama.training.encoder_pretrain import EncoderPretrainConfig
+    from mm_llama.training.modalities import image_model_config
+    from mm_llama.training.run import _resumed_stage1
+    from mm_llama.training.run_config import RunConfig
 
     last_row = _resumed_stage1(image_model_config(RunConfig()), EncoderPretrainConfig(prompt_reader=True), out,
                                reader_rows=False)
@@ -256,7 +259,8 @@ def test_prompt_reader_flag_is_refused_where_it_cannot_work(flags, message, caps
 
 
 def test_image_runs_read_prompts_by_default_and_other_runs_do_not():
-    from mm_llama.training.run import RunConfig, image_model_config
+    from mm_llama.training.modalities import image_model_config
+    from mm_llama.training.run_config import RunConfig
 
     from mm_llama.training.run import build_parser
 

@@ -23,6 +23,7 @@ from mm_llama.data.examples import encode_example
 from mm_llama.data.speech_pipeline import SPEECH_PLACEHOLDER, collate_speech, pad_audio
 from mm_llama.lm import load_language_model, parameters_digest
 from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
+from mm_llama.training import modalities
 from mm_llama.training import run as run_module
 from mm_llama.training.module import normalise_answer
 from mm_llama.training.speech_metrics import speech_metrics
@@ -54,7 +55,7 @@ def speech_dir(tmp_path_factory):
 def test_train_adapter_speech_writes_metrics_for_each_fusion(tiny_lm_dir, speech_dir, tmp_path, capsys,
                                                              monkeypatch, fusion):
     spec = run_module.MODALITIES["speech"]
-    tiny = run_module.Modality(lambda cfg: tiny_speech_model(cfg.fusion), spec.datamodule, spec.data_dir, spec.out,
+    tiny = modalities.Modality(lambda cfg: tiny_speech_model(cfg.fusion), spec.datamodule, spec.data_dir, spec.out,
                                encoder_pretraining=False, extra_metrics=spec.extra_metrics,
                                pretrain_stage=spec.pretrain_stage)
     monkeypatch.setitem(run_module.MODALITIES, "speech", tiny)

@@ -17,6 +17,7 @@ from encoders import ImageEncoderConfig
 from mm_llama.data.scenes import make_default_shards
 from mm_llama.lm import parameters_digest
 from mm_llama.model import CrossAttentionConfig, ModelConfig
+from mm_llama.training import modalities, run_config
 from mm_llama.training import run as run_module
 from mm_llama.training.datamodule import ImageDataModule, default_shard_urls
 from mm_llama.training.module import AdapterModule
@@ -248,7 +249,7 @@ def test_default_urls_come_from_the_manifest(shapes_dir, tmp_path):
 def tiny_image_modality(monkeypatch):
     """``--modality image`` with the tiny model config (the CLI has no flag for every encoder field)."""
     spec = run_module.MODALITIES["image"]
-    tiny = run_module.Modality(lambda cfg: TINY_MODEL, spec.datamodule, spec.data_dir, spec.out)
+    tiny = modalities.Modality(lambda cfg: TINY_MODEL, spec.datamodule, spec.data_dir, spec.out)
     monkeypatch.setitem(run_module.MODALITIES, "image", tiny)
 
 
@@ -327,7 +328,7 @@ def test_unknown_modality_says_so(capsys):
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_precision_is_bf16_only_for_image_on_a_cpu_with_native_bf16(monkeypatch, native_bf16):
     monkeypatch.setattr(run_module.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(run_module, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(run_config, "cpu_has_native_bf16", lambda: native_bf16)
     assert run_module.RunConfig().trainer_precision() == ("bf16-mixed" if native_bf16 else "32-true")
     for modality in ("video", "speech"):  # not measured in bf16 on a CPU: fp32
         assert run_module.RunConfig(modality=modality).trainer_precision() == "32-true"
@@ -368,8 +369,8 @@ def test_bf16_run_holds_the_frozen_lm_in_bf16_and_never_changes_it(tiny_lm_dir, 
 
 @pytest.mark.parametrize("cores, workers", [(1, 0), (2, 0), (None, 0), (4, 2), (64, 2)])
 def test_loader_workers_follow_the_core_count(monkeypatch, cores, workers):
-    monkeypatch.setattr(run_module.os, "cpu_count", lambda: cores)
-    assert run_module.default_num_workers() == workers
+    monkeypatch.setattr(run_config.os, "cpu_count", lambda: cores)
+    assert run_config.default_num_workers() == workers
     assert run_module.RunConfig().num_workers == workers
 
 

@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 
 from mm_llama.data.clips import ClipSpec, make_default_clip_shards
+from mm_llama.training import modalities
 from mm_llama.training import run as run_module
 from mm_llama.video_adapter import VIDEO_GROUPS, VideoConfig
 from encoders import ImageEncoder
@@ -106,17 +107,17 @@ def test_frame_encoder_flag_is_checked(tmp_path):
     with pytest.raises(ValueError, match="frame-pretrain-steps must be >= 0"):
         run_module.RunConfig(modality="video", frame_pretrain_steps=-1)
     video = run_module.RunConfig(modality="video")
-    assert video.frame_pretrain_steps == run_module.FRAME_PRETRAIN_STEPS == 600  # what video was measured with
+    assert video.frame_pretrain_steps == modalities.FRAME_PRETRAIN_STEPS == 600  # what video was measured with
 
 
 def test_video_default_model_has_the_image_defaults_mlp_width_in_both_branches():
     model = run_module.MODALITIES["video"].model_config(run_module.RunConfig(modality="video", frames=4))
-    assert model.cross_attention.hidden_dim == model.video.hidden_dim == run_module.CROSS_ATTENTION_MLP
+    assert model.cross_attention.hidden_dim == model.video.hidden_dim == modalities.CROSS_ATTENTION_MLP
     assert model.video.frames == 4
-    image = run_module.image_model_config(run_module.RunConfig(modality="image"))
+    image = modalities.image_model_config(run_module.RunConfig(modality="image"))
     assert image.cross_attention == model.cross_attention
     # the same encoder but for the stem's norm: video keeps the GroupNorm it was measured with
-    assert image.image_encoder == dataclasses.replace(model.image_encoder, stem_norm=run_module.IMAGE_STEM_NORM)
+    assert image.image_encoder == dataclasses.replace(model.image_encoder, stem_norm=modalities.IMAGE_STEM_NORM)
     assert model.image_encoder.stem_norm == "group"
 
 
@@ -202,7 +203,8 @@ def test_video_stage_config_validates(monkeypatch, capsys):
     assert config["model"]["model"]["video"]["frames_per_group"] == 4
     assert config["model"]["optim"]["total_steps"] == config["trainer"]["max_steps"]
     # init_from is train_adapter.py's image checkpoint: its image blocks must have the same shapes
-    from mm_llama.training.run import RunConfig, image_model_config
+    from mm_llama.training.modalities import image_model_config
+    from mm_llama.training.run_config import RunConfig
 
     image = image_model_config(RunConfig(modality="image"))
     assert config["model"]["model"]["cross_attention"]["hidden_dim"] == image.cross_attention.hidden_dim
