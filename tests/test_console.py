@@ -109,6 +109,45 @@ def test_an_epoch_bounded_fit_keeps_one_bar_an_epoch(tmp_path):
     assert task.description.strip() == "adapters (epoch 1)" and "v_num" not in out.getvalue()
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """5 rows as a stream without a length, as WebDataset's are: Lightning can't count its batches."""
+
+    def __iter__(self):
+        return iter(torch.randn(5, 3))
+
+
+class StreamData(L.LightningDataModule):
+    """Batches of 2 from :class:`Stream`; ``eval_batches`` as :class:`ImageDataModule` gives it."""
+
+    def __init__(self, known: bool) -> None:
+        super().__init__()
+        self.known = known
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(Stream(), batch_size=2)
+
+    def eval_batches(self, split: str) -> int | None:
+        assert split == "test"
+        return 3 if self.known else None
+
+
+class Scores(Tiny):
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("test/loss", self.lin(batch).pow(2).mean())
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_the_test_bar_shows_the_data_modules_batch_count(tmp_path, known):
+    bar, out = bar_to_text("adapters")
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[bar], enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.test(Scores(), datamodule=StreamData(known), verbose=False)
+    (task,) = bar.progress.tasks
+    assert task.completed == 3
+    assert task.total == (3 if known else float("inf"))  # inf: Lightning shows "3/--", no time left
+    assert ("3/3" in out.getvalue()) == known
+
+
 def test_quiet_lightning_drops_its_notices_and_leafspec_warning_only(tmp_path):
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     records: list[str] = []

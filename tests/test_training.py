@@ -236,6 +236,28 @@ def test_evaluation_loaders_batch_eval_batch_size_and_training_keeps_batch_size(
         run_module.RunConfig(eval_batch_size=0)
 
 
+@pytest.mark.parametrize("eval_batch_size, workers, cap, rank", [
+    (5, 0, None, None), (3, 0, None, None), (3, 2, None, None), (3, 2, 3, None), (2, 0, 3, 1), (3, 0, None, 1),
+])
+def test_eval_batches_counts_the_batches_the_loader_gives(shapes_dir, trained, monkeypatch, eval_batch_size,
+                                                          workers, cap, rank):
+    """The progress bar's total for a WebDataset split (no length) is what the loader then yields,
+    with workers, a sample cap, and as rank 1 of 2 (the test split: 2 shards of 4 samples)."""
+    from mm_llama.training.datamodule import model_inputs
+
+    if rank is not None:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    datamodule = ImageDataModule(data_dir=str(shapes_dir), batch_size=2, eval_batch_size=eval_batch_size,
+                                 num_workers=workers, test_samples=cap)
+    datamodule.connect(model_inputs(trained["module"]))
+    datamodule.setup("test")
+    batches = sum(1 for _ in datamodule.test_dataloader())
+    assert datamodule.eval_batches("test") == batches > 0
+    given = ImageDataModule(data_dir=str(shapes_dir), test_urls=default_shard_urls(shapes_dir)["test"])
+    assert given.eval_batches("test") is None  # URLs of unknown size: Lightning's "--"
+
+
 def test_default_urls_come_from_the_manifest(shapes_dir, tmp_path):
     assert default_shard_urls(shapes_dir)["test"].endswith("test-{000000..000001}.tar")
     with pytest.raises(FileNotFoundError, match="make-shards"):

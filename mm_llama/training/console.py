@@ -115,6 +115,24 @@ class StepProgressBar(RichProgressBar):
         self._update_metrics(trainer, pl_module)
         self.refresh()
 
+    @property
+    def total_val_batches_current_dataloader(self) -> int | float:
+        """Lightning's count, or when the loader has no length (WebDataset) the data module's
+        ``eval_batches("val")`` (an upper bound from the shards' manifest), if it has one."""
+        return self._eval_total(super().total_val_batches_current_dataloader, "val")
+
+    @property
+    def total_test_batches_current_dataloader(self) -> int | float:
+        """As :attr:`total_val_batches_current_dataloader`, for the test split."""
+        return self._eval_total(super().total_test_batches_current_dataloader, "test")
+
+    def _eval_total(self, total: int | float, split: str) -> int | float:
+        count = getattr(self.trainer.datamodule, "eval_batches", None)
+        if total != float("inf") or count is None:
+            return total
+        batches = count(split)
+        return total if batches is None else batches
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)

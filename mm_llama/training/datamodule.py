@@ -370,6 +370,30 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    def eval_batches(self, split: str) -> int | None:
+        """The most batches this rank's ``split`` loader gives, counted from the built-in shards'
+        manifest, the sample cap and how shards fall to ranks and workers; ``None`` when the split
+        reads given URLs or has no manifest. Skipped samples make the real count smaller: this is
+        a progress bar's total, never a bound on what is read.
+        """
+        manifest = Path(self.data_dir) / MANIFEST
+        if self.urls[split] is not None or not manifest.is_file():
+            return None
+        info = json.loads(manifest.read_text())["splits"][split]
+        n_shards, per_shard = info["n_shards"], info["samples_per_shard"]
+        sizes = [per_shard] * (n_shards - 1) + [info["n_samples"] - per_shard * (n_shards - 1)]
+        rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # as the dataset splits its shards
+        workers, cap = max(1, self.hparams.num_workers), self.caps[split]
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        mine = sizes[rank::world_size]  # wds.split_by_node, then wds.split_by_worker
+        total = 0
+        for worker in range(workers):
+            samples = sum(mine[worker::workers])
+            if cap is not None:
+                samples = min(samples, math.ceil(cap / (world_size * workers)))
+            total += math.ceil(samples / batch_size)
+        return total
+
     # --- skipped samples ----------------------------------------------------------------
     def skipped(self) -> dict[str, dict[str, int]]:
         """Skipped samples so far, per split: ``{"train": {"total": n, kind: n, ...}, ...}``
