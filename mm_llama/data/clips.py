@@ -17,7 +17,8 @@ The shape sits in a cell of the image scenes' 2x2 grid (centre jittered, as ther
 ``move`` goes from one cell's centre to its neighbour's: the frame encoder, trained on the
 image scenes first (README, "Video"), sees shapes where it learned to see them, with one
 token per cell. (Version 1 put shapes anywhere in the middle of the frame, mostly across
-the four patches; stage 1 then learned little of colour and shape, README "Measured".)
+the four patches; stage 1 then learned little of colour and shape:
+benchmarks/RESULTS.md, "Video runs".)
 
 Clip lengths and frame rates are drawn uniformly (``ClipSpec``), so clips have from a
 handful to a few dozen frames, some fewer than the model samples (padding + mask).

@@ -272,7 +272,8 @@ MODALITIES: dict[str, Modality] = {
     # Video: an image stage 1 trains the frame encoder on the image scenes (or --frame-encoder gives
     # one); video's stage 1 then trains the temporal aggregator on the clips' captions with the frame
     # encoder frozen; unless --image-checkpoint gives trained image weights (the video stage). Stage 2
-    # still climbs at 200 steps: 400 gave 34 % instead of 16 % on the same stage-1 files (README).
+    # still climbs at 200 steps: 400 gave 34 % instead of 16 % on the same stage-1 files
+    # (benchmarks/RESULTS.md, "Video runs").
     "video": Modality(_video_model_config, _video_datamodule, data_dir="data/clips", out="runs/video",
                       extra_tests=frame_ablations, steps=400, encoder_pretrain_steps=400),
     "speech": Modality(_speech_model_config, _speech_datamodule, data_dir="data/speech", out="runs/speech-{fusion}",
