@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "embeddings; 0: none (default: %(default)s)")
     p.add_argument("--fusion", choices=SPEECH_FUSIONS, default=d.fusion,
                    help="speech: how speech frames reach the LM; give cross_attention --steps 400 "
-                        "(held-out WER 0.0 %% there, 10.9 %% at 200) (default: %(default)s)")
+                        "(held-out WER 0.0-0.25 %% there, 10.9 %% at 200) (default: %(default)s)")
     p.add_argument("--task-weights", type=parse_task_weights, default=None, metavar="TASK=P[,TASK=P]",
                    help="stage 2's training mix: keep a training sample of TASK with probability P (others: "
                         "1), e.g. count=0.25; 'all' keeps every sample (default: the modality's, image: "
