@@ -277,8 +277,8 @@ MODALITIES: dict[str, Modality] = {
     "video": Modality(_video_model_config, _video_datamodule, data_dir="data/clips", out="runs/video",
                       extra_tests=frame_ablations, steps=400, encoder_pretrain_steps=400),
     # Speech: CTC and token CTC first (pretrain_stage), then 200 adapter steps: embedding fusion's
-    # held-out WER 0.63 % (stop 31). Cross-attention fusion needs 400 (10.9 % at 200, 0.0 and 0.25 % at 400 on two seeds,
-    # stop 32; README, "Speech").
+    # held-out WER 0.63 % (stop 31). Cross-attention fusion needs 400 (10.9 % at 200; 0.0 and 0.25 %
+    # at 400 on two seeds, stop 32; README, "Speech").
     "speech": Modality(_speech_model_config, _speech_datamodule, data_dir="data/speech", out="runs/speech-{fusion}",
                        encoder_pretraining=False, extra_metrics=_speech_metrics, pretrain_stage=_pretrain_speech_encoder),
 }
