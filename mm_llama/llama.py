@@ -160,6 +160,10 @@ class LlamaLM(nn.Module):
     ``forward(input_ids [b, s]) -> logits [b, s, v]`` is the public contract; the
     finer-grained :meth:`embed`, :meth:`decode` and :meth:`logits` let callers
     insert fused inputs, hook layers and avoid full-vocabulary logits.
+
+    Attributes:
+        grad_checkpointing: under autograd, keep only each block's input and recompute the
+            block in backward (a frozen LM too: gradients still flow through it to the adapters).
     """
 
     def __init__(self, cfg: LlamaConfig) -> None:
@@ -226,7 +230,7 @@ class LlamaLM(nn.Module):
         for i, layer in enumerate(self.layers):
             if before_layer is not None:
                 hidden = before_layer(i, hidden)
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled():
                 hidden = checkpoint(layer, hidden, cos, sin, mask, cache, use_reentrant=False)
             else:
                 hidden = layer(hidden, cos, sin, mask, cache)

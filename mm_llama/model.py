@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import adapters as _adapters
 
@@ -332,6 +333,22 @@ class MultimodalLlama(nn.Module):
                     pass
         return parts
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether training recomputes blocks in backward (:meth:`set_grad_checkpointing`)."""
+        return self.lm.grad_checkpointing
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing of the LM's decoder blocks and of the cross-attention blocks.
+
+        Under autograd each such block keeps only its inputs and runs again in backward: the
+        frozen LM's activations, most of a step's memory, are no longer held (one more forward
+        of every block per step). The same blocks as ``AdapterFSDPStrategy(activation_checkpointing=True)``
+        (:data:`~mm_llama.training.scale.CHECKPOINTED_BLOCKS`), without FSDP. Losses and gradients
+        are unchanged; parameter names too (no wrapper modules).
+        """
+        self.lm.grad_checkpointing = enabled
+
     def train(self, mode: bool = True) -> MultimodalLlama:
         """Train mode for the trainable parts; the LM and :meth:`frozen_parts` stay in eval mode
         (no dropout, no SpecAugment: a frozen part computes what it will compute at test time)."""
@@ -513,16 +530,21 @@ class MultimodalLlama(nn.Module):
             if row_mask is None:
                 row_mask = self.media_rows(input_ids)
 
+            recompute = self.grad_checkpointing and torch.is_grad_enabled()
+
+            def run(block: nn.Module, *args) -> torch.Tensor:
+                return checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
+
             def hook(i: int, h: torch.Tensor) -> torch.Tensor:
                 if media.video_kv is not None and i in media.video_kv:  # a video block runs before the image one
-                    h = self.video.cross_attn[str(i)](h, media.video_kv[i], media.video_mask, row_mask).to(h.dtype)
+                    h = run(self.video.cross_attn[str(i)], h, media.video_kv[i], media.video_mask, row_mask).to(h.dtype)
                 blk = self.cross_attn[str(i)] if str(i) in self.cross_attn else None
                 if blk is None:
                     return h
                 row_kv = None if media.row_tokens is None else blk.media_kv(media.row_tokens)
                 # The block computes in its own dtype (fp32 adapters); the frozen LM's residual
                 # stream stays in the LM's (bf16 with AdapterModule(lm_dtype="bfloat16")).
-                return blk(h, media.kv[i], media.mask, row_mask, row_kv).to(h.dtype)
+                return run(blk, h, media.kv[i], media.mask, row_mask, row_kv).to(h.dtype)
 
         return self.lm.decode(hidden, positions=positions, key_padding_mask=key_padding_mask,
                               attn_mask=attn_mask, cache=cache, before_layer=hook)

@@ -204,6 +204,49 @@ def test_loss_with_the_shared_prefix_equals_the_plain_forward_in_value_and_gradi
     assert all(p.grad is None for p in model.lm.parameters())
 
 
+def saved_activation_bytes(model, loss_fn) -> int:
+    """Bytes of the distinct non-weight storages autograd keeps for backward while ``loss_fn`` runs."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    return loss, sum(storages.values())
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_activation_checkpointing_keeps_loss_and_gradients_and_holds_a_fraction_of_the_activations(share_prefix):
+    model = tiny_model(gate_init=0.5).train()
+    ids, labels = _prefixed_batch(model, b=3, s=40)
+    images = torch.randn(3, 3, 16, 16)
+
+    def run(enabled: bool):
+        model.set_grad_checkpointing(enabled)
+        model.zero_grad(set_to_none=True)
+        loss, saved = saved_activation_bytes(model, lambda: model.loss(ids, labels, images, share_prefix=share_prefix))
+        loss.backward()
+        return loss.detach(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (plain, saved_plain, g_plain), (ckpt, saved_ckpt, g_ckpt) = run(False), run(True)
+    assert model.grad_checkpointing and model.lm.grad_checkpointing
+    assert torch.allclose(ckpt, plain, atol=1e-6)
+    assert g_ckpt.keys() == g_plain.keys() and len(g_plain) > 10
+    for name in g_plain:
+        assert torch.allclose(g_ckpt[name], g_plain[name], atol=1e-6), name
+    assert all(p.grad is None for p in model.lm.parameters())  # the frozen LM still gets none
+    # Per block only its input stays (plus the encoder's and the loss's own tensors).
+    assert saved_ckpt < 0.5 * saved_plain, (saved_ckpt, saved_plain)
+    with torch.no_grad():  # evaluation and generation never recompute: the same logits either way
+        logits_ckpt = model(ids, images)
+        model.set_grad_checkpointing(False)
+        assert torch.equal(logits_ckpt, model(ids, images))
+
+
 def test_configs_pickled_before_a_field_existed_load_with_its_default():
     """A checkpoint's pickled ModelConfig from before a field was added (e.g. ``video``) still loads."""
     import pickle

@@ -318,6 +318,52 @@ def test_compiled_blocks_compute_what_plain_blocks_compute(tiny_lm_dir, shapes_d
     torch.testing.assert_close(compiled_grads, grads, rtol=1e-5, atol=1e-7)
 
 
+# --------------------------------------------------------------------------- activation checkpointing
+
+
+def _fit_two_steps(tiny_lm_dir, shapes_dir, tmp_path, checkpointing: bool) -> tuple[AdapterModule, list[str]]:
+    """Two Lightning steps of a fresh module; which blocks ran with gradients on, in order."""
+    L.seed_everything(0)
+    module = AdapterModule(lm=str(tiny_lm_dir), model=TINY_MODEL, activation_checkpointing=checkpointing,
+                           optim=OptimConfig(lr=1e-2, warmup_steps=0, total_steps=2))
+    calls = []
+    for name, block in [("layer0", module.model.lm.layers[0]), *module.model.cross_attn.items()]:
+        block.register_forward_pre_hook(lambda *_, name=name: calls.append(name) if torch.is_grad_enabled() else None)
+    datamodule = ImageDataModule(data_dir=str(shapes_dir), batch_size=4, num_workers=0, shuffle_buffer=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path / str(checkpointing)))
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2
+    return module, calls
+
+
+def test_activation_checkpointing_without_fsdp_recomputes_each_block_and_trains_the_same(
+        tiny_lm_dir, shapes_dir, tmp_path):
+    plain, plain_calls = _fit_two_steps(tiny_lm_dir, shapes_dir, tmp_path, checkpointing=False)
+    ckpt, ckpt_calls = _fit_two_steps(tiny_lm_dir, shapes_dir, tmp_path, checkpointing=True)
+    blocks = ["layer0", *plain.model.cross_attn]
+    assert sorted(plain_calls) == sorted(blocks * 2)  # once a step
+    assert sorted(ckpt_calls) == sorted(blocks * 4)  # and again in each backward
+    digest = parameters_digest(plain.model.lm)
+    assert parameters_digest(ckpt.model.lm) == digest  # both started from the same file and left it alone
+    trained = dict(plain.model.named_parameters())
+    for name, p in ckpt.model.named_parameters():
+        torch.testing.assert_close(p, trained[name], rtol=0, atol=1e-5, msg=name)
+    assert list(ckpt.state_dict()) == list(plain.state_dict())  # no wrapper names: checkpoints load either way
+
+
+def test_module_activation_checkpointing_under_fsdp_points_at_the_strategys(tiny_lm_dir):
+    module = AdapterModule(lm=str(tiny_lm_dir), model=TINY_MODEL, activation_checkpointing=True)
+    for checkpointing in (True, False):
+        module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False,
+                                   strategy=AdapterFSDPStrategy(activation_checkpointing=checkpointing))
+        with pytest.raises(ValueError, match=r"set AdapterFSDPStrategy\(activation_checkpointing=true\)"):
+            module.setup("fit")
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, strategy="ddp")
+    module.setup("fit")  # DDP (and one device) recompute through the module
+
+
 # --------------------------------------------------------------------------- generation under FSDP
 
 

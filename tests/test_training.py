@@ -314,11 +314,18 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
     assert exit_info.value.code == 0
     assert f"lm: {tiny_lm_dir}" in capsys.readouterr().out
 
-    assert run_module.main([*flags, "--steps", "3", "--resume"]) == 0
+    assert "activation_checkpointing" not in config["model"]
+
+    # Resuming with --activation-checkpointing: the same weights, recomputed blocks, and a config that says so.
+    assert run_module.main([*flags, "--steps", "3", "--resume", "--activation-checkpointing"]) == 0
     resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert resumed["steps"] == 3 and resumed["resumed_from"] == str(out / "last.ckpt")
     history = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]["TrainingHistory"]
     assert [step for step, _ in history["train_loss"]] == [1, 2, 3]  # the curve survives the resume
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["activation_checkpointing"] is True
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(out / "config.yaml"), "--print_config"])
+    assert exit_info.value.code == 0 and "activation_checkpointing: true" in capsys.readouterr().out
 
 
 def test_task_weights_flag(capsys):

@@ -108,6 +108,31 @@ def test_video_stage_gives_gradients_to_video_parameters_only(lm):
         check_video_stage_trainable(model)
 
 
+def test_video_blocks_recompute_under_activation_checkpointing_with_the_same_gradients(lm):
+    torch.manual_seed(0)
+    model = MultimodalLlama(lm, ModelConfig(image_encoder=ENCODER, cross_attention=CrossAttentionConfig(every=2, gate_init=0.5),
+                                            video=dataclasses.replace(VIDEO, gate_init=0.5))).train()
+    ids = prompt_ids(model)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    videos, frame_mask = torch.randn(2, 6, 3, 16, 16), torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    runs = []
+    block = next(iter(model.video.cross_attn.values()))
+    for enabled in (False, True):
+        model.set_grad_checkpointing(enabled)
+        model.zero_grad(set_to_none=True)
+        calls = []
+        handle = block.register_forward_pre_hook(lambda *_: calls.append(1))
+        model.loss(ids, labels, videos=videos, frame_mask=frame_mask).backward()
+        handle.remove()
+        runs.append((len(calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_calls, plain), (ckpt_calls, ckpt) = runs
+    assert (plain_calls, ckpt_calls) == (1, 2)  # the video block ran again in backward
+    assert plain.keys() == ckpt.keys() and any(n.startswith("video.") for n in plain)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_video_stage_starts_from_the_image_checkpoint(tiny_checkpoint):
     from mm_llama.training.module import AdapterModule
 

@@ -70,6 +70,11 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
             (see :mod:`mm_llama.training.scale`).
         compile_blocks: ``torch.compile`` every decoder block and cross-attention block
             (each on its own, so FSDP units and activation checkpointing stay per block).
+        activation_checkpointing: recompute the LM's decoder blocks and the cross-attention
+            blocks in backward instead of holding their activations
+            (:meth:`~mm_llama.model.MultimodalLlama.set_grad_checkpointing`). For one device and
+            DDP; under FSDP the strategy's own is the one (``AdapterFSDPStrategy(activation_checkpointing=True)``),
+            and this one is refused.
         init_from: an earlier stage's checkpoint (e.g. the image stage's ``adapter.ckpt``) whose
             weights start this stage; weights it lacks (a new video branch) keep their
             initialisation. With ``model.trainable`` equal to the video groups, the trainable
@@ -90,6 +95,7 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
         lm_dtype: Literal["float32", "bfloat16"] = "float32",
         compile_blocks: bool = False,
         init_from: str | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if lm_dtype not in LM_DTYPES:
@@ -100,6 +106,7 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
         self.system_prompt = system_prompt
         language_model = load_language_model(lm, dtype=LM_DTYPES[lm_dtype])
         self.model = MultimodalLlama(language_model, model or ModelConfig())
+        self.model.set_grad_checkpointing(activation_checkpointing)
         if compile_blocks:
             compile_blocks_(self.model)
         # Names and shapes as built: FSDP (use_orig_params) keeps these parameter objects but
@@ -143,6 +150,13 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def setup(self, stage: str) -> None:
+        if self.model.grad_checkpointing and is_sharded(self.trainer):
+            raise ValueError(
+                "AdapterModule(activation_checkpointing=True) under FSDP: there the strategy checkpoints the "
+                "blocks inside its units; set AdapterFSDPStrategy(activation_checkpointing=true) and the "
+                "module's to false")
 
     def configure_optimizers(self):
         named = [(n, p) for n, p in self._named_parameters if p.requires_grad]

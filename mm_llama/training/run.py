@@ -96,7 +96,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if lm_dtype == "bfloat16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
         log.warning("bf16-mixed on a CPU without native bf16 matmul (AVX512-BF16/AMX): emulated, slower than fp32")
     module = AdapterModule(lm=cfg.lm, model=model_cfg, optim=optim, eval_max_new_tokens=cfg.eval_max_new_tokens,
-                           lm_dtype=lm_dtype, init_from=cfg.image_checkpoint)
+                           lm_dtype=lm_dtype, init_from=cfg.image_checkpoint,
+                           activation_checkpointing=cfg.activation_checkpointing)
 
     history, test_samples = TrainingHistory(), TestSamples(8)
     checkpoint_cfg = {
@@ -318,6 +319,7 @@ def resolved_config(
             "system_prompt": module.system_prompt,
             **({"lm_dtype": module.hparams.lm_dtype} if module.hparams.get("lm_dtype", "float32") != "float32" else {}),
             **({"init_from": module.hparams.init_from} if module.hparams.get("init_from") else {}),
+            **({"activation_checkpointing": True} if module.model.grad_checkpointing else {}),
         },
         "data": {"class_path": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", "init_args": data},
     })
@@ -418,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 2's training mix: keep a training sample of TASK with probability P (others: "
                         "1), e.g. count=0.25; 'all' keeps every sample (default: the modality's, image: "
                         f"{_format_task_weights(MODALITIES['image'].task_weights)})")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute the LM's and the cross-attention blocks in backward instead of holding their "
+                        "activations: less memory for a larger --lm, one more forward of them a step")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 

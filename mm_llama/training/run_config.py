@@ -134,6 +134,9 @@ class RunConfig:
         reader_rows: with the prompt reader, every text row sees the reader's state at its own
             row (``PromptReaderConfig.every_row``), answer rows included; ``False``: only the
             state at the prompt's last row joins the media tokens (stop 23's reader).
+        activation_checkpointing: stage 2 recomputes the LM's and the cross-attention blocks in
+            backward instead of holding their activations (``AdapterModule(activation_checkpointing=True)``):
+            for a larger ``lm`` on a small accelerator; slower, same losses.
     """
 
     modality: str = "image"
@@ -169,6 +172,7 @@ class RunConfig:
     speech_adapter_pretrain_steps: int = 200
     prompt_reader: bool | None = None
     reader_rows: bool = True
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
