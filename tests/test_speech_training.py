@@ -98,6 +98,16 @@ def test_train_adapter_speech_writes_metrics_for_each_fusion(tiny_lm_dir, speech
     assert exit_info.value.code == 0 and "SpeechDataModule" in capsys.readouterr().out
 
 
+def test_each_fusion_defaults_to_the_steps_it_was_measured_with(capsys):
+    from mm_llama.training.run import RunConfig, build_parser
+
+    assert RunConfig(modality="speech").steps == 200  # embedding fusion: 0.63 % held-out WER (stop 31)
+    assert RunConfig(modality="speech", fusion="cross_attention").steps == 400  # 10.9 % at 200 (stop 32)
+    assert RunConfig(modality="speech", fusion="cross_attention", steps=50).steps == 50  # given: kept
+    build_parser().print_help()
+    assert "speech 200; 400 with --fusion cross_attention" in " ".join(capsys.readouterr().out.split())
+
+
 def _asr_clips(n: int = 4) -> list[tuple[torch.Tensor, str]]:
     """``n`` eSpeak clips of ASR sentences at 16 kHz, with their sentences."""
     clips = []

@@ -54,6 +54,7 @@ class Modality:
             a stage run before the adapters on a fresh run (speech: CTC or BEST-RQ); on a resumed
             run it only returns stage 2's model configuration.
         steps: default optimizer steps of the adapter stage.
+        fusion_steps: default steps by :attr:`RunConfig.fusion` where they differ from ``steps``.
         encoder_pretrain_steps: default steps of stage 1 (when ``encoder_pretraining``).
         cpu_bf16: ``precision="auto"`` trains in bf16-mixed on a CPU with native bf16 matmul
             (measured for image: benchmarks/RESULTS.md, "Image runs"); off: fp32 on every CPU.
@@ -71,6 +72,7 @@ class Modality:
     extra_metrics: Callable[[RunConfig, L.LightningDataModule], dict[str, Any]] = lambda cfg, dm: {}
     pretrain_stage: Callable[..., tuple[ModelConfig, dict[str, Any] | None]] | None = None
     steps: int = DEFAULT_STEPS
+    fusion_steps: dict[str, int] = field(default_factory=dict)
     encoder_pretrain_steps: int = EncoderPretrainConfig().steps
     cpu_bf16: bool = False
     task_weights: dict[str, float] = field(default_factory=dict)
@@ -277,9 +279,10 @@ MODALITIES: dict[str, Modality] = {
     "video": Modality(_video_model_config, _video_datamodule, data_dir="data/clips", out="runs/video",
                       extra_tests=frame_ablations, steps=400, encoder_pretrain_steps=400),
     # Speech: CTC and token CTC first (pretrain_stage), then 200 adapter steps: embedding fusion's
-    # held-out WER 0.63 % (stop 31). Cross-attention fusion needs 400 (10.9 % at 200; 0.0 and 0.25 %
+    # held-out WER 0.63 % (stop 31). Cross-attention fusion gets 400 (10.9 % at 200; 0.0 and 0.25 %
     # at 400 on two seeds, stop 32; README, "Speech").
     "speech": Modality(_speech_model_config, _speech_datamodule, data_dir="data/speech", out="runs/speech-{fusion}",
-                       encoder_pretraining=False, extra_metrics=_speech_metrics, pretrain_stage=_pretrain_speech_encoder),
+                       encoder_pretraining=False, extra_metrics=_speech_metrics, pretrain_stage=_pretrain_speech_encoder,
+                       fusion_steps={"cross_attention": 400}),
 }
 """The modalities ``train_adapter.py`` trains."""

@@ -73,7 +73,8 @@ class RunConfig:
             the CPU-sized shape of the default config (depth, width, patch) is kept.
             ``None``: the default config's backbone.
         steps: optimizer steps (also the length of the cosine decay); ``None``: the modality's
-            default (:attr:`Modality.steps`: 150 for image, 400 for video, 200 for speech).
+            default (:attr:`Modality.steps`: 150 for image, 400 for video, 200 for speech; 400 for
+            speech with ``fusion="cross_attention"``, :attr:`Modality.fusion_steps`).
         batch_size: samples per step.
         eval_batch_size: samples per batch of validation and test (answers generated without
             gradients: 32 a batch took 30.5 s for 128 test samples, 8 a batch 45.6 s; stop 17, 2-core CPU).
@@ -178,7 +179,7 @@ class RunConfig:
         if self.modality not in MODALITIES:
             raise ValueError(f"modality {self.modality!r} is not implemented yet; implemented: {sorted(MODALITIES)}")
         if self.steps is None:
-            self.steps = self.spec.steps
+            self.steps = self.spec.fusion_steps.get(self.fusion, self.spec.steps)
         if self.encoder_pretrain_steps is None:
             self.encoder_pretrain_steps = self.spec.encoder_pretrain_steps
         if self.task_weights is None:
