@@ -51,10 +51,13 @@ The last line of output is one JSON object: ``train_step_speedup`` (HF step time
 ``generate_speedup_b<k>`` / ``generate_e2e_speedup_b<k>`` for every batch size, and the raw
 figures of both models under ``ours`` and ``hf``. ``--torchtune`` adds torchtune's
 ``llama3_2_vision`` builders at the same sizes (same ratios under ``torchtune``); it needs an
-interpreter that imports torchtune (``--torchtune-python``)::
+interpreter that imports torchtune (``--torchtune-python``). ``--ours-checkpointing`` and
+``--hf-checkpointing`` recompute each side's blocks in backward (activation checkpointing:
+memory for time)::
 
     python benchmarks/vs_hf_mllama.py [--batch-size 8] [--seq-len 128] [--steps 5] [--new-tokens 32] [--quick]
     python benchmarks/vs_hf_mllama.py --device cuda --precision bf16-mixed   # on a GPU: memory is the GPU's
+    python benchmarks/vs_hf_mllama.py --ours-checkpointing [--hf-checkpointing]
 """
 
 from __future__ import annotations
@@ -189,9 +192,10 @@ class Runner:
 
 class OursRunner(Runner):
     """Ours; ``graph``: its training step through :class:`GraphedTrainStep` (one CUDA graph
-    replayed per step on a GPU; elsewhere the same static step, eager)."""
+    replayed per step on a GPU; elsewhere the same static step, eager); ``checkpointing``: the
+    decoder and cross-attention blocks recomputed in backward (``set_grad_checkpointing``)."""
 
-    def __init__(self, vision: VisionSizes, graph: bool = False) -> None:
+    def __init__(self, vision: VisionSizes, graph: bool = False, checkpointing: bool = False) -> None:
         from encoders import ImageEncoderConfig
         from mm_llama.config import LlamaConfig
         from mm_llama.llama import LlamaLM
@@ -210,6 +214,7 @@ class OursRunner(Runner):
         cfg = ModelConfig(image_encoder=encoder, cross_attention=CrossAttentionConfig(every=4),
                           trainable=("image_encoder", "projection", "cross_attention"))
         self.model = MultimodalLlama(lm, cfg)
+        self.model.set_grad_checkpointing(checkpointing)
         self.graph = graph
         self.autocast_dtype: torch.dtype | None = None  # set by the worker: bf16 under --precision bf16-mixed
         self.step = None  # the GraphedTrainStep, built at the first training step
@@ -265,7 +270,10 @@ def hf_cross_attention_layers(n_self: int, every: int) -> list[int]:
 
 
 class HFRunner(Runner):
-    def __init__(self, vision: VisionSizes) -> None:
+    """HF's Mllama; ``checkpointing``: its ``activation_checkpointing_enable`` (non-reentrant, as ours),
+    which recomputes every decoder layer, self- and cross-attention (not the vision layers, as ours)."""
+
+    def __init__(self, vision: VisionSizes, checkpointing: bool = False) -> None:
         from transformers import MllamaConfig, MllamaForConditionalGeneration
 
         from mm_llama.config import LlamaConfig
@@ -299,6 +307,12 @@ class HFRunner(Runner):
                      *(model.model.language_model.layers[i] for i in cross)]
         for module in trainable:
             module.requires_grad_(True)
+        if checkpointing:  # transformers 5.25 renamed gradient_checkpointing_enable
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.model, self.cross = model, cross
         self.attn_implementation = config._attn_implementation
         self.static_cache = False  # generate(cache_implementation="static") with --hf-static-cache
@@ -518,9 +532,11 @@ class Worker:
         torch.manual_seed(0)
         vision = VisionSizes()
         if impl == "ours":
-            self.runner = OursRunner(vision, graph=args.ours_graph)
+            self.runner = OursRunner(vision, graph=args.ours_graph, checkpointing=args.ours_checkpointing)
+        elif impl == "hf":
+            self.runner = HFRunner(vision, checkpointing=args.hf_checkpointing)
         else:
-            self.runner = {"hf": HFRunner, "torchtune": TorchtuneRunner}[impl](vision)
+            self.runner = TorchtuneRunner(vision)
         self.device, self.cuda = args.device, args.device.startswith("cuda")
         self.runner.to(self.device)
         self.batch = make_batch(args.batch_size, args.seq_len, args.response_len, LlamaConfig().vocab_size,
@@ -532,7 +548,9 @@ class Worker:
         self.opt: torch.optim.Optimizer | None = None
         self.peak_n = 1024 if args.quick else (8192 if self.cuda else 2048)  # side of the peak-measuring matmuls
         self.report: dict = {"impl": impl, "threads": torch.get_num_threads(), "device": self.device_name(),
-                             "precision": args.precision}
+                             "precision": args.precision,
+                             "activation_checkpointing": {"ours": args.ours_checkpointing,
+                                                          "hf": args.hf_checkpointing}.get(impl, False)}
         if isinstance(self.runner, OursRunner):
             self.runner.autocast_dtype = self.dtype if args.precision == "bf16-mixed" else None
             self.report["train_step"] = "graphed" if args.ours_graph else "eager"
@@ -739,6 +757,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--ours-graph", action="store_true",
                         help="ours trains through GraphedTrainStep: on CUDA one captured graph replayed per step "
                              "(AdamW capturable); elsewhere the same static step, eager")
+    parser.add_argument("--ours-checkpointing", action="store_true",
+                        help="ours recomputes its decoder and cross-attention blocks in backward "
+                             "(MultimodalLlama.set_grad_checkpointing): less memory, one more forward a step")
+    parser.add_argument("--hf-checkpointing", action="store_true",
+                        help="HF recomputes its layers in backward (activation_checkpointing_enable, non-reentrant)")
     parser.add_argument("--torchtune", action="store_true",
                         help="also measure torchtune's llama3_2_vision builders (needs torchtune + torchao)")
     parser.add_argument("--torchtune-python", default=sys.executable,
@@ -748,6 +771,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if args.quick:
         args.batch_size, args.seq_len, args.response_len = 2, 24, 8
         args.warmup, args.steps, args.new_tokens, args.generate_batch, args.repeats = 1, 1, 4, [1], 1
+    if args.ours_graph and args.ours_checkpointing:
+        parser.error("--ours-graph and --ours-checkpointing: the captured step is not measured with recomputation")
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (decode throughput is measured after the first token)")
     bad = [b for b in args.generate_batch if not 1 <= b <= args.batch_size]
@@ -757,7 +782,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                  "--response-len", str(args.response_len), "--device", args.device, "--precision", args.precision,
                  *(["--quick"] if args.quick else []), *(["--ragged"] if args.ragged else []),
                  *(["--hf-static-cache"] if args.hf_static_cache else []),
-                 *(["--ours-graph"] if args.ours_graph else [])]
+                 *(["--ours-graph"] if args.ours_graph else []),
+                 *(["--ours-checkpointing"] if args.ours_checkpointing else []),
+                 *(["--hf-checkpointing"] if args.hf_checkpointing else [])]
     return args, forwarded
 
 
@@ -789,7 +816,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = versus(hf)
     summary["config"] = {
         "batch_size": args.batch_size, "seq_len": args.seq_len, "response_len": args.response_len,
-        "ragged": args.ragged, "ours_graph": args.ours_graph, "steps": args.steps, "warmup": args.warmup,
+        "ragged": args.ragged, "ours_graph": args.ours_graph, "ours_checkpointing": args.ours_checkpointing,
+        "hf_checkpointing": args.hf_checkpointing, "steps": args.steps, "warmup": args.warmup,
         "new_tokens": args.new_tokens,
         "device": ours["device"], "precision": args.precision,
         "generate_batch": args.generate_batch, "vision": asdict(VisionSizes()),

@@ -92,6 +92,28 @@ def test_vs_hf_mllama_graphed_runner_takes_the_eager_runners_step():
         torch.autograd.grad(loss, runner.trainable(), allow_unused=True)
 
 
+def test_vs_hf_mllama_checkpointing_flags_cut_what_each_side_saves_for_backward():
+    """``--ours-checkpointing`` / ``--hf-checkpointing`` recompute blocks on each side: at the
+    benchmark's full shape the same loss, and less saved for backward."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import torch
+    from vs_hf_mllama import HFRunner, OursRunner, VisionSizes, make_batch, saved_activation_mb
+
+    batch = make_batch(2, 24, 8, 49152, VisionSizes().image_size)
+    off = torch.autocast("cpu", enabled=False)
+    for runner_class in (OursRunner, HFRunner):
+        saved, losses = {}, {}
+        for checkpointing in (False, True):
+            torch.manual_seed(0)
+            runner = runner_class(VisionSizes(), checkpointing=checkpointing)
+            runner.model.train()
+            saved[checkpointing] = saved_activation_mb(runner, batch, off)
+            losses[checkpointing] = runner.loss(batch).item()
+            del runner
+        assert losses[True] == pytest.approx(losses[False], rel=1e-5), runner_class.__name__
+        assert saved[True] < 0.8 * saved[False], (runner_class.__name__, saved)
+
+
 def test_data_loader_reports_loader_rate_against_the_step(tiny_lm_dir):
     out = run_json("data_loader.py", "--lm", str(tiny_lm_dir), "--samples", "24", "--shards", "2",
                    "--batch-size", "4", "--num-workers", "0", "--batches", "3", "--step-samples-per-s", "2.0")

@@ -74,7 +74,8 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
             blocks in backward instead of holding their activations
             (:meth:`~mm_llama.model.MultimodalLlama.set_grad_checkpointing`). For one device and
             DDP; under FSDP the strategy's own is the one (``AdapterFSDPStrategy(activation_checkpointing=True)``),
-            and this one is refused.
+            and this one is refused. On the SmolLM2-shaped benchmark (``benchmarks/vs_hf_mllama.py``,
+            batch 4 x 128): 91 MB saved for backward instead of 520, a third more FLOPs a step.
         init_from: an earlier stage's checkpoint (e.g. the image stage's ``adapter.ckpt``) whose
             weights start this stage; weights it lacks (a new video branch) keep their
             initialisation. With ``model.trainable`` equal to the video groups, the trainable
