@@ -3,6 +3,7 @@
 Two modes::
 
     python tests/ddp_fit.py parallel --lm DIR --shards URLS --out DIR --devices 2 --batch-size 2 --epoch-length 16
+    python tests/ddp_fit.py parallel --activation-checkpointing ...
     python tests/ddp_fit.py parallel --strategy fsdp --lm-dtype bfloat16 ...
     python tests/ddp_fit.py parallel --strategy fsdp --epochs 2 --stop-after 1 ... / --resume-from CKPT ...
     python tests/ddp_fit.py reference --lm DIR --shards URLS --out DIR --ranks-from PARALLEL_OUT
@@ -63,14 +64,16 @@ class RecordSteps(L.Callback):
     def on_train_end(self, trainer, pl_module):
         rank = trainer.global_rank
         record = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
-                  "steps": self.steps, "val": getattr(pl_module, "last_eval", {}).get("metrics")}
+                  "steps": self.steps, "val": getattr(pl_module, "last_eval", {}).get("metrics"),
+                  "activation_checkpointing": pl_module.model.grad_checkpointing}
         (self.out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def make_module(args: argparse.Namespace, steps: int) -> AdapterModule:
     L.seed_everything(0)  # the same initial weights on every rank and in the reference
     module = AdapterModule(lm=args.lm, model=TINY_MODEL, optim=OptimConfig(lr=LR, warmup_steps=0, total_steps=steps),
-                           lm_dtype=args.lm_dtype, eval_max_new_tokens=3)
+                           lm_dtype=args.lm_dtype, eval_max_new_tokens=3,
+                           activation_checkpointing=args.activation_checkpointing)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # the launching process; Lightning sets LOCAL_RANK for the others
         torch.save(module.model.trainable_state_dict(), args.out / "init.pt")
     return module
@@ -147,6 +150,8 @@ def main() -> None:
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (a 'crash')")
     parser.add_argument("--resume-from", default=None, help="checkpoint to resume the run from (parallel mode)")
     parser.add_argument("--validate", action="store_true", help="validate at the end of the epoch (parallel mode)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="AdapterModule(activation_checkpointing=True): blocks recomputed in backward")
     parser.add_argument("--timeout", type=int, default=120, help="process-group timeout in seconds")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny matmuls: two ranks on two cores

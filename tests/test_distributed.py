@@ -4,7 +4,9 @@ The DDP run (``tests/ddp_fit.py parallel``, its own process tree, so pytest is n
 that each rank reads its own shards, that both ranks take the same number of optimizer steps
 although the shards hold different numbers of samples (``epoch_length``; unequal counts would
 hang DDP, DESIGN §9), and that it trains exactly what one process trains on the same global
-batches (``tests/ddp_fit.py reference``). The same run sharded with
+batches (``tests/ddp_fit.py reference``). The DDP run recomputes its blocks in backward
+(``AdapterModule(activation_checkpointing=True)``) and the reference does not, so the comparison
+also shows that activation checkpointing under DDP trains what plain training trains. The same run sharded with
 :class:`~mm_llama.training.scale.AdapterFSDPStrategy` (FSDP runs on CPU over gloo too) must train
 what DDP trains, and save a checkpoint of the full, unsharded trainable weights only; an FSDP run
 stopped after an epoch and resumed from that checkpoint must continue exactly as if it had not stopped.
@@ -103,7 +105,7 @@ def runs(tiny_lm_dir, tmp_path_factory) -> dict[str, Path]:
     common = ["--lm", str(tiny_lm_dir), "--shards", urls]
     parallel = [*common, "--devices", str(WORLD), "--batch-size", str(BATCH), "--epoch-length", str(EPOCH_LENGTH),
                 "--validate"]
-    run_scripts(["parallel", *parallel, "--out", str(root / "ddp")])
+    run_scripts(["parallel", *parallel, "--out", str(root / "ddp"), "--activation-checkpointing"])
     # the reference needs the DDP run's batches; FSDP runs beside it
     run_scripts(["reference", *common, "--out", str(root / "ref"), "--ranks-from", str(root / "ddp")],
                 ["parallel", *parallel, "--out", str(root / "fsdp"), "--strategy", "fsdp"])
@@ -142,6 +144,7 @@ def test_both_ranks_take_the_same_number_of_steps(runs):
 
 def test_ddp_trains_what_one_process_trains_on_the_global_batch(runs):
     ddp, (ref,) = ranks(runs["ddp"]), ranks(runs["ref"])
+    assert [r["activation_checkpointing"] for r in (*ddp, ref)] == [True, True, False]  # recomputed vs plain
     n_steps = len(ddp[0]["steps"])
     assert ref["global_step"] == n_steps
     assert [s["keys"] for s in ref["steps"]] == [ddp[0]["steps"][k]["keys"] + ddp[1]["steps"][k]["keys"]
