@@ -316,6 +316,10 @@ def test_compiled_blocks_compute_what_plain_blocks_compute(tiny_lm_dir, shapes_d
     compiled_loss, compiled_grads = loss_and_grads(module, batch)
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(compiled_grads, grads, rtol=1e-5, atol=1e-7)
+    module.model.set_grad_checkpointing(True)  # compiled blocks recomputed in backward: the same again
+    recomputed_loss, recomputed_grads = loss_and_grads(module, batch)
+    torch.testing.assert_close(recomputed_loss, loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(recomputed_grads, grads, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- activation checkpointing
