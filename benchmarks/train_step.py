@@ -4,11 +4,12 @@
 encoder (trainable, its hybrid stem included) and the small caption decoder, batch 64.
 
 Prints one JSON line (the last line of output) with ``tokens_per_s``, ``samples_per_s``,
-``peak_rss_mb`` and ``matmul_peak_fraction``: the FLOPs of one step (counted by
-``torch.utils.flop_counter``) per second, over the fp32 matmul peak measured here with
-large square matmuls on the same threads.
+``peak_rss_mb``, ``saved_activation_mb`` (what autograd keeps for backward in one forward, stage 2)
+and ``matmul_peak_fraction``: the FLOPs of one step (counted by ``torch.utils.flop_counter``) per
+second, over the fp32 matmul peak measured here with large square matmuls on the same threads.
 
     python benchmarks/train_step.py [--batch-size 16] [--seq-len 40] [--steps 5] [--prompt-reader rows|last|none]
+    python benchmarks/train_step.py --activation-checkpointing   # stage 2 recomputing its blocks in backward
     python benchmarks/train_step.py --stage 1 [--batch-size 64] [--steps 10]
 """
 
@@ -108,9 +109,30 @@ def stage1_step(lm_name: str, b: int, s: int) -> tuple[Callable[[], None], int]:
     return step, sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def stage2_step(args: argparse.Namespace, b: int, s: int) -> tuple[Callable[[], None], int]:
-    """The default run's stage-2 step (adapters through the frozen LM) on random data; returns it
-    and the number of trainable parameters."""
+def saved_activation_mb(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> float:
+    """MiB of distinct tensor storages autograd keeps for backward while ``loss_fn()`` runs.
+
+    Weights (parameters and views of them) are excluded; what remains is the activation memory a
+    training step holds at the start of its backward pass, independent of the allocator and of
+    anything else running on the machine.
+    """
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn()
+    return sum(storages.values()) / 2**20
+
+
+def stage2_step(args: argparse.Namespace, b: int, s: int) -> tuple[Callable[[], None], int, float]:
+    """The default run's stage-2 step (adapters through the frozen LM) on random data; returns it,
+    the number of trainable parameters and the MiB saved for backward."""
     default = image_model_config(RunConfig(modality="image"))  # train_adapter.py's image model before stage 1
     groups = tuple(g for g in default.trainable if g != "prompt_reader")
     trainable = groups if args.train_encoder else tuple(g for g in groups if g != "image_encoder")
@@ -121,6 +143,7 @@ def stage2_step(args: argparse.Namespace, b: int, s: int) -> tuple[Callable[[], 
                                     heads=pre.heads, every_row=args.prompt_reader == "rows")
     cfg = dataclasses.replace(default, trainable=trainable, prompt_reader=reader)
     model = MultimodalLlama(load_language_model(args.lm), cfg).train()
+    model.set_grad_checkpointing(args.activation_checkpointing)
     size = model.cfg.image_encoder.image_size
     ids = torch.randint(0, model.lm.cfg.vocab_size, (b, s))
     ids[:, 8] = model.media_token_id("image")
@@ -136,7 +159,8 @@ def stage2_step(args: argparse.Namespace, b: int, s: int) -> tuple[Callable[[], 
         loss.backward()
         opt.step()
 
-    return step, sum(p.numel() for _, p in named)
+    saved = saved_activation_mb(model, lambda: model.loss(ids, labels, images))
+    return step, sum(p.numel() for _, p in named), saved
 
 
 
@@ -153,13 +177,16 @@ def main() -> None:
     parser.add_argument("--prompt-reader", choices=("rows", "last", "none"), default="rows",
                         help="stage 1's decoder as the frozen prompt reader (random weights of its shape): read at "
                              "every row (the default run's), at the prompt's last row only, or none (the paper's model)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="stage 2 recomputes the LM's and the cross-attention blocks in backward")
     args = parser.parse_args()
     b, s = args.batch_size or (EncoderPretrainConfig().batch_size if args.stage == 1 else 16), args.seq_len
     torch.manual_seed(0)
+    saved_mb = None
     if args.stage == 1:
         step, trainable_params = stage1_step(args.lm, b, s)
     else:
-        step, trainable_params = stage2_step(args, b, s)
+        step, trainable_params, saved_mb = stage2_step(args, b, s)
     step()  # warm-up
     with flop_counter() as counter:
         step()
@@ -177,7 +204,8 @@ def main() -> None:
         "samples_per_s": round(b / seconds, 2),
         "step_seconds": round(seconds, 3),
         "peak_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
-        "step_gflop": round(flops_per_step / 1e9, 1),
+        "saved_activation_mb": None if saved_mb is None else round(saved_mb, 1),
+        "step_gflop": round(flops_per_step / 1e9, 3),
         "achieved_gflops": round(flops_per_step / seconds / 1e9, 1),
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "matmul_peak_fraction": round(flops_per_step / seconds / peak, 3),
@@ -186,6 +214,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "trainable_params": trainable_params,
         "prompt_reader": args.prompt_reader if args.stage == 2 else None,
+        "activation_checkpointing": args.activation_checkpointing if args.stage == 2 else None,
     }
     print(json.dumps(result))
 

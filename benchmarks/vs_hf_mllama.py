@@ -489,24 +489,14 @@ def peak_rss_mb() -> float:
 
 
 def saved_activation_mb(runner: Runner, batch: Batch, autocast: torch.autocast) -> float:
-    """MiB of distinct tensor storages autograd keeps for backward in one forward + loss.
+    """MiB autograd keeps for backward in one forward + loss of ``runner`` (``train_step.saved_activation_mb``)."""
+    from train_step import saved_activation_mb as saved_mb
 
-    Weights (parameters and views of them) are excluded; what remains is the activation
-    memory a training step holds at the start of its backward pass. Unlike RSS it does not
-    depend on the allocator or on anything else running on the machine.
-    """
-    weights = {p.untyped_storage().data_ptr() for p in runner.model.parameters()}
-    storages: dict[int, int] = {}
+    def loss() -> torch.Tensor:
+        with autocast:
+            return runner.loss(batch)
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        runner.loss(batch)
-    return sum(storages.values()) / 2**20
+    return saved_mb(runner.model, loss)
 
 
 def reset_peak_rss() -> bool:

@@ -173,6 +173,15 @@ def test_train_step_reports_the_default_models_step_with_and_without_the_prompt_
     assert 0 < rows["trainable_params"] - none["trainable_params"] < 200_000  # the projection only
 
 
+def test_train_step_with_activation_checkpointing_saves_less_for_more_flops(tiny_lm_dir):
+    args = ("--lm", str(tiny_lm_dir), "--batch-size", "2", "--seq-len", "20", "--steps", "1")
+    plain, recomputed = run_json("train_step.py", *args), run_json("train_step.py", *args, "--activation-checkpointing")
+    assert (plain["activation_checkpointing"], recomputed["activation_checkpointing"]) == (False, True)
+    assert recomputed["saved_activation_mb"] < plain["saved_activation_mb"]
+    assert recomputed["step_gflop"] > plain["step_gflop"]  # the blocks' forward, again in backward
+    assert recomputed["trainable_params"] == plain["trainable_params"]
+
+
 def test_train_step_stage_1_times_the_encoder_and_decoder(tiny_lm_dir):
     """``--stage 1`` times stage 1's step: the default image encoder and the caption decoder train
     (its trainable parameters are the encoder's plus the decoder's), no LM in the step."""
