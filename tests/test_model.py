@@ -219,16 +219,20 @@ def saved_activation_bytes(model, loss_fn) -> int:
     return loss, sum(storages.values())
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_activation_checkpointing_keeps_loss_and_gradients_and_holds_a_fraction_of_the_activations(share_prefix):
+@pytest.mark.parametrize("share_prefix, bf16", [(True, False), (False, False), (True, True)])
+def test_activation_checkpointing_keeps_loss_and_gradients_and_holds_a_fraction_of_the_activations(share_prefix, bf16):
     model = tiny_model(gate_init=0.5).train()
+    if bf16:  # the GPU recipe's setting: LM in bf16, fp32 adapters under bf16 autocast (recomputed under it too)
+        model.lm.to(torch.bfloat16)
     ids, labels = _prefixed_batch(model, b=3, s=40)
     images = torch.randn(3, 3, 16, 16)
 
     def run(enabled: bool):
         model.set_grad_checkpointing(enabled)
         model.zero_grad(set_to_none=True)
-        loss, saved = saved_activation_bytes(model, lambda: model.loss(ids, labels, images, share_prefix=share_prefix))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, saved = saved_activation_bytes(
+                model, lambda: model.loss(ids, labels, images, share_prefix=share_prefix))
         loss.backward()
         return loss.detach(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
