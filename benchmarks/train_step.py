@@ -9,7 +9,7 @@ and ``matmul_peak_fraction``: the FLOPs of one step (counted by ``torch.utils.fl
 second, over the fp32 matmul peak measured here with large square matmuls on the same threads.
 
     python benchmarks/train_step.py [--batch-size 16] [--seq-len 40] [--steps 5] [--prompt-reader rows|last|none]
-    python benchmarks/train_step.py --activation-checkpointing   # stage 2 recomputing its blocks in backward
+    python benchmarks/train_step.py --activation-checkpointing [N]   # stage 2 recomputing (every N-th) block
     python benchmarks/train_step.py --stage 1 [--batch-size 64] [--steps 10]
 """
 
@@ -143,7 +143,7 @@ def stage2_step(args: argparse.Namespace, b: int, s: int) -> tuple[Callable[[], 
                                     heads=pre.heads, every_row=args.prompt_reader == "rows")
     cfg = dataclasses.replace(default, trainable=trainable, prompt_reader=reader)
     model = MultimodalLlama(load_language_model(args.lm), cfg).train()
-    model.set_grad_checkpointing(args.activation_checkpointing)
+    model.set_grad_checkpointing(args.activation_checkpointing > 0, every=max(args.activation_checkpointing, 1))
     size = model.cfg.image_encoder.image_size
     ids = torch.randint(0, model.lm.cfg.vocab_size, (b, s))
     ids[:, 8] = model.media_token_id("image")
@@ -177,8 +177,9 @@ def main() -> None:
     parser.add_argument("--prompt-reader", choices=("rows", "last", "none"), default="rows",
                         help="stage 1's decoder as the frozen prompt reader (random weights of its shape): read at "
                              "every row (the default run's), at the prompt's last row only, or none (the paper's model)")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="stage 2 recomputes the LM's and the cross-attention blocks in backward")
+    parser.add_argument("--activation-checkpointing", type=int, nargs="?", const=1, default=0, metavar="N",
+                        help="stage 2 recomputes the LM's and the cross-attention blocks in backward "
+                             "(N: every N-th decoder block)")
     args = parser.parse_args()
     b, s = args.batch_size or (EncoderPretrainConfig().batch_size if args.stage == 1 else 16), args.seq_len
     torch.manual_seed(0)

@@ -51,9 +51,9 @@ The last line of output is one JSON object: ``train_step_speedup`` (HF step time
 ``generate_speedup_b<k>`` / ``generate_e2e_speedup_b<k>`` for every batch size, and the raw
 figures of both models under ``ours`` and ``hf``. ``--torchtune`` adds torchtune's
 ``llama3_2_vision`` builders at the same sizes (same ratios under ``torchtune``); it needs an
-interpreter that imports torchtune (``--torchtune-python``). ``--ours-checkpointing`` and
-``--hf-checkpointing`` recompute each side's blocks in backward (activation checkpointing:
-memory for time)::
+interpreter that imports torchtune (``--torchtune-python``). ``--ours-checkpointing [N]`` and
+``--hf-checkpointing [N]`` recompute each side's blocks in backward (activation checkpointing:
+memory for time; ``N``: every N-th block only)::
 
     python benchmarks/vs_hf_mllama.py [--batch-size 8] [--seq-len 128] [--steps 5] [--new-tokens 32] [--quick]
     python benchmarks/vs_hf_mllama.py --device cuda --precision bf16-mixed   # on a GPU: memory is the GPU's
@@ -193,9 +193,10 @@ class Runner:
 class OursRunner(Runner):
     """Ours; ``graph``: its training step through :class:`GraphedTrainStep` (one CUDA graph
     replayed per step on a GPU; elsewhere the same static step, eager); ``checkpointing``: the
-    decoder and cross-attention blocks recomputed in backward (``set_grad_checkpointing``)."""
+    decoder and cross-attention blocks recomputed in backward (``set_grad_checkpointing``; ``n``:
+    every n-th decoder block, 0: none)."""
 
-    def __init__(self, vision: VisionSizes, graph: bool = False, checkpointing: bool = False) -> None:
+    def __init__(self, vision: VisionSizes, graph: bool = False, checkpointing: int = 0) -> None:
         from encoders import ImageEncoderConfig
         from mm_llama.config import LlamaConfig
         from mm_llama.llama import LlamaLM
@@ -214,7 +215,7 @@ class OursRunner(Runner):
         cfg = ModelConfig(image_encoder=encoder, cross_attention=CrossAttentionConfig(every=4),
                           trainable=("image_encoder", "projection", "cross_attention"))
         self.model = MultimodalLlama(lm, cfg)
-        self.model.set_grad_checkpointing(checkpointing)
+        self.model.set_grad_checkpointing(checkpointing > 0, every=max(int(checkpointing), 1))
         self.graph = graph
         self.autocast_dtype: torch.dtype | None = None  # set by the worker: bf16 under --precision bf16-mixed
         self.step = None  # the GraphedTrainStep, built at the first training step
@@ -271,9 +272,10 @@ def hf_cross_attention_layers(n_self: int, every: int) -> list[int]:
 
 class HFRunner(Runner):
     """HF's Mllama; ``checkpointing``: its ``activation_checkpointing_enable`` (non-reentrant, as ours),
-    which recomputes every decoder layer, self- and cross-attention (not the vision layers, as ours)."""
+    which recomputes every decoder layer, self- and cross-attention (not the vision layers, as ours);
+    ``n``: every n-th layer of its combined list (``every_n_layers``), 0: none."""
 
-    def __init__(self, vision: VisionSizes, checkpointing: bool = False) -> None:
+    def __init__(self, vision: VisionSizes, checkpointing: int = 0) -> None:
         from transformers import MllamaConfig, MllamaForConditionalGeneration
 
         from mm_llama.config import LlamaConfig
@@ -310,9 +312,12 @@ class HFRunner(Runner):
         if checkpointing:  # transformers 5.25 renamed gradient_checkpointing_enable
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                                      every_n_layers=int(checkpointing))
+            elif checkpointing == 1:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            else:
+                raise RuntimeError("--hf-checkpointing N > 1 needs transformers' activation_checkpointing_enable")
         self.model, self.cross = model, cross
         self.attn_implementation = config._attn_implementation
         self.static_cache = False  # generate(cache_implementation="static") with --hf-static-cache
@@ -540,7 +545,7 @@ class Worker:
         self.report: dict = {"impl": impl, "threads": torch.get_num_threads(), "device": self.device_name(),
                              "precision": args.precision,
                              "activation_checkpointing": {"ours": args.ours_checkpointing,
-                                                          "hf": args.hf_checkpointing}.get(impl, False)}
+                                                          "hf": args.hf_checkpointing}.get(impl, 0)}
         if isinstance(self.runner, OursRunner):
             self.runner.autocast_dtype = self.dtype if args.precision == "bf16-mixed" else None
             self.report["train_step"] = "graphed" if args.ours_graph else "eager"
@@ -747,11 +752,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--ours-graph", action="store_true",
                         help="ours trains through GraphedTrainStep: on CUDA one captured graph replayed per step "
                              "(AdamW capturable); elsewhere the same static step, eager")
-    parser.add_argument("--ours-checkpointing", action="store_true",
+    parser.add_argument("--ours-checkpointing", type=int, nargs="?", const=1, default=0, metavar="N",
                         help="ours recomputes its decoder and cross-attention blocks in backward "
-                             "(MultimodalLlama.set_grad_checkpointing): less memory, one more forward a step")
-    parser.add_argument("--hf-checkpointing", action="store_true",
-                        help="HF recomputes its layers in backward (activation_checkpointing_enable, non-reentrant)")
+                             "(MultimodalLlama.set_grad_checkpointing): less memory, one more forward a step; "
+                             "N: every N-th decoder block")
+    parser.add_argument("--hf-checkpointing", type=int, nargs="?", const=1, default=0, metavar="N",
+                        help="HF recomputes its layers in backward (activation_checkpointing_enable, non-reentrant; "
+                             "N: every_n_layers)")
     parser.add_argument("--torchtune", action="store_true",
                         help="also measure torchtune's llama3_2_vision builders (needs torchtune + torchao)")
     parser.add_argument("--torchtune-python", default=sys.executable,
@@ -763,6 +770,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         args.warmup, args.steps, args.new_tokens, args.generate_batch, args.repeats = 1, 1, 4, [1], 1
     if args.ours_graph and args.ours_checkpointing:
         parser.error("--ours-graph and --ours-checkpointing: the captured step is not measured with recomputation")
+    if min(args.ours_checkpointing, args.hf_checkpointing) < 0:
+        parser.error("--ours-checkpointing / --hf-checkpointing take a block interval >= 1")
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (decode throughput is measured after the first token)")
     bad = [b for b in args.generate_batch if not 1 <= b <= args.batch_size]
@@ -773,8 +782,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                  *(["--quick"] if args.quick else []), *(["--ragged"] if args.ragged else []),
                  *(["--hf-static-cache"] if args.hf_static_cache else []),
                  *(["--ours-graph"] if args.ours_graph else []),
-                 *(["--ours-checkpointing"] if args.ours_checkpointing else []),
-                 *(["--hf-checkpointing"] if args.hf_checkpointing else [])]
+                 "--ours-checkpointing", str(args.ours_checkpointing), "--hf-checkpointing", str(args.hf_checkpointing)]
     return args, forwarded
 
 

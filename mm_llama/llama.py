@@ -164,6 +164,8 @@ class LlamaLM(nn.Module):
     Attributes:
         grad_checkpointing: under autograd, keep only each block's input and recompute the
             block in backward (a frozen LM too: gradients still flow through it to the adapters).
+        checkpoint_every: with ``grad_checkpointing``, recompute blocks ``0, n, 2n, ...`` only
+            (``1``: every block); the others keep their activations.
     """
 
     def __init__(self, cfg: LlamaConfig) -> None:
@@ -177,6 +179,7 @@ class LlamaLM(nn.Module):
             "inv_freq", rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
         )
         self.grad_checkpointing = False
+        self.checkpoint_every = 1
         self.tokenizer = None  # set by the loaders
         self.source: str | None = None  # identity of the weights (path), set by the loaders
 
@@ -230,7 +233,7 @@ class LlamaLM(nn.Module):
         for i, layer in enumerate(self.layers):
             if before_layer is not None:
                 hidden = before_layer(i, hidden)
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and i % self.checkpoint_every == 0 and torch.is_grad_enabled():
                 hidden = checkpoint(layer, hidden, cos, sin, mask, cache, use_reentrant=False)
             else:
                 hidden = layer(hidden, cos, sin, mask, cache)

@@ -338,7 +338,7 @@ class MultimodalLlama(nn.Module):
         """Whether training recomputes blocks in backward (:meth:`set_grad_checkpointing`)."""
         return self.lm.grad_checkpointing
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+    def set_grad_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
         """Activation checkpointing of the LM's decoder blocks and of the cross-attention blocks.
 
         Under autograd each such block keeps only its inputs and runs again in backward: the
@@ -346,8 +346,14 @@ class MultimodalLlama(nn.Module):
         of every block per step). The same blocks as ``AdapterFSDPStrategy(activation_checkpointing=True)``
         (:data:`~mm_llama.training.scale.CHECKPOINTED_BLOCKS`), without FSDP. Losses and gradients
         are unchanged; parameter names too (no wrapper modules).
+
+        ``every=n`` recomputes only decoder blocks ``0, n, 2n, ...`` (and every cross-attention
+        block): memory and time in between, roughly in proportion.
         """
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"set_grad_checkpointing(every=...) is a block interval >= 1, got {every!r}")
         self.lm.grad_checkpointing = enabled
+        self.lm.checkpoint_every = every
 
     def train(self, mode: bool = True) -> MultimodalLlama:
         """Train mode for the trainable parts; the LM and :meth:`frozen_parts` stay in eval mode

@@ -176,7 +176,7 @@ def test_train_step_reports_the_default_models_step_with_and_without_the_prompt_
 def test_train_step_with_activation_checkpointing_saves_less_for_more_flops(tiny_lm_dir):
     args = ("--lm", str(tiny_lm_dir), "--batch-size", "2", "--seq-len", "20", "--steps", "1")
     plain, recomputed = run_json("train_step.py", *args), run_json("train_step.py", *args, "--activation-checkpointing")
-    assert (plain["activation_checkpointing"], recomputed["activation_checkpointing"]) == (False, True)
+    assert (plain["activation_checkpointing"], recomputed["activation_checkpointing"]) == (0, 1)
     assert recomputed["saved_activation_mb"] < plain["saved_activation_mb"]
     assert recomputed["step_gflop"] > plain["step_gflop"]  # the blocks' forward, again in backward
     assert recomputed["trainable_params"] == plain["trainable_params"]

@@ -251,6 +251,33 @@ def test_activation_checkpointing_keeps_loss_and_gradients_and_holds_a_fraction_
         assert torch.equal(logits_ckpt, model(ids, images))
 
 
+def test_checkpointing_every_second_block_recomputes_those_and_holds_what_lies_between():
+    model = tiny_model(gate_init=0.5).train()  # 8 decoder blocks
+    ids, labels = _prefixed_batch(model, b=3, s=40)
+    images = torch.randn(3, 3, 16, 16)
+    saved, grads, calls = {}, {}, {}
+    for every in (None, 2, 1):
+        model.set_grad_checkpointing(every is not None, every=every or 1)
+        model.zero_grad(set_to_none=True)
+        ran = []
+        hooks = [layer.register_forward_pre_hook(lambda *_, i=i: ran.append(i)) for i, layer in enumerate(model.lm.layers)]
+        loss, saved[every] = saved_activation_bytes(model, lambda: model.loss(ids, labels, images, share_prefix=False))
+        loss.backward()
+        for hook in hooks:
+            hook.remove()
+        calls[every] = sorted(ran)
+        grads[every] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert calls[None] == list(range(8))
+    assert calls[2] == sorted([*range(8), 0, 2, 4, 6])  # blocks 0, 2, 4, 6 ran again in backward
+    assert calls[1] == sorted([*range(8)] * 2)
+    assert saved[1] < saved[2] < saved[None]
+    for name in grads[None]:
+        torch.testing.assert_close(grads[2][name], grads[None][name], rtol=0, atol=1e-6, msg=name)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="block interval >= 1"):
+            model.set_grad_checkpointing(True, every=bad)
+
+
 def test_configs_pickled_before_a_field_existed_load_with_its_default():
     """A checkpoint's pickled ModelConfig from before a field was added (e.g. ``video``) still loads."""
     import pickle

@@ -357,6 +357,14 @@ def test_activation_checkpointing_without_fsdp_recomputes_each_block_and_trains_
     assert list(ckpt.state_dict()) == list(plain.state_dict())  # no wrapper names: checkpoints load either way
 
 
+def test_activation_checkpointing_takes_a_block_interval(tiny_lm_dir):
+    for value, expected in ((False, (False, 1)), (True, (True, 1)), (0, (False, 1)), (1, (True, 1)), (3, (True, 3))):
+        lm = AdapterModule(lm=str(tiny_lm_dir), model=TINY_MODEL, activation_checkpointing=value).model.lm
+        assert (lm.grad_checkpointing, lm.checkpoint_every) == expected, value
+    with pytest.raises(ValueError, match="activation_checkpointing must be true, false or a block interval"):
+        AdapterModule(lm=str(tiny_lm_dir), model=TINY_MODEL, activation_checkpointing=-2)
+
+
 def test_module_activation_checkpointing_under_fsdp_points_at_the_strategys(tiny_lm_dir):
     module = AdapterModule(lm=str(tiny_lm_dir), model=TINY_MODEL, activation_checkpointing=True)
     for checkpointing in (True, False):

@@ -322,10 +322,19 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
     assert resumed["steps"] == 3 and resumed["resumed_from"] == str(out / "last.ckpt")
     history = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]["TrainingHistory"]
     assert [step for step, _ in history["train_loss"]] == [1, 2, 3]  # the curve survives the resume
-    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["activation_checkpointing"] is True
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["activation_checkpointing"] == 1
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(out / "config.yaml"), "--print_config"])
-    assert exit_info.value.code == 0 and "activation_checkpointing: true" in capsys.readouterr().out
+    assert exit_info.value.code == 0 and "activation_checkpointing: 1" in capsys.readouterr().out
+
+
+def test_activation_checkpointing_flag_takes_an_optional_block_interval(capsys):
+    parse = run_module.build_parser().parse_args
+    assert parse([]).activation_checkpointing == 0
+    assert parse(["--activation-checkpointing"]).activation_checkpointing == 1
+    assert parse(["--activation-checkpointing", "3"]).activation_checkpointing == 3
+    with pytest.raises(ValueError, match="--activation-checkpointing takes a block interval >= 1"):
+        run_module.RunConfig(activation_checkpointing=-1)
 
 
 def test_task_weights_flag(capsys):

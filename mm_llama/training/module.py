@@ -72,7 +72,8 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
             (each on its own, so FSDP units and activation checkpointing stay per block).
         activation_checkpointing: recompute the LM's decoder blocks and the cross-attention
             blocks in backward instead of holding their activations
-            (:meth:`~mm_llama.model.MultimodalLlama.set_grad_checkpointing`). For one device and
+            (:meth:`~mm_llama.model.MultimodalLlama.set_grad_checkpointing`); an integer ``n >= 2``
+            recomputes only every n-th decoder block (``0``/``false``: off). For one device and
             DDP; under FSDP the strategy's own is the one (``AdapterFSDPStrategy(activation_checkpointing=True)``),
             and this one is refused. On the SmolLM2-shaped benchmark (``benchmarks/vs_hf_mllama.py``,
             batch 4 x 128): 91 MB saved for backward instead of 520, a third more FLOPs a step.
@@ -96,7 +97,7 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
         lm_dtype: Literal["float32", "bfloat16"] = "float32",
         compile_blocks: bool = False,
         init_from: str | None = None,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | int = False,
     ) -> None:
         super().__init__()
         if lm_dtype not in LM_DTYPES:
@@ -107,7 +108,11 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
         self.system_prompt = system_prompt
         language_model = load_language_model(lm, dtype=LM_DTYPES[lm_dtype])
         self.model = MultimodalLlama(language_model, model or ModelConfig())
-        self.model.set_grad_checkpointing(activation_checkpointing)
+        every = int(activation_checkpointing)  # True: every block
+        if every < 0:
+            raise ValueError(f"AdapterModule.activation_checkpointing must be true, false or a block interval >= 1, "
+                             f"got {activation_checkpointing!r}")
+        self.model.set_grad_checkpointing(every > 0, every=max(every, 1))
         if compile_blocks:
             compile_blocks_(self.model)
         # Names and shapes as built: FSDP (use_orig_params) keeps these parameter objects but

@@ -319,7 +319,8 @@ def resolved_config(
             "system_prompt": module.system_prompt,
             **({"lm_dtype": module.hparams.lm_dtype} if module.hparams.get("lm_dtype", "float32") != "float32" else {}),
             **({"init_from": module.hparams.init_from} if module.hparams.get("init_from") else {}),
-            **({"activation_checkpointing": True} if module.model.grad_checkpointing else {}),
+            **({"activation_checkpointing": module.hparams.activation_checkpointing}
+               if module.hparams.get("activation_checkpointing") else {}),
         },
         "data": {"class_path": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", "init_args": data},
     })
@@ -422,9 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 2's training mix: keep a training sample of TASK with probability P (others: "
                         "1), e.g. count=0.25; 'all' keeps every sample (default: the modality's, image: "
                         f"{_format_task_weights(MODALITIES['image'].task_weights)})")
-    p.add_argument("--activation-checkpointing", action="store_true",
+    p.add_argument("--activation-checkpointing", type=int, nargs="?", const=1, default=0, metavar="N",
                    help="recompute the LM's and the cross-attention blocks in backward instead of holding their "
-                        "activations: less memory for a larger --lm, one more forward of them a step")
+                        "activations: less memory for a larger --lm, one more forward of them a step; N: only "
+                        "every N-th decoder block (default: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 

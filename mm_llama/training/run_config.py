@@ -136,8 +136,9 @@ class RunConfig:
             row (``PromptReaderConfig.every_row``), answer rows included; ``False``: only the
             state at the prompt's last row joins the media tokens (stop 23's reader).
         activation_checkpointing: stage 2 recomputes the LM's and the cross-attention blocks in
-            backward instead of holding their activations (``AdapterModule(activation_checkpointing=True)``):
-            for a larger ``lm`` on a small accelerator; slower, same losses.
+            backward instead of holding their activations (``AdapterModule(activation_checkpointing=...)``):
+            for a larger ``lm`` on a small accelerator; slower, same losses. ``0``: off, ``1``: every
+            block, ``n``: every n-th decoder block.
     """
 
     modality: str = "image"
@@ -173,7 +174,7 @@ class RunConfig:
     speech_adapter_pretrain_steps: int = 200
     prompt_reader: bool | None = None
     reader_rows: bool = True
-    activation_checkpointing: bool = False
+    activation_checkpointing: int = 0
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -205,6 +206,9 @@ class RunConfig:
         for name in ("steps", "batch_size", "eval_batch_size", "val_samples", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RunConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.activation_checkpointing < 0:
+            raise ValueError(f"--activation-checkpointing takes a block interval >= 1 (or none), "
+                             f"got {self.activation_checkpointing}")
         for name in ("val_every", "test_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
