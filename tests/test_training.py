@@ -405,6 +405,37 @@ def test_bf16_run_holds_the_frozen_lm_in_bf16_and_never_changes_it(tiny_lm_dir, 
     assert config["model"]["lm_dtype"] == "bfloat16" and config["trainer"]["precision"] == "bf16-mixed"
 
 
+def test_gradient_accumulation_steps_once_per_k_batches_and_logs_their_mean_loss(
+        tiny_lm_dir, shapes_dir, tmp_path, capsys, monkeypatch, tiny_image_modality):
+    losses, steps_seen = [], []
+
+    class Recording(AdapterModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            losses.append(float(loss))
+            steps_seen.append(self.trainer.global_step)
+            return loss
+
+    monkeypatch.setattr(run_module, "AdapterModule", Recording)
+    out = tmp_path / "accumulate"
+    assert run_module.main(["--modality", "image", "--lm", str(tiny_lm_dir), "--data-dir", str(shapes_dir),
+                            "--out", str(out), "--batch-size", "2", "--num-workers", "0", "--val-samples", "4",
+                            "--no-progress", "--encoder-pretrain-steps", "0", "--steps", "2", "--val-every", "1",
+                            "--accumulate-grad-batches", "3"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["steps"] == 2
+    assert steps_seen == [0, 0, 0, 1, 1, 1]  # three batches a step, two optimizer steps
+    history = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]["TrainingHistory"]
+    assert [step for step, _ in history["train_loss"]] == [1, 2]
+    for (_, logged), batches in zip(history["train_loss"], (losses[:3], losses[3:])):
+        assert logged == pytest.approx(sum(batches) / 3, rel=1e-5)  # the step's mean, not its last batch
+    assert [step for step, _ in history["val"]] == [1, 2]  # --val-every counts optimizer steps
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["trainer"]["accumulate_grad_batches"] == 3 and config["trainer"]["val_check_interval"] == 3
+    with pytest.raises(ValueError, match="RunConfig.accumulate_grad_batches must be >= 1"):
+        run_module.RunConfig(accumulate_grad_batches=0)
+
+
 @pytest.mark.parametrize("cores, workers", [(1, 0), (2, 0), (None, 0), (4, 2), (64, 2)])
 def test_loader_workers_follow_the_core_count(monkeypatch, cores, workers):
     monkeypatch.setattr(run_config.os, "cpu_count", lambda: cores)

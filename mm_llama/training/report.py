@@ -31,17 +31,27 @@ RIGHT, WRONG = "#1a7f37", "#cf222e"
 
 class TrainingHistory(L.Callback):
     """Records ``(step, train loss)`` after every optimizer step and
-    ``(step, metrics)`` after every validation (sanity checks excluded)."""
+    ``(step, metrics)`` after every validation (sanity checks excluded).
+
+    With gradient accumulation a step's loss is the mean over its batches: Lightning hands each
+    batch's loss divided by ``accumulate_grad_batches``, and they are summed until the step is taken.
+    """
 
     def __init__(self) -> None:
         self.train_loss: list[tuple[int, float]] = []
         self.val: list[tuple[int, dict[str, float]]] = []
+        self._pending = 0.0  # this step's batches so far
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self.train_loss.append((trainer.global_step, float(loss)))
+        if loss is None:
+            return
+        self._pending += float(loss)
+        last_step = self.train_loss[-1][0] if self.train_loss else 0
+        if trainer.global_step > last_step:  # the optimizer stepped after this batch
+            self.train_loss.append((trainer.global_step, self._pending))
+            self._pending = 0.0
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         last = getattr(pl_module, "last_eval", None)

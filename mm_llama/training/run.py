@@ -108,7 +108,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     trainer_cfg = {
         **cfg.trainer_defaults(),
         "max_steps": cfg.steps,
-        "val_check_interval": cfg.validate_every,
+        "val_check_interval": cfg.validate_every * cfg.accumulate_grad_batches,  # counts batches
+        "accumulate_grad_batches": cfg.accumulate_grad_batches,
         "check_val_every_n_epoch": None,  # count validation in steps across epochs (DESIGN §9)
         "num_sanity_val_steps": 0,
         "default_root_dir": str(out),
@@ -427,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute the LM's and the cross-attention blocks in backward instead of holding their "
                         "activations: less memory for a larger --lm, one more forward of them a step; N: only "
                         "every N-th decoder block (default: off)")
+    p.add_argument("--accumulate-grad-batches", type=int, default=d.accumulate_grad_batches, metavar="K",
+                   help="sum the gradients of K batches per optimizer step: K x --batch-size samples a step, "
+                        "one batch's activation memory (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 

@@ -75,7 +75,7 @@ class RunConfig:
         steps: optimizer steps (also the length of the cosine decay); ``None``: the modality's
             default (:attr:`Modality.steps`: 150 for image, 400 for video, 200 for speech; 400 for
             speech with ``fusion="cross_attention"``, :attr:`Modality.fusion_steps`).
-        batch_size: samples per step.
+        batch_size: samples per step, or per micro-batch with ``accumulate_grad_batches``.
         eval_batch_size: samples per batch of validation and test (answers generated without
             gradients: 32 a batch took 30.5 s for 128 test samples, 8 a batch 45.6 s; stop 17, 2-core CPU).
         lr: peak learning rate; ``None`` keeps :class:`OptimConfig`'s.
@@ -139,6 +139,10 @@ class RunConfig:
             backward instead of holding their activations (``AdapterModule(activation_checkpointing=...)``):
             for a larger ``lm`` on a small accelerator; slower, same losses. ``0``: off, ``1``: every
             block, ``n``: every n-th decoder block.
+        accumulate_grad_batches: stage 2 sums the gradients of this many batches of ``batch_size``
+            per optimizer step (Lightning's ``accumulate_grad_batches``): a step sees
+            ``accumulate_grad_batches * batch_size`` samples with the activation memory of one batch.
+            ``steps`` and ``val_every`` still count optimizer steps.
     """
 
     modality: str = "image"
@@ -175,6 +179,7 @@ class RunConfig:
     prompt_reader: bool | None = None
     reader_rows: bool = True
     activation_checkpointing: int = 0
+    accumulate_grad_batches: int = 1
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -203,7 +208,8 @@ class RunConfig:
                              "runs/image/image_encoder.safetensors)")
         if self.frames is not None and self.frames < 1:
             raise ValueError(f"RunConfig.frames must be None or >= 1, got {self.frames}")
-        for name in ("steps", "batch_size", "eval_batch_size", "val_samples", "eval_max_new_tokens"):
+        for name in ("steps", "batch_size", "eval_batch_size", "val_samples", "eval_max_new_tokens",
+                     "accumulate_grad_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RunConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.activation_checkpointing < 0:
