@@ -432,6 +432,18 @@ def test_gradient_accumulation_steps_once_per_k_batches_and_logs_their_mean_loss
     assert [step for step, _ in history["val"]] == [1, 2]  # --val-every counts optimizer steps
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["trainer"]["accumulate_grad_batches"] == 3 and config["trainer"]["val_check_interval"] == 3
+
+    # Resumed from the step boundary it was saved at: one more step of three batches.
+    losses.clear()
+    steps_seen.clear()
+    assert run_module.main(["--modality", "image", "--lm", str(tiny_lm_dir), "--data-dir", str(shapes_dir),
+                            "--out", str(out), "--batch-size", "2", "--num-workers", "0", "--val-samples", "4",
+                            "--no-progress", "--encoder-pretrain-steps", "0", "--steps", "3", "--val-every", "1",
+                            "--accumulate-grad-batches", "3", "--resume"]) == 0
+    assert steps_seen == [2, 2, 2]
+    history = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]["TrainingHistory"]
+    assert [step for step, _ in history["train_loss"]] == [1, 2, 3]
+    assert history["train_loss"][-1][1] == pytest.approx(sum(losses) / 3, rel=1e-5)
     with pytest.raises(ValueError, match="RunConfig.accumulate_grad_batches must be >= 1"):
         run_module.RunConfig(accumulate_grad_batches=0)
 
