@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from adapters.prompt_reader import PromptReaderConfig
 from mm_llama import load_language_model
 from mm_llama.model import MultimodalLlama
+from mm_llama.saved_tensors import saved_for_backward
 from mm_llama.training.datamodule import ModelInputs
 from mm_llama.training.encoder_pretrain import EncoderPretrainConfig, EncoderPretrainModule
 from mm_llama.training.optim import OptimConfig, build_optimizer
@@ -110,24 +111,9 @@ def stage1_step(lm_name: str, b: int, s: int) -> tuple[Callable[[], None], int]:
 
 
 def saved_activation_mb(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> float:
-    """MiB of distinct tensor storages autograd keeps for backward while ``loss_fn()`` runs.
-
-    Weights (parameters and views of them) are excluded; what remains is the activation memory a
-    training step holds at the start of its backward pass, independent of the allocator and of
-    anything else running on the machine.
-    """
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn()
-    return sum(storages.values()) / 2**20
+    """MiB autograd keeps for backward while ``loss_fn()`` runs, ``model``'s weights left out
+    (:func:`mm_llama.saved_tensors.saved_for_backward`)."""
+    return saved_for_backward(loss_fn, exclude=model.parameters())[1] / 2**20
 
 
 def stage2_step(args: argparse.Namespace, b: int, s: int) -> tuple[Callable[[], None], int, float]:

@@ -53,3 +53,12 @@ class MediaEncoder(nn.Module, ABC):
     @abstractmethod
     def set_grad_checkpointing(self, enabled: bool) -> None:
         """Recompute block activations in the backward pass instead of storing them."""
+
+    @abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks (transformer or Conformer layers), input side first.
+
+        What activation checkpointing recomputes, and what FSDP shards one at a time
+        (:mod:`mm_llama.training.scale`): an encoder of the paper's size (ViT-H/14, 40 blocks)
+        is then never gathered whole.
+        """

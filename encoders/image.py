@@ -246,6 +246,10 @@ class ViTBackbone(nn.Module, ABC):
         self.model.set_grad_checkpointing(enabled)
 
     @abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        """The library's transformer blocks, in order (``depth`` of them)."""
+
+    @abstractmethod
     def patch_position_embedding(self) -> Tensor:
         """The rows of the position-embedding parameter that belong to patches, ``[g, w]`` (a view)."""
 
@@ -386,6 +390,9 @@ class TimmViT(ViTBackbone):
             intermediates = [torch.cat([prefix, patches], dim=1) for patches, prefix in intermediates]
         return final, intermediates  # [b, p + g, w], each [b, p + g, w]
 
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.blocks)
+
     def patch_position_embedding(self) -> Tensor:
         g_h, g_w = self.grid_size
         return self.model.pos_embed[0, -g_h * g_w :]  # [g, w]; timm puts prefix rows first, if any
@@ -449,6 +456,9 @@ class OpenClipViT(ViTBackbone):
         }
         final = self.model.ln_post(blocks[last])  # [b, p + g, w]
         return final, [blocks[index] for index in layers]
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.transformer.resblocks)
 
     def patch_position_embedding(self) -> Tensor:
         return self.model.positional_embedding[self.num_prefix_tokens :]  # [g, w]
@@ -544,6 +554,10 @@ class ImageEncoder(MediaEncoder):
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.grad_checkpointing = enabled
         self.backbone.set_grad_checkpointing(enabled)
+
+    def blocks(self) -> list[nn.Module]:
+        """The ViT's blocks, then the gated global blocks."""
+        return [*self.backbone.blocks(), *self.global_layers]
 
     def forward(self, images: Tensor) -> EncoderOutput:
         """Encode a batch of square images.

@@ -270,6 +270,10 @@ class MllamaVisionEncoder(MediaEncoder):
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.grad_checkpointing = enabled
 
+    def blocks(self) -> list[nn.Module]:
+        """The local layers, then the gated global layers."""
+        return [*self.local_layers, *self.global_layers]
+
     def _run(self, block: VisionBlock, x: Tensor, mask: Tensor) -> Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, mask, use_reentrant=False)

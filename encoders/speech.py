@@ -130,6 +130,11 @@ class SpeechEncoder(MediaEncoder):
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.backbone.grad_checkpointing = enabled
 
+    def blocks(self) -> list[nn.Module]:
+        """The Conformer layers (torchaudio's too, which FSDP can checkpoint though this module cannot)."""
+        backbone = self.backbone
+        return list(backbone.conformer.conformer_layers if isinstance(backbone, _TorchaudioConformer) else backbone.layers)
+
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Encoder frames of ``lengths [b]`` samples."""
         frames = self.frontend.frame_lengths(lengths).clamp(min=1)

@@ -344,16 +344,28 @@ class MultimodalLlama(nn.Module):
         Under autograd each such block keeps only its inputs and runs again in backward: the
         frozen LM's activations, most of a step's memory, are no longer held (one more forward
         of every block per step). The same blocks as ``AdapterFSDPStrategy(activation_checkpointing=True)``
-        (:data:`~mm_llama.training.scale.CHECKPOINTED_BLOCKS`), without FSDP. Losses and gradients
+        (:func:`~mm_llama.training.scale.checkpointed_blocks`), without FSDP. Losses and gradients
         are unchanged; parameter names too (no wrapper modules).
 
         ``every=n`` recomputes only decoder blocks ``0, n, 2n, ...`` (and every cross-attention
         block): memory and time in between, roughly in proportion.
+
+        Every block of a media encoder that trains (:meth:`media_encoders`, e.g. the ViT and its
+        global blocks when ``image_encoder`` is in ``cfg.trainable``) is recomputed too, whatever
+        ``every``; a frozen encoder keeps nothing for backward and is left alone.
         """
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"set_grad_checkpointing(every=...) is a block interval >= 1, got {every!r}")
         self.lm.grad_checkpointing = enabled
         self.lm.checkpoint_every = every
+        for encoder in self.media_encoders().values():
+            encoder.set_grad_checkpointing(enabled and any(p.requires_grad for p in encoder.parameters()))
+
+    def media_encoders(self) -> dict[str, MediaEncoder]:
+        """This model's media encoders by attribute name (``image_encoder``, which the video branch
+        shares, and ``speech_encoder``)."""
+        names = ("image_encoder", "speech_encoder")
+        return {name: getattr(self, name) for name in names if isinstance(getattr(self, name, None), MediaEncoder)}
 
     def train(self, mode: bool = True) -> MultimodalLlama:
         """Train mode for the trainable parts; the LM and :meth:`frozen_parts` stay in eval mode

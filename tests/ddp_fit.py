@@ -84,6 +84,19 @@ def fit_and_save(trainer: L.Trainer, module: AdapterModule, out: Path, **fit_kwa
     trainer.save_checkpoint(out / "final.ckpt")  # every rank takes part (FSDP gathers the shards)
     if isinstance(trainer.strategy, AdapterFSDPStrategy) and trainer.global_rank == 0:
         (out / "gathered_units.json").write_text(json.dumps(trainer.strategy.gathered_units))
+        (out / "fsdp_layout.json").write_text(json.dumps(fsdp_layout(trainer.strategy.model)))
+
+
+def fsdp_layout(wrapped: torch.nn.Module) -> dict[str, list[str]]:
+    """The module names (wrappers left out) of the FSDP units and of the blocks recomputed in backward."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def plain(name: str) -> str:
+        return ".".join(part for part in name.split(".") if part not in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"))
+
+    kinds = {"units": FullyShardedDataParallel, "recomputed": CheckpointWrapper}
+    return {kind: [plain(n) for n, m in wrapped.named_modules() if isinstance(m, cls)] for kind, cls in kinds.items()}
 
 
 def make_trainer(out: Path, record: RecordSteps, validate: bool = False, max_epochs: int = 1,

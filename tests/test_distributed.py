@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,13 @@ def test_fsdp_trains_what_ddp_trains_and_saves_whole_trainable_weights(runs):
     gathered = json.loads((runs["fsdp"] / "gathered_units.json").read_text())
     assert any(".cross_attn." in name for name in gathered) and "model.image_encoder" in gathered
     assert not [name for name in gathered if name == "" or name.startswith("model.lm.")], gathered
+    # Each ViT block of the encoder, which trains here, is a unit of its own and recomputed in backward,
+    # like every decoder and cross-attention block.
+    layout = json.loads((runs["fsdp"] / "fsdp_layout.json").read_text())
+    vit_blocks = [f"model.image_encoder.backbone.model.blocks.{i}" for i in range(2)]
+    assert set(vit_blocks) <= set(layout["units"]) and "model.image_encoder" in layout["units"]
+    lm_side = [name for name in layout["units"] if re.fullmatch(r"model\.(lm\.layers|cross_attn)\.\d+", name)]
+    assert len(lm_side) > 4 and sorted(layout["recomputed"]) == sorted(vit_blocks + lm_side), layout
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

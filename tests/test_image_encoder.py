@@ -108,6 +108,24 @@ def test_global_gates_are_trainable() -> None:
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
+def test_blocks_are_the_ones_the_forward_runs_in_order_and_checkpointing_runs_each_twice(backbone: str) -> None:
+    encoder = ImageEncoder(tiny(backbone, n_global_layers=2)).train()
+    blocks = encoder.blocks()
+    assert len(blocks) == 3 + 2 and blocks[3:] == list(encoder.global_layers)
+    assert all(a is b for a, b in zip(blocks, blocks_of(encoder)))
+    images = torch.randn(2, 3, 32, 32)
+    for enabled, expected in ((False, [0, 1, 2, 3, 4]), (True, [0, 1, 2, 3, 4] * 2)):
+        encoder.set_grad_checkpointing(enabled)
+        ran = []
+        hooks = [b.register_forward_pre_hook(lambda *_, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+        encoder(images).tokens.square().mean().backward()
+        for hook in hooks:
+            hook.remove()
+        # in order through the forward; recomputed in backward, last block first
+        assert ran[:5] == [0, 1, 2, 3, 4] and sorted(ran) == sorted(expected), ran
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_grad_checkpointing_matches(backbone: str) -> None:
     encoder = ImageEncoder(tiny(backbone, n_global_layers=1)).train()
     images = torch.randn(2, 3, 32, 32)

@@ -56,14 +56,22 @@ def test_intermediate_features_are_interleaved_per_channel():
 def test_gradient_checkpointing_changes_nothing():
     enc = MllamaVisionEncoder(tiny_config(global_gate_init=0.5)).train()
     images = tiled_batch()
-    grads = []
+    blocks = enc.blocks()  # the local layers, then the global ones: what FSDP shards and recomputes
+    assert len(blocks) == len(enc.local_layers) + len(enc.global_layers) and blocks[-1] is enc.global_layers[-1]
+    grads, runs = [], []
     for enabled in (False, True):
         enc.zero_grad()
         enc.set_grad_checkpointing(enabled)
+        ran = []
+        hooks = [b.register_forward_pre_hook(lambda *_, i=i: ran.append(i)) for i, b in enumerate(blocks)]
         out = enc(images).tokens
         out.square().mean().backward()
+        for hook in hooks:
+            hook.remove()
         grads.append([p.grad.clone() for p in enc.parameters()])
+        runs.append(ran)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert runs[0] == list(range(len(blocks))) and sorted(runs[1]) == sorted(runs[0] * 2)
 
 
 def test_bad_inputs_and_configs_are_named():

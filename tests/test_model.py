@@ -10,6 +10,7 @@ from mm_llama.lm import freeze
 from mm_llama.model import (
     CrossAttentionConfig, ModelConfig, MultimodalLlama, labeled_cross_entropy, shared_prefix_length,
 )
+from mm_llama.saved_tensors import saved_for_backward
 
 VOCAB = 97
 
@@ -204,21 +205,6 @@ def test_loss_with_the_shared_prefix_equals_the_plain_forward_in_value_and_gradi
     assert all(p.grad is None for p in model.lm.parameters())
 
 
-def saved_activation_bytes(model, loss_fn) -> int:
-    """Bytes of the distinct non-weight storages autograd keeps for backward while ``loss_fn`` runs."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
-    return loss, sum(storages.values())
-
-
 @pytest.mark.parametrize("share_prefix, bf16", [(True, False), (False, False), (True, True)])
 def test_activation_checkpointing_keeps_loss_and_gradients_and_holds_a_fraction_of_the_activations(share_prefix, bf16):
     model = tiny_model(gate_init=0.5).train()
@@ -231,8 +217,8 @@ def test_activation_checkpointing_keeps_loss_and_gradients_and_holds_a_fraction_
         model.set_grad_checkpointing(enabled)
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, saved = saved_activation_bytes(
-                model, lambda: model.loss(ids, labels, images, share_prefix=share_prefix))
+            loss, saved = saved_for_backward(
+                lambda: model.loss(ids, labels, images, share_prefix=share_prefix), exclude=model.parameters())
         loss.backward()
         return loss.detach(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -251,6 +237,43 @@ def test_activation_checkpointing_keeps_loss_and_gradients_and_holds_a_fraction_
         assert torch.equal(logits_ckpt, model(ids, images))
 
 
+@pytest.mark.parametrize("encoder_trains", [True, False])
+def test_checkpointing_recomputes_the_blocks_of_an_encoder_that_trains(encoder_trains):
+    model = tiny_model(gate_init=0.5)
+    if not encoder_trains:  # stage 2's setting: the encoder frozen
+        model.cfg.trainable = tuple(g for g in model.cfg.trainable if g != "image_encoder")
+        model.apply_trainable()
+    model.train()
+    ids, labels = _prefixed_batch(model, b=3, s=40)
+    images = torch.randn(3, 3, 16, 16)
+    blocks = model.image_encoder.blocks()
+    runs, saved, grads = {}, {}, {}
+    for enabled in (False, True):
+        model.set_grad_checkpointing(enabled)
+        model.zero_grad(set_to_none=True)
+        ran = []
+        hooks = [b.register_forward_pre_hook(lambda *_, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+        encoder_loss = lambda: model.image_encoder(images).tokens.square().mean()  # noqa: E731
+        _, saved[enabled] = saved_for_backward(encoder_loss, exclude=model.parameters())
+        loss = model.loss(ids, labels, images, share_prefix=False)
+        loss.backward()
+        for hook in hooks:
+            hook.remove()
+        runs[enabled] = len(ran)
+        grads[enabled] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert model.image_encoder.grad_checkpointing is encoder_trains
+    # one forward of each block, twice for the encoder's own loss and the model's; again in backward if trained
+    assert runs[False] == 2 * len(blocks) and runs[True] == (3 if encoder_trains else 2) * len(blocks)
+    if encoder_trains:
+        assert saved[True] < 0.5 * saved[False], saved
+    else:
+        assert saved[True] == saved[False] == 0
+    assert any(n.startswith("image_encoder.") for n in grads[True]) is encoder_trains
+    assert grads[True].keys() == grads[False].keys()
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_checkpointing_every_second_block_recomputes_those_and_holds_what_lies_between():
     model = tiny_model(gate_init=0.5).train()  # 8 decoder blocks
     ids, labels = _prefixed_batch(model, b=3, s=40)
@@ -261,7 +284,8 @@ def test_checkpointing_every_second_block_recomputes_those_and_holds_what_lies_b
         model.zero_grad(set_to_none=True)
         ran = []
         hooks = [layer.register_forward_pre_hook(lambda *_, i=i: ran.append(i)) for i, layer in enumerate(model.lm.layers)]
-        loss, saved[every] = saved_activation_bytes(model, lambda: model.loss(ids, labels, images, share_prefix=False))
+        loss, saved[every] = saved_for_backward(lambda: model.loss(ids, labels, images, share_prefix=False),
+                                                exclude=model.parameters())
         loss.backward()
         for hook in hooks:
             hook.remove()

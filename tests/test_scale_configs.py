@@ -15,7 +15,6 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from adapters import FusionEmbedding, GatedCrossAttention, MediaProjection
 from encoders import ImageEncoder
@@ -30,6 +29,7 @@ from mm_llama.training.optim import OptimConfig
 from mm_llama.training.scale import (
     AdapterFSDPStrategy,
     check_unit_dtypes,
+    checkpointed_blocks,
     compile_blocks_,
     fsdp_units,
     fsdp_wrap_policy,
@@ -166,25 +166,35 @@ def bf16_module(tiny_lm_dir) -> AdapterModule:
 
 def test_fsdp_strategy_carries_the_wrap_and_checkpointing_policies(bf16_module):
     strategy = AdapterFSDPStrategy()
-    checkpointing = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
-    assert isinstance(checkpointing, ModuleWrapPolicy)
-    assert set(checkpointing._module_classes) == {DecoderLayer, GatedCrossAttention}
+    assert strategy.recomputes_blocks and not AdapterFSDPStrategy(activation_checkpointing=False).recomputes_blocks
+    assert strategy._activation_checkpointing_kwargs == {}  # chosen per model, not by Lightning's class policy
     assert strategy.kwargs["use_orig_params"] is True  # frozen and trainable parameters, original names
     assert strategy.sharding_strategy.name == "FULL_SHARD"
     precision = strategy.mixed_precision_config  # no casting of parameters or buffers (RoPE stays fp32)
     assert precision.param_dtype is None and precision.buffer_dtype is None
     assert precision.reduce_dtype == torch.float32
-    assert AdapterFSDPStrategy(activation_checkpointing=False)._activation_checkpointing_kwargs == {}
 
     model = bf16_module.model
     policy = fsdp_wrap_policy(model)
     wrapped = [m for m in model.modules() if policy._lambda_fn(m)]
     blocks = list(model.cross_attn.values())
-    expected = [*model.lm.layers, *blocks, model.image_encoder, model.image_projection, model.fusion_embed]
+    vit_blocks = list(model.image_encoder.backbone.model.blocks)  # each its own unit, inside the encoder's
+    assert len(vit_blocks) == 2
+    expected = [*model.lm.layers, *blocks, model.image_encoder, *vit_blocks, model.image_projection,
+                model.fusion_embed]
     expected += [getattr(b, name) for b in blocks for name in ("k_proj", "v_proj", "k_norm")]  # used by media_kv
     assert {id(m) for m in wrapped} == {id(m) for m in expected} and len(wrapped) == len(expected)
     assert all(isinstance(m, (DecoderLayer, GatedCrossAttention, ImageEncoder, MediaProjection, FusionEmbedding))
+               or any(m is b for b in vit_blocks)
                or any(m is getattr(b, n) for b in blocks for n in ("k_proj", "v_proj", "k_norm")) for m in wrapped)
+    # Recomputed in backward: the LM's and cross-attention blocks, and the encoder's while it trains.
+    recomputed = {id(m) for m in checkpointed_blocks(model)}
+    assert recomputed == {id(m) for m in [*model.lm.layers, *blocks, *vit_blocks]}
+    model.image_encoder.requires_grad_(False)
+    try:
+        assert {id(m) for m in checkpointed_blocks(model)} == {id(m) for m in [*model.lm.layers, *blocks]}
+    finally:
+        model.apply_trainable()
 
 
 def test_every_fsdp_unit_has_one_dtype_and_the_root_holds_only_the_frozen_lm(bf16_module):
@@ -216,7 +226,7 @@ def test_video_and_speech_branches_are_fsdp_units_of_one_dtype(tiny_lm_dir):
     model = AdapterModule(lm=str(tiny_lm_dir), model=model_cfg, lm_dtype="bfloat16").model
     units = fsdp_units(model)
     for branch in (model.video.aggregator, model.video.projection, *model.video.cross_attn.values(),
-                   model.speech_encoder, model.speech_adapter):
+                   model.speech_encoder, *model.speech_encoder.blocks(), model.speech_adapter):
         assert any(unit is branch for unit in units), type(branch).__name__
     check_unit_dtypes(model, units)  # no fp32 branch left in the bf16 root
     in_units = {id(p) for unit in units for p in unit.parameters()}

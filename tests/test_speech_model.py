@@ -210,6 +210,29 @@ def test_only_speech_parameters_get_gradients_and_the_lm_is_unchanged(tiny_lm_di
     assert parameters_digest(model.lm) == digest
 
 
+def test_checkpointing_recomputes_the_conformer_layers_with_the_same_gradients(tiny_lm_dir):
+    model = _speech_model(tiny_lm_dir, "cross_attention").train()
+    ids, labels, audio, lengths, _ = _batch(model)
+    layers = model.speech_encoder.blocks()
+    assert layers == list(model.speech_encoder.backbone.layers) and len(layers) == TINY_SPEECH.depth
+    runs, grads = {}, {}
+    for enabled in (False, True):
+        model.set_grad_checkpointing(enabled)
+        model.zero_grad(set_to_none=True)
+        ran = []
+        hooks = [layer.register_forward_pre_hook(lambda *_: ran.append(1)) for layer in layers]
+        torch.manual_seed(0)  # SpecAugment's masks, the same draws both times
+        model.speech_loss(ids, labels, audio, lengths).backward()
+        for hook in hooks:
+            hook.remove()
+        runs[enabled] = len(ran)
+        grads[enabled] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert runs == {False: len(layers), True: 2 * len(layers)}
+    assert any(n.startswith("speech_encoder.backbone.") for n in grads[True])
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("fusion", ["embedding", "cross_attention"])
 def test_batched_generation_equals_one_by_one(tiny_lm_dir, fusion):
     model = _speech_model(tiny_lm_dir, fusion).eval()

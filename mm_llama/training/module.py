@@ -70,8 +70,8 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
             (see :mod:`mm_llama.training.scale`).
         compile_blocks: ``torch.compile`` every decoder block and cross-attention block
             (each on its own, so FSDP units and activation checkpointing stay per block).
-        activation_checkpointing: recompute the LM's decoder blocks and the cross-attention
-            blocks in backward instead of holding their activations
+        activation_checkpointing: recompute the LM's decoder blocks, the cross-attention blocks
+            and the blocks of an encoder that trains in backward instead of holding their activations
             (:meth:`~mm_llama.model.MultimodalLlama.set_grad_checkpointing`); an integer ``n >= 2``
             recomputes only every n-th decoder block (``0``/``false``: off). For one device and
             DDP; under FSDP the strategy's own is the one (``AdapterFSDPStrategy(activation_checkpointing=True)``),

@@ -5,16 +5,20 @@ GPU even in bf16 (141 GB), so it is sharded with FSDP; :class:`AdapterFSDPStrate
 Lightning's :class:`~lightning.pytorch.strategies.FSDPStrategy` with what this model needs:
 
 * **Units.** Every decoder block and every gated cross-attention block is an FSDP unit, and so
-  are the image encoder, the projection and the fusion embedding (:func:`fsdp_units`). FSDP
+  are the image encoder, the projection and the fusion embedding (:func:`fsdp_units`). Each block
+  of a media encoder (:meth:`encoders.MediaEncoder.blocks`) is a unit of its own inside its
+  encoder's, so that the paper's ViT-H/14 (632M parameters, 2.5 GB in fp32) is gathered one
+  block at a time, not whole. FSDP
   (v1) flattens a unit's parameters into one tensor of one dtype, so the bf16 frozen LM and the
   fp32 adapters must never share a unit: what is left in the root is the LM's embedding, final
   norm and output head, all frozen and in ``lm_dtype`` (checked, :func:`check_unit_dtypes`).
 * **K/V projections.** A unit's parameters are gathered only while its ``forward`` runs, but
   :meth:`~adapters.cross_attention.GatedCrossAttention.media_kv` (computed once per batch, outside
   the block's ``forward``) uses ``k_proj``, ``v_proj`` and ``k_norm``: each is a small unit of its own.
-* **Activation checkpointing** of the same decoder and cross-attention blocks. Gradients must flow
-  through the frozen blocks to the adapters below them, so the frozen LM's activations are what
-  dominates memory.
+* **Activation checkpointing** of the same decoder and cross-attention blocks, and of the blocks
+  of every encoder that trains (:func:`checkpointed_blocks`). Gradients must flow through the
+  frozen blocks to the adapters below them, so the frozen LM's activations are what dominates
+  memory; a trained encoder's come next (ViT-H/14 at 448 px: 1,025 tokens through 40 blocks).
 * **Frozen parameters and the optimizer.** ``use_orig_params=True``: FSDP keeps the original
   parameter objects (frozen ones get no gradient and no optimizer state), which the optimizer is
   built from, and allows a unit to mix frozen and trainable parameters. They become 1-D shards, so
@@ -57,7 +61,7 @@ from adapters import FusionEmbedding, GatedCrossAttention, MediaProjection
 from adapters.speech_adapter import SpeechAdapter
 from adapters.temporal import TemporalAggregator
 from encoders.speech import SpeechEncoder
-from encoders import ImageEncoder
+from encoders import ImageEncoder, MediaEncoder
 from mm_llama.checkpoint_files import checkpoint_read_errors
 from mm_llama.llama import DecoderLayer
 from mm_llama.training.optim import uses_loss_scaling
@@ -67,7 +71,8 @@ if TYPE_CHECKING:
     from torch.distributed.fsdp.wrap import CustomPolicy
 
 CHECKPOINTED_BLOCKS: tuple[type[nn.Module], ...] = (DecoderLayer, GatedCrossAttention)
-"""Blocks whose activations are recomputed in backward, and what :func:`compile_blocks_` compiles."""
+"""The LM-side blocks: recomputed in backward (with the trained encoders' blocks,
+:func:`checkpointed_blocks`), and what :func:`compile_blocks_` compiles."""
 
 FSDP_UNIT_CLASSES: tuple[type[nn.Module], ...] = (
     *CHECKPOINTED_BLOCKS, ImageEncoder, MediaProjection, FusionEmbedding,
@@ -80,11 +85,28 @@ MEDIA_KV_MODULES: tuple[str, ...] = ("k_proj", "v_proj", "k_norm")
 """Submodules of a :class:`GatedCrossAttention` used by ``media_kv``, outside the block's ``forward``."""
 
 
+def encoder_blocks(model: nn.Module, trainable_only: bool = False) -> list[nn.Module]:
+    """The blocks of every media encoder in ``model`` (:meth:`encoders.MediaEncoder.blocks`);
+    ``trainable_only``: only those of encoders with a parameter that trains."""
+    return [block for module in model.modules() if isinstance(module, MediaEncoder)
+            if not trainable_only or any(p.requires_grad for p in module.parameters())
+            for block in module.blocks()]
+
+
+def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    """What ``AdapterFSDPStrategy(activation_checkpointing=True)`` recomputes in backward: every
+    decoder and cross-attention block (:data:`CHECKPOINTED_BLOCKS`) and every block of an encoder
+    that trains. A frozen encoder keeps nothing for backward, so it is left alone."""
+    lm_side = [m for m in model.modules() if isinstance(m, CHECKPOINTED_BLOCKS)]
+    return lm_side + encoder_blocks(model, trainable_only=True)
+
+
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that :class:`AdapterFSDPStrategy` makes FSDP units, outermost first."""
+    blocks = {id(m) for m in encoder_blocks(model)}
     units: list[nn.Module] = []
     for module in model.modules():
-        if isinstance(module, FSDP_UNIT_CLASSES):
+        if isinstance(module, FSDP_UNIT_CLASSES) or id(module) in blocks:
             units.append(module)
         if isinstance(module, GatedCrossAttention):
             units += [getattr(module, name) for name in MEDIA_KV_MODULES]
@@ -131,8 +153,8 @@ class AdapterFSDPStrategy(FSDPStrategy):
     ``trainer.strategy: {class_path: mm_llama.training.scale.AdapterFSDPStrategy, init_args: {...}}``.
 
     Args:
-        activation_checkpointing: recompute the activations of decoder and cross-attention blocks
-            (:data:`CHECKPOINTED_BLOCKS`) in backward.
+        activation_checkpointing: recompute the activations of decoder and cross-attention blocks,
+            and of the blocks of every encoder that trains, in backward (:func:`checkpointed_blocks`).
         sharding_strategy: ``FULL_SHARD`` (ZeRO-3, for 70B), ``SHARD_GRAD_OP``, ``HYBRID_SHARD``
             (shard within a node, replicate across nodes) or ``NO_SHARD``.
         cpu_offload: keep the sharded parameters in CPU memory between uses.
@@ -150,8 +172,10 @@ class AdapterFSDPStrategy(FSDPStrategy):
     ) -> None:
         from torch.distributed.fsdp import MixedPrecision
 
+        # Which blocks to recompute depends on the model (its encoders, and whether they train):
+        # chosen in _setup_model, not by Lightning's class-based policy.
+        self.recomputes_blocks = activation_checkpointing
         super().__init__(
-            activation_checkpointing_policy=set(CHECKPOINTED_BLOCKS) if activation_checkpointing else None,
             sharding_strategy=sharding_strategy,
             cpu_offload=cpu_offload,
             # One checkpoint file, written by rank 0, of which AdapterModule keeps only what trains.
@@ -173,6 +197,7 @@ class AdapterFSDPStrategy(FSDPStrategy):
 
         units = fsdp_units(model)
         check_unit_dtypes(model, units)
+        recomputed = {id(m) for m in checkpointed_blocks(model)} if self.recomputes_blocks else set()
         wrapped = FullyShardedDataParallel(
             module=model,
             cpu_offload=self.cpu_offload,
@@ -182,7 +207,8 @@ class AdapterFSDPStrategy(FSDPStrategy):
             **{**self.kwargs, "auto_wrap_policy": fsdp_wrap_policy(model)},
         )
         # After wrapping, as Lightning does: the checkpoint wrappers go inside the FSDP units.
-        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        if recomputed:
+            _setup_activation_checkpointing(wrapped, {"check_fn": lambda module: id(module) in recomputed})
         return wrapped
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
