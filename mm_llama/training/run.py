@@ -425,9 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "1), e.g. count=0.25; 'all' keeps every sample (default: the modality's, image: "
                         f"{_format_task_weights(MODALITIES['image'].task_weights)})")
     p.add_argument("--activation-checkpointing", type=int, nargs="?", const=1, default=0, metavar="N",
-                   help="recompute the LM's and the cross-attention blocks in backward instead of holding their "
-                        "activations: less memory for a larger --lm, one more forward of them a step; N: only "
-                        "every N-th decoder block (default: off)")
+                   help="recompute the LM's, the cross-attention and a trained encoder's blocks in backward "
+                        "instead of holding their activations: less memory for a larger --lm, one more forward "
+                        "of them a step; N: only every N-th decoder block (default: off)")
     p.add_argument("--accumulate-grad-batches", type=int, default=d.accumulate_grad_batches, metavar="K",
                    help="sum the gradients of K batches per optimizer step: K x --batch-size samples a step, "
                         "one batch's activation memory (default: %(default)s)")
