@@ -92,6 +92,13 @@ def model_inputs(module: _AdapterModuleLike, modality: str = "image") -> ModelIn
     )
 
 
+def manifest_splits(data_dir: str | Path) -> dict[str, dict[str, Any]] | None:
+    """The per-split entries (``n_shards``, ``samples_per_shard``, ``n_samples``) of the built-in
+    shards' ``manifest.json`` under ``data_dir``; ``None`` when there is none."""
+    manifest_path = Path(data_dir) / MANIFEST
+    return json.loads(manifest_path.read_text())["splits"] if manifest_path.is_file() else None
+
+
 def default_shard_urls(data_dir: str | Path) -> dict[str, str]:
     """Brace URLs of the built-in shards under ``data_dir``, read from its ``manifest.json``.
 
@@ -99,13 +106,12 @@ def default_shard_urls(data_dir: str | Path) -> dict[str, str]:
         FileNotFoundError: no manifest (the shards were never generated, or generation
             was interrupted).
     """
-    manifest_path = Path(data_dir) / MANIFEST
-    if not manifest_path.is_file():
+    splits = manifest_splits(data_dir)
+    if splits is None:
         raise FileNotFoundError(
-            f"{manifest_path} not found: generate the shards with `mm-llama make-shards --out {data_dir}` "
+            f"{Path(data_dir) / MANIFEST} not found: generate the shards with `mm-llama make-shards --out {data_dir}` "
             "(the data module's prepare_data does it when no URLs are given)"
         )
-    splits = json.loads(manifest_path.read_text())["splits"]
     return {split: brace_url(data_dir, split, splits[split]["n_shards"]) for split in SPLITS}
 
 
@@ -376,10 +382,10 @@ class ImageDataModule(L.LightningDataModule):
         reads given URLs or has no manifest. Skipped samples make the real count smaller: this is
         a progress bar's total, never a bound on what is read.
         """
-        manifest = Path(self.data_dir) / MANIFEST
-        if self.urls[split] is not None or not manifest.is_file():
+        splits = None if self.urls[split] is not None else manifest_splits(self.data_dir)
+        if splits is None:
             return None
-        info = json.loads(manifest.read_text())["splits"][split]
+        info = splits[split]
         n_shards, per_shard = info["n_shards"], info["samples_per_shard"]
         sizes = [per_shard] * (n_shards - 1) + [info["n_samples"] - per_shard * (n_shards - 1)]
         rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # as the dataset splits its shards
