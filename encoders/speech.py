@@ -100,7 +100,9 @@ class _TorchaudioConformer(nn.Module):
             input_dim=cfg.dim, num_heads=cfg.heads, ffn_dim=cfg.ffn_dim, num_layers=cfg.depth,
             depthwise_conv_kernel_size=cfg.conv_kernel, dropout=cfg.dropout,
         )  # fmt: skip
-        self.grad_checkpointing = False  # not supported by torchaudio's module; accepted and ignored
+        # Accepted and ignored: torchaudio's layers hold BatchNorm, whose running statistics a
+        # recomputation in backward would update twice a batch.
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         out, _ = self.conformer(x, lengths)
@@ -131,9 +133,9 @@ class SpeechEncoder(MediaEncoder):
         self.backbone.grad_checkpointing = enabled
 
     def blocks(self) -> list[nn.Module]:
-        """The Conformer layers (torchaudio's too, which FSDP can checkpoint though this module cannot)."""
-        backbone = self.backbone
-        return list(backbone.conformer.conformer_layers if isinstance(backbone, _TorchaudioConformer) else backbone.layers)
+        """Our Conformer's layers. None of torchaudio's: their BatchNorm would count every batch
+        twice in its running statistics if a layer ran again in backward."""
+        return [] if isinstance(self.backbone, _TorchaudioConformer) else list(self.backbone.layers)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Encoder frames of ``lengths [b]`` samples."""

@@ -101,6 +101,26 @@ def test_padded_batch_gives_each_utterance_its_unpadded_output(backbone):
     assert torch.allclose(frames_batch[1, :m], frames_alone[0], atol=1e-4)
 
 
+def test_torchaudio_conformer_is_never_recomputed_so_its_batchnorm_counts_each_batch_once(tiny_lm_dir):
+    from mm_llama.training.scale import checkpointed_blocks
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_encoder=None, cross_attention=CrossAttentionConfig(layers=()),
+                      trainable=("speech_encoder", "speech_adapter"),
+                      speech_encoder=SpeechEncoderConfig(backbone="torchaudio_conformer", dim=32, depth=2, heads=2,
+                                                         ffn_dim=64),
+                      speech_adapter=SpeechAdapterConfig(fusion="embedding", dim=32, heads=2, ffn_dim=64, dropout=0.0))
+    model = MultimodalLlama(load_language_model(str(tiny_lm_dir)), cfg).train()
+    model.set_grad_checkpointing(True)
+    assert model.speech_encoder.blocks() == [] and not any(
+        m in checkpointed_blocks(model) for m in model.speech_encoder.modules())  # not under FSDP either
+    norms = [m for m in model.speech_encoder.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 2
+    ids, labels, audio, lengths, _ = _batch(model)
+    model.speech_loss(ids, labels, audio, lengths).backward()
+    assert [int(n.num_batches_tracked) for n in norms] == [1, 1]
+
+
 def test_torchaudio_conformer_baseline_encodes():
     encoder = SpeechEncoder(SpeechEncoderConfig(backbone="torchaudio_conformer", dim=32, depth=1, heads=2,
                                                 ffn_dim=64)).eval()
