@@ -144,6 +144,15 @@ def test_shipped_config_builds_model_data_and_trainer(name, tiny_lm_dir, tmp_pat
     assert any(type(c).__name__ == "ModelCheckpoint" for c in cli.trainer.callbacks)
 
 
+def test_fsdp_config_takes_a_decoder_block_interval_for_recomputation(tiny_lm_dir, tmp_path):
+    overrides = ["--model.lm", str(tiny_lm_dir), "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                 "--trainer.default_root_dir", str(tmp_path), "--trainer.strategy.activation_checkpointing", "2"]
+    overrides += [arg for key, value in TINY_ENCODER.items() for arg in (f"--model.model.image_encoder.{key}", value)]
+    cli = AdapterCLI(**{**cli_kwargs(), "save_config_callback": None}, run=False,
+                     args=[*config_args("fsdp-8b"), *overrides])
+    assert cli.trainer.strategy.checkpoint_every == 2
+
+
 def test_cli_progress_bar_and_summary_can_be_turned_off(tiny_lm_dir, tmp_path):
     overrides = ["--model.lm", str(tiny_lm_dir), "--trainer.accelerator", "cpu", "--trainer.logger", "false",
                  "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
@@ -166,7 +175,11 @@ def bf16_module(tiny_lm_dir) -> AdapterModule:
 
 def test_fsdp_strategy_carries_the_wrap_and_checkpointing_policies(bf16_module):
     strategy = AdapterFSDPStrategy()
-    assert strategy.recomputes_blocks and not AdapterFSDPStrategy(activation_checkpointing=False).recomputes_blocks
+    assert strategy.checkpoint_every == 1 and AdapterFSDPStrategy(activation_checkpointing=False).checkpoint_every == 0
+    assert AdapterFSDPStrategy(activation_checkpointing=2).checkpoint_every == 2
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match="true, false or a block interval >= 1"):
+            AdapterFSDPStrategy(activation_checkpointing=bad)
     assert strategy._activation_checkpointing_kwargs == {}  # chosen per model, not by Lightning's class policy
     assert strategy.kwargs["use_orig_params"] is True  # frozen and trainable parameters, original names
     assert strategy.sharding_strategy.name == "FULL_SHARD"
@@ -190,6 +203,9 @@ def test_fsdp_strategy_carries_the_wrap_and_checkpointing_policies(bf16_module):
     # Recomputed in backward: the LM's and cross-attention blocks, and the encoder's while it trains.
     recomputed = {id(m) for m in checkpointed_blocks(model)}
     assert recomputed == {id(m) for m in [*model.lm.layers, *blocks, *vit_blocks]}
+    # Every 2nd decoder block (the LM here has 4): blocks 0 and 2, and still every other block.
+    every_2nd = {id(m) for m in checkpointed_blocks(model, every=2)}
+    assert every_2nd == {id(m) for m in [model.lm.layers[0], model.lm.layers[2], *blocks, *vit_blocks]}
     model.image_encoder.requires_grad_(False)
     try:
         assert {id(m) for m in checkpointed_blocks(model)} == {id(m) for m in [*model.lm.layers, *blocks]}

@@ -93,12 +93,17 @@ def encoder_blocks(model: nn.Module, trainable_only: bool = False) -> list[nn.Mo
             for block in module.blocks()]
 
 
-def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+def checkpointed_blocks(model: nn.Module, every: int = 1) -> list[nn.Module]:
     """What ``AdapterFSDPStrategy(activation_checkpointing=True)`` recomputes in backward: every
     decoder and cross-attention block (:data:`CHECKPOINTED_BLOCKS`) and every block of an encoder
-    that trains. A frozen encoder keeps nothing for backward, so it is left alone."""
-    lm_side = [m for m in model.modules() if isinstance(m, CHECKPOINTED_BLOCKS)]
-    return lm_side + encoder_blocks(model, trainable_only=True)
+    that trains. A frozen encoder keeps nothing for backward, so it is left alone.
+
+    ``every=n`` keeps only decoder blocks ``0, n, 2n, ...`` of the decoder blocks, as
+    :meth:`~mm_llama.model.MultimodalLlama.set_grad_checkpointing` does without FSDP.
+    """
+    decoder = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    others = [m for m in model.modules() if isinstance(m, CHECKPOINTED_BLOCKS) and not isinstance(m, DecoderLayer)]
+    return decoder[::every] + others + encoder_blocks(model, trainable_only=True)
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
@@ -154,7 +159,9 @@ class AdapterFSDPStrategy(FSDPStrategy):
 
     Args:
         activation_checkpointing: recompute the activations of decoder and cross-attention blocks,
-            and of the blocks of every encoder that trains, in backward (:func:`checkpointed_blocks`).
+            and of the blocks of every encoder that trains, in backward (:func:`checkpointed_blocks`);
+            an integer ``n`` recomputes only every n-th decoder block (memory and time in between;
+            ``0``/``false``: off).
         sharding_strategy: ``FULL_SHARD`` (ZeRO-3, for 70B), ``SHARD_GRAD_OP``, ``HYBRID_SHARD``
             (shard within a node, replicate across nodes) or ``NO_SHARD``.
         cpu_offload: keep the sharded parameters in CPU memory between uses.
@@ -164,7 +171,7 @@ class AdapterFSDPStrategy(FSDPStrategy):
 
     def __init__(
         self,
-        activation_checkpointing: bool = True,
+        activation_checkpointing: bool | int = True,
         sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD",
         cpu_offload: bool = False,
         process_group_backend: str | None = None,
@@ -172,9 +179,12 @@ class AdapterFSDPStrategy(FSDPStrategy):
     ) -> None:
         from torch.distributed.fsdp import MixedPrecision
 
+        if not isinstance(activation_checkpointing, int) or activation_checkpointing < 0:
+            raise ValueError(f"AdapterFSDPStrategy.activation_checkpointing must be true, false or a block "
+                             f"interval >= 1, got {activation_checkpointing!r}")
         # Which blocks to recompute depends on the model (its encoders, and whether they train):
-        # chosen in _setup_model, not by Lightning's class-based policy.
-        self.recomputes_blocks = activation_checkpointing
+        # chosen in _setup_model, not by Lightning's class-based policy. 0: none.
+        self.checkpoint_every = int(activation_checkpointing)
         super().__init__(
             sharding_strategy=sharding_strategy,
             cpu_offload=cpu_offload,
@@ -197,7 +207,8 @@ class AdapterFSDPStrategy(FSDPStrategy):
 
         units = fsdp_units(model)
         check_unit_dtypes(model, units)
-        recomputed = {id(m) for m in checkpointed_blocks(model)} if self.recomputes_blocks else set()
+        every = self.checkpoint_every
+        recomputed = {id(m) for m in checkpointed_blocks(model, every)} if every else set()
         wrapped = FullyShardedDataParallel(
             module=model,
             cpu_offload=self.cpu_offload,
