@@ -161,8 +161,8 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
         if self.model.grad_checkpointing and is_sharded(self.trainer):
             raise ValueError(
                 "AdapterModule(activation_checkpointing=True) under FSDP: there the strategy checkpoints the "
-                "blocks inside its units; set AdapterFSDPStrategy(activation_checkpointing=true) and the "
-                "module's to false")
+                "blocks inside its units; set AdapterFSDPStrategy(activation_checkpointing=true) (or N, every "
+                "N-th decoder block) and the module's to false")
 
     def configure_optimizers(self):
         named = [(n, p) for n, p in self._named_parameters if p.requires_grad]
