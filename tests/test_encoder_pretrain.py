@@ -17,6 +17,7 @@ from mm_llama.training.encoder_pretrain import (
     EncoderPretrainConfig,
     EncoderPretrainModule,
     compact_vocabulary,
+    pretrain_image_encoder,
 )
 from mm_llama.training.datamodule import ModelInputs
 from tests.conftest import two_stage_image_run
@@ -134,6 +135,37 @@ def test_train_adapter_pretrains_freezes_and_skips_the_stage_on_resume(tiny_lm_d
     assert resumed["steps"] == 3 and resumed["encoder_pretrain"] is None
     state = torch.load(out / "adapter.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert all(torch.equal(state[prefix + k], v) for k, v in saved.items())
+
+
+def test_activation_checkpointing_recomputes_stage_1s_encoder_and_trains_it_the_same(tiny_lm_dir, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """``--activation-checkpointing`` reaches stage 1: its encoder's blocks run again in backward, and
+    the encoder it hands to stage 2 is the one a run without the flag trains (same data, same seed)."""
+    from mm_llama.training import run as run_module
+
+    block_runs = []
+
+    def spy(encoder, *args, **kwargs):  # counts the encoder's block calls while stage 1 trains
+        hooks = [b.register_forward_pre_hook(lambda *_: block_runs[-1].append(1)) for b in encoder.blocks()]
+        block_runs.append([])
+        try:
+            return pretrain_image_encoder(encoder, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(run_module, "pretrain_image_encoder", spy)
+    trained = {}
+    for flag in ([], ["--activation-checkpointing"]):
+        out, flags = two_stage_image_run(tiny_lm_dir, tmp_path / f"run{len(flag)}", monkeypatch, TINY_ENCODER)
+        assert run_module.main([*flags, *flag, "--steps", "1"]) == 0
+        capsys.readouterr()
+        trained[bool(flag)] = safetensors.torch.load_file(out / "image_encoder.safetensors")
+    plain, recomputed = (len(r) for r in block_runs)
+    # 2 steps x the encoder's blocks, once more each in backward; evaluation adds the same forwards to both
+    assert recomputed - plain == 2 * len(ImageEncoder(TINY_ENCODER).blocks()), (plain, recomputed)
+    for name, value in trained[False].items():
+        torch.testing.assert_close(trained[True][name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_a_clip_encoder_with_frozen_frames_trains_only_its_aggregator():

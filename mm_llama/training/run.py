@@ -228,6 +228,9 @@ def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tupl
     if frame_encoder is not None:
         encoder_cfg = dataclasses.replace(encoder_cfg, checkpoint=frame_encoder)
     encoder = ImageEncoder(encoder_cfg)
+    # --activation-checkpointing: the trained encoder's blocks are recomputed here too (its
+    # activations are most of this stage's memory); a frozen frame encoder keeps none.
+    encoder.set_grad_checkpointing(cfg.activation_checkpointing > 0 and (video is None or frame_encoder is None))
     if video is not None:
         encoder = ClipEncoder(encoder, build_aggregator(video, encoder.out_dim, encoder.num_tokens),
                               frozen_frames=frame_encoder is not None)
@@ -427,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", type=int, nargs="?", const=1, default=0, metavar="N",
                    help="recompute the LM's, the cross-attention and a trained encoder's blocks in backward "
                         "instead of holding their activations: less memory for a larger --lm, one more forward "
-                        "of them a step; N: only every N-th decoder block (default: off)")
+                        "of them a step (stage 1: the encoder's blocks); N: only every N-th decoder block "
+                        "(default: off)")
     p.add_argument("--accumulate-grad-batches", type=int, default=d.accumulate_grad_batches, metavar="K",
                    help="sum the gradients of K batches per optimizer step: K x --batch-size samples a step, "
                         "one batch's activation memory (default: %(default)s)")

@@ -136,8 +136,9 @@ class RunConfig:
             row (``PromptReaderConfig.every_row``), answer rows included; ``False``: only the
             state at the prompt's last row joins the media tokens (stop 23's reader).
         activation_checkpointing: stage 2 recomputes the LM's, the cross-attention blocks and a
-            trained encoder's in backward instead of holding their activations (``AdapterModule(activation_checkpointing=...)``):
-            for a larger ``lm`` on a small accelerator; slower, same losses. ``0``: off, ``1``: every
+            trained encoder's in backward instead of holding their activations
+            (``AdapterModule(activation_checkpointing=...)``), stage 1 the encoder's: for a larger
+            ``lm`` or encoder on a small accelerator; slower, same losses. ``0``: off, ``1``: every
             block, ``n``: every n-th decoder block.
         accumulate_grad_batches: stage 2 sums the gradients of this many batches of ``batch_size``
             per optimizer step (Lightning's ``accumulate_grad_batches``): a step sees
