@@ -160,11 +160,20 @@ def test_packing_benchmark_packs_real_batches_and_matches_the_padded_loss(tiny_l
     assert out["max_loss_diff"] < 1e-4
 
 
-def test_train_step_reports_the_default_models_step_with_and_without_the_prompt_reader(tiny_lm_dir):
+def train_step_args(lm_dir) -> tuple[str, ...]:
+    return ("--lm", str(lm_dir), "--batch-size", "2", "--seq-len", "20", "--steps", "1")
+
+
+@pytest.fixture(scope="module")
+def default_step(tiny_lm_dir) -> dict:
+    """``train_step.py``'s output for the default stage-2 step (per-row prompt reader, no recomputation)."""
+    return run_json("train_step.py", *train_step_args(tiny_lm_dir))
+
+
+def test_train_step_reports_the_default_models_step_with_and_without_the_prompt_reader(tiny_lm_dir, default_step):
     """``train_step.py`` builds the default run's stage-2 model: the per-row prompt reader (frozen)
     adds FLOPs but no trainable parameter besides its projection."""
-    args = ("--lm", str(tiny_lm_dir), "--batch-size", "2", "--seq-len", "20", "--steps", "1")
-    rows, none = run_json("train_step.py", *args), run_json("train_step.py", *args, "--prompt-reader", "none")
+    rows, none = default_step, run_json("train_step.py", *train_step_args(tiny_lm_dir), "--prompt-reader", "none")
     assert rows["prompt_reader"] == "rows" and none["prompt_reader"] == "none"
     for out in (rows, none):
         assert out["tokens_per_s"] > 0 and out["samples_per_s"] > 0 and out["peak_rss_mb"] > 0
@@ -173,9 +182,9 @@ def test_train_step_reports_the_default_models_step_with_and_without_the_prompt_
     assert 0 < rows["trainable_params"] - none["trainable_params"] < 200_000  # the projection only
 
 
-def test_train_step_with_activation_checkpointing_saves_less_for_more_flops(tiny_lm_dir):
-    args = ("--lm", str(tiny_lm_dir), "--batch-size", "2", "--seq-len", "20", "--steps", "1")
-    plain, recomputed = run_json("train_step.py", *args), run_json("train_step.py", *args, "--activation-checkpointing")
+def test_train_step_with_activation_checkpointing_saves_less_for_more_flops(tiny_lm_dir, default_step):
+    plain = default_step
+    recomputed = run_json("train_step.py", *train_step_args(tiny_lm_dir), "--activation-checkpointing")
     assert (plain["activation_checkpointing"], recomputed["activation_checkpointing"]) == (0, 1)
     assert recomputed["saved_activation_mb"] < plain["saved_activation_mb"]
     assert recomputed["step_gflop"] > plain["step_gflop"]  # the blocks' forward, again in backward
