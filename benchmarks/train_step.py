@@ -4,13 +4,13 @@
 encoder (trainable, its hybrid stem included) and the small caption decoder, batch 64.
 
 Prints one JSON line (the last line of output) with ``tokens_per_s``, ``samples_per_s``,
-``peak_rss_mb``, ``saved_activation_mb`` (what autograd keeps for backward in one forward, stage 2)
-and ``matmul_peak_fraction``: the FLOPs of one step (counted by ``torch.utils.flop_counter``) per
+``peak_rss_mb``, ``saved_activation_mb`` (what autograd keeps for backward in one forward) and ``matmul_peak_fraction``: the FLOPs of one step (counted by ``torch.utils.flop_counter``) per
 second, over the fp32 matmul peak measured here with large square matmuls on the same threads.
 
     python benchmarks/train_step.py [--batch-size 16] [--seq-len 40] [--steps 5] [--prompt-reader rows|last|none]
     python benchmarks/train_step.py --activation-checkpointing [N]   # stage 2 recomputing (every N-th) block
-    python benchmarks/train_step.py --stage 1 [--batch-size 64] [--steps 10]
+    python benchmarks/train_step.py --stage 1 [--batch-size 64] [--steps 10] [--activation-checkpointing]
+    python benchmarks/train_step.py --stage 1 --encoder open_clip:ViT-B-32   # another backbone, as train_adapter.py's
 """
 
 from __future__ import annotations
@@ -79,21 +79,23 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5, device: str = "cpu",
     return 2 * n**3 / best
 
 
-def stage1_step(lm_name: str, b: int, s: int) -> tuple[Callable[[], None], int]:
+def stage1_step(args: argparse.Namespace, b: int, s: int) -> tuple[Callable[[], None], int, float]:
     """Stage 1's training step on random data of the built-in tasks' shape (``b`` images of the
-    default size, ``s`` tokens, the last 8 labelled, 60 output tokens); returns it and the
-    number of trainable parameters."""
+    default size, ``s`` tokens, the last 8 labelled, 60 output tokens); returns it, the number of
+    trainable parameters and the MiB saved for backward."""
     from encoders import ImageEncoder
 
     pre = EncoderPretrainConfig()
-    encoder_cfg = image_model_config(RunConfig(modality="image")).image_encoder
-    lm = load_language_model(lm_name)
+    encoder_cfg = image_model_config(RunConfig(modality="image", encoder=args.encoder)).image_encoder
+    lm = load_language_model(args.lm)
     vocab = lm.cfg.vocab_size
     inputs = ModelInputs(tokenizer=lm.tokenizer, media_token_id=vocab, image_size=encoder_cfg.image_size,
                          system_prompt=None)
     del lm
     lookup = torch.randint(1, 60, (vocab,))
-    module = EncoderPretrainModule(ImageEncoder(encoder_cfg), inputs, lookup, pre).train()
+    encoder = ImageEncoder(encoder_cfg)
+    encoder.set_grad_checkpointing(args.activation_checkpointing > 0)  # what train_adapter.py's flag does here
+    module = EncoderPretrainModule(encoder, inputs, lookup, pre).train()
     ids = torch.randint(0, vocab, (b, s))
     labels = torch.full_like(ids, -100)
     labels[:, -8:] = ids[:, -8:]
@@ -107,7 +109,8 @@ def stage1_step(lm_name: str, b: int, s: int) -> tuple[Callable[[], None], int]:
         loss.backward()
         opt.step()
 
-    return step, sum(p.numel() for p in module.parameters() if p.requires_grad)
+    saved = saved_activation_mb(module, lambda: module.loss(batch))
+    return step, sum(p.numel() for p in module.parameters() if p.requires_grad), saved
 
 
 def saved_activation_mb(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> float:
@@ -119,7 +122,7 @@ def saved_activation_mb(model: torch.nn.Module, loss_fn: Callable[[], torch.Tens
 def stage2_step(args: argparse.Namespace, b: int, s: int) -> tuple[Callable[[], None], int, float]:
     """The default run's stage-2 step (adapters through the frozen LM) on random data; returns it,
     the number of trainable parameters and the MiB saved for backward."""
-    default = image_model_config(RunConfig(modality="image"))  # train_adapter.py's image model before stage 1
+    default = image_model_config(RunConfig(modality="image", encoder=args.encoder))  # train_adapter.py's, before stage 1
     groups = tuple(g for g in default.trainable if g != "prompt_reader")
     trainable = groups if args.train_encoder else tuple(g for g in groups if g != "image_encoder")
     reader = None
@@ -164,14 +167,15 @@ def main() -> None:
                         help="stage 1's decoder as the frozen prompt reader (random weights of its shape): read at "
                              "every row (the default run's), at the prompt's last row only, or none (the paper's model)")
     parser.add_argument("--activation-checkpointing", type=int, nargs="?", const=1, default=0, metavar="N",
-                        help="stage 2 recomputes the LM's and the cross-attention blocks in backward "
-                             "(N: every N-th decoder block)")
+                        help="stage 2 recomputes the LM's, the cross-attention and a trained encoder's blocks in "
+                             "backward (N: every N-th decoder block); stage 1 the encoder's blocks")
+    parser.add_argument("--encoder", default=None,
+                        help="the image encoder backbone, as train_adapter.py --encoder (default: the default run's)")
     args = parser.parse_args()
     b, s = args.batch_size or (EncoderPretrainConfig().batch_size if args.stage == 1 else 16), args.seq_len
     torch.manual_seed(0)
-    saved_mb = None
     if args.stage == 1:
-        step, trainable_params = stage1_step(args.lm, b, s)
+        step, trainable_params, saved_mb = stage1_step(args, b, s)
     else:
         step, trainable_params, saved_mb = stage2_step(args, b, s)
     step()  # warm-up
@@ -191,7 +195,7 @@ def main() -> None:
         "samples_per_s": round(b / seconds, 2),
         "step_seconds": round(seconds, 3),
         "peak_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
-        "saved_activation_mb": None if saved_mb is None else round(saved_mb, 1),
+        "saved_activation_mb": round(saved_mb, 1),
         "step_gflop": round(flops_per_step / 1e9, 3),
         "achieved_gflops": round(flops_per_step / seconds / 1e9, 1),
         "matmul_peak_gflops": round(peak / 1e9, 1),
@@ -201,7 +205,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "trainable_params": trainable_params,
         "prompt_reader": args.prompt_reader if args.stage == 2 else None,
-        "activation_checkpointing": args.activation_checkpointing if args.stage == 2 else None,
+        "activation_checkpointing": args.activation_checkpointing,
+        "encoder": args.encoder,
     }
     print(json.dumps(result))
 

@@ -198,8 +198,13 @@ def test_train_step_stage_1_times_the_encoder_and_decoder(tiny_lm_dir):
     from mm_llama.training.modalities import image_model_config
     from mm_llama.training.run_config import RunConfig
 
-    out = run_json("train_step.py", "--stage", "1", "--lm", str(tiny_lm_dir), "--batch-size", "4", "--steps", "1")
+    args = ("--stage", "1", "--lm", str(tiny_lm_dir), "--batch-size", "4", "--steps", "1")
+    out, recomputed = run_json("train_step.py", *args), run_json("train_step.py", *args, "--activation-checkpointing")
     assert out["stage"] == 1 and out["batch_size"] == 4 and out["prompt_reader"] is None
     encoder = ImageEncoder(image_model_config(RunConfig()).image_encoder)
     assert out["trainable_params"] > sum(p.numel() for p in encoder.parameters())
     assert out["step_gflop"] > 0 and out["step_seconds"] > 0
+    # the encoder's blocks recomputed: less kept for backward, their forward once more
+    assert recomputed["activation_checkpointing"] == 1 and recomputed["trainable_params"] == out["trainable_params"]
+    assert recomputed["saved_activation_mb"] < out["saved_activation_mb"]
+    assert recomputed["step_gflop"] > out["step_gflop"]
