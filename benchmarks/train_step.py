@@ -132,7 +132,7 @@ def stage2_step(args: argparse.Namespace, b: int, s: int) -> tuple[Callable[[], 
                                     heads=pre.heads, every_row=args.prompt_reader == "rows")
     cfg = dataclasses.replace(default, trainable=trainable, prompt_reader=reader)
     model = MultimodalLlama(load_language_model(args.lm), cfg).train()
-    model.set_grad_checkpointing(args.activation_checkpointing > 0, every=max(args.activation_checkpointing, 1))
+    model.set_checkpoint_interval(args.activation_checkpointing)
     size = model.cfg.image_encoder.image_size
     ids = torch.randint(0, model.lm.cfg.vocab_size, (b, s))
     ids[:, 8] = model.media_token_id("image")

@@ -215,7 +215,7 @@ class OursRunner(Runner):
         cfg = ModelConfig(image_encoder=encoder, cross_attention=CrossAttentionConfig(every=4),
                           trainable=("image_encoder", "projection", "cross_attention"))
         self.model = MultimodalLlama(lm, cfg)
-        self.model.set_grad_checkpointing(checkpointing > 0, every=max(int(checkpointing), 1))
+        self.model.set_checkpoint_interval(int(checkpointing))
         self.graph = graph
         self.autocast_dtype: torch.dtype | None = None  # set by the worker: bf16 under --precision bf16-mixed
         self.step = None  # the GraphedTrainStep, built at the first training step

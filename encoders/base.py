@@ -54,6 +54,11 @@ class MediaEncoder(nn.Module, ABC):
     def set_grad_checkpointing(self, enabled: bool) -> None:
         """Recompute block activations in the backward pass instead of storing them."""
 
+    def trains(self) -> bool:
+        """Whether any of this encoder's parameters requires a gradient (a frozen one keeps
+        nothing for backward, so there is nothing to recompute)."""
+        return any(p.requires_grad for p in self.parameters())
+
     @abstractmethod
     def blocks(self) -> list[nn.Module]:
         """The repeated blocks (transformer or Conformer layers), input side first.

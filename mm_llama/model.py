@@ -359,7 +359,14 @@ class MultimodalLlama(nn.Module):
         self.lm.grad_checkpointing = enabled
         self.lm.checkpoint_every = every
         for encoder in self.media_encoders().values():
-            encoder.set_grad_checkpointing(enabled and any(p.requires_grad for p in encoder.parameters()))
+            encoder.set_grad_checkpointing(enabled and encoder.trains())
+
+    def set_checkpoint_interval(self, interval: int) -> None:
+        """:meth:`set_grad_checkpointing` from one integer, as the command-line flags give it:
+        ``0`` off, ``n >= 1`` every n-th decoder block (``1``: all of them)."""
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+            raise ValueError(f"a checkpoint interval is an integer >= 0, got {interval!r}")
+        self.set_grad_checkpointing(interval > 0, every=max(interval, 1))
 
     def media_encoders(self) -> dict[str, MediaEncoder]:
         """This model's media encoders by attribute name (``image_encoder``, which the video branch

@@ -112,7 +112,7 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
         if every < 0:
             raise ValueError(f"AdapterModule.activation_checkpointing must be true, false or a block interval >= 1, "
                              f"got {activation_checkpointing!r}")
-        self.model.set_grad_checkpointing(every > 0, every=max(every, 1))
+        self.model.set_checkpoint_interval(every)
         if compile_blocks:
             compile_blocks_(self.model)
         # Names and shapes as built: FSDP (use_orig_params) keeps these parameter objects but

@@ -89,7 +89,7 @@ def encoder_blocks(model: nn.Module, trainable_only: bool = False) -> list[nn.Mo
     """The blocks of every media encoder in ``model`` (:meth:`encoders.MediaEncoder.blocks`);
     ``trainable_only``: only those of encoders with a parameter that trains."""
     return [block for module in model.modules() if isinstance(module, MediaEncoder)
-            if not trainable_only or any(p.requires_grad for p in module.parameters())
+            if not trainable_only or module.trains()
             for block in module.blocks()]
 
 
