@@ -7,7 +7,7 @@ SmolLM2's depth and width (30 layers, d=576, GQA) with a small BPE tokenizer: th
 the same, the accuracy is meaningless. Prints one JSON line.
 
 * ``throughput``: fwd + bwd + AdamW steps of the fused model (frozen LM in bf16, adapters in
-  fp32, bf16 autocast) on chat-shaped batches, eager and with every decoder / cross-attention
+  fp32, bf16 autocast) on chat-shaped batches, eager and with every decoder / cross-attention / encoder
   block compiled (:func:`mm_llama.training.scale.compile_blocks_`), and as one CUDA graph
   replayed per step (:class:`mm_llama.training.graphed_step.GraphedTrainStep`, the static loss;
   ``--no-graph`` skips these rows). ``mfu`` is the step's

@@ -24,6 +24,7 @@ from encoders import (
 )
 
 from encoders.image import sincos_position_embedding
+from mm_llama.training.scale import compile_blocks_
 BACKBONES = ["timm:vit_tiny_patch16_224", "open_clip:ViT-B-16"]
 
 
@@ -123,6 +124,32 @@ def test_blocks_are_the_ones_the_forward_runs_in_order_and_checkpointing_runs_ea
             hook.remove()
         # in order through the forward; recomputed in backward, last block first
         assert ran[:5] == [0, 1, 2, 3, 4] and sorted(ran) == sorted(expected), ran
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_compiled_blocks_are_captured_whole_and_compute_the_same(backbone: str) -> None:
+    """``compile_blocks_`` compiles the ViT's and the global blocks; dynamo captures each without a
+    graph break (``fullgraph``; the ``eager`` backend runs the captured graph as it is), plain and
+    recomputed in backward."""
+    encoder = ImageEncoder(tiny(backbone, n_global_layers=2)).train()
+    images = torch.randn(2, 3, 32, 32)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        encoder.zero_grad(set_to_none=True)
+        tokens = encoder(images).tokens
+        tokens.square().mean().backward()
+        return tokens.detach(), {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}
+
+    tokens, grads = run()
+    torch._dynamo.reset()
+    assert compile_blocks_(encoder, backend="eager", fullgraph=True) == encoder.blocks()
+    for checkpointing in (False, True):
+        encoder.set_grad_checkpointing(checkpointing)
+        compiled_tokens, compiled_grads = run()
+        torch.testing.assert_close(compiled_tokens, tokens, rtol=0, atol=1e-6)
+        assert compiled_grads.keys() == grads.keys() and len(grads) > 10
+        for name, grad in grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

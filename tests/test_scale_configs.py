@@ -312,7 +312,7 @@ def test_unknown_lm_dtype_is_named(tiny_lm_dir):
 
 
 def test_compile_blocks_compiles_each_block_and_keeps_the_names(tiny_lm_dir):
-    """``compile_blocks=True`` marks exactly the decoder and cross-attention blocks for compilation.
+    """``compile_blocks=True`` marks exactly the decoder, cross-attention and ViT blocks for compilation.
 
     Not run with inductor here: the first compiled training step of the tiny model took 112 s on the
     busy 2-core CPU (code generation and a C++ build per block shape). Dynamo's capture of the same
@@ -324,7 +324,10 @@ def test_compile_blocks_compiles_each_block_and_keeps_the_names(tiny_lm_dir):
     plain = AdapterModule(lm=str(tiny_lm_dir), model=TINY_MODEL)
     marked = [n for n, m in compiled.model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
     blocks = [n for n, m in compiled.model.named_modules() if isinstance(m, (DecoderLayer, GatedCrossAttention))]
-    assert marked == blocks and len(blocks) == 4 + len(compiled.model.cross_attn)
+    vit_blocks = [n for n, m in compiled.model.named_modules() if m in compiled.model.image_encoder.blocks()]
+    assert len(blocks) == 4 + len(compiled.model.cross_attn) and vit_blocks == [
+        "image_encoder.backbone.model.blocks.0", "image_encoder.backbone.model.blocks.1"]
+    assert sorted(marked) == sorted(blocks + vit_blocks)
     assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints load either way
 
 
@@ -338,7 +341,8 @@ def test_compiled_blocks_compute_what_plain_blocks_compute(tiny_lm_dir, shapes_d
     loss, grads = loss_and_grads(module, batch)
     torch._dynamo.reset()
     compiled = compile_blocks_(module.model, backend="eager", fullgraph=True)  # fullgraph: no graph break
-    assert len(compiled) == 4 + len(module.model.cross_attn)
+    assert len(compiled) == 4 + len(module.model.cross_attn) + 2  # the LM's blocks, then the ViT's two
+    assert compiled[-2:] == module.model.image_encoder.blocks()
     compiled_loss, compiled_grads = loss_and_grads(module, batch)
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(compiled_grads, grads, rtol=1e-5, atol=1e-7)

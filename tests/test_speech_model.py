@@ -21,6 +21,7 @@ from mm_llama.lm import load_language_model, parameters_digest
 from mm_llama.model import CrossAttentionConfig, ModelConfig, MultimodalLlama
 from mm_llama.rotary_attention import RotarySelfAttention
 from mm_llama.speech_generation import generate_from_speech
+from mm_llama.training.scale import compile_blocks_
 from tests.test_generation import assert_logits_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -251,6 +252,30 @@ def test_checkpointing_recomputes_the_conformer_layers_with_the_same_gradients(t
     assert any(n.startswith("speech_encoder.backbone.") for n in grads[True])
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_compiled_conformer_layers_are_captured_whole_and_train_the_same(tiny_lm_dir):
+    """``compile_blocks_`` compiles the Conformer's layers after the LM's blocks; each is captured
+    without a graph break (``fullgraph``, ``eager`` backend) and gives the same loss and gradients."""
+    model = _speech_model(tiny_lm_dir, "cross_attention").train()
+    ids, labels, audio, lengths, _ = _batch(model)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # SpecAugment's masks, the same draws both times
+        loss = model.speech_loss(ids, labels, audio, lengths)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = run()
+    torch._dynamo.reset()
+    compiled = compile_blocks_(model, backend="eager", fullgraph=True)
+    assert compiled[-TINY_SPEECH.depth:] == model.speech_encoder.blocks()
+    compiled_loss, compiled_grads = run()
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-6, atol=0)
+    assert compiled_grads.keys() == grads.keys() and any(n.startswith("speech_encoder.") for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("fusion", ["embedding", "cross_attention"])

@@ -68,7 +68,7 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
             halves its memory (16 GB for Llama 3.1 8B, 141 GB for 70B); everything that
             trains stays fp32 whatever this is. Works with any strategy and precision
             (see :mod:`mm_llama.training.scale`).
-        compile_blocks: ``torch.compile`` every decoder block and cross-attention block
+        compile_blocks: ``torch.compile`` every decoder, cross-attention and media-encoder block
             (each on its own, so FSDP units and activation checkpointing stay per block).
         activation_checkpointing: recompute the LM's decoder blocks, the cross-attention blocks
             and the blocks of an encoder that trains in backward instead of holding their activations

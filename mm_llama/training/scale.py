@@ -38,7 +38,8 @@ Lightning's :class:`~lightning.pytorch.strategies.FSDPStrategy` with what this m
   ``trainer.limit_val_batches`` validation batches. Answers are gathered from all ranks before
   exact match is computed (:func:`gather_to_all`, under DDP too).
 
-The same blocks are what :func:`compile_blocks_` compiles (``AdapterModule(compile_blocks=True)``).
+The same blocks, and a frozen encoder's too, are what :func:`compile_blocks_` compiles
+(``AdapterModule(compile_blocks=True)``).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ if TYPE_CHECKING:
 
 CHECKPOINTED_BLOCKS: tuple[type[nn.Module], ...] = (DecoderLayer, GatedCrossAttention)
 """The LM-side blocks: recomputed in backward (with the trained encoders' blocks,
-:func:`checkpointed_blocks`), and what :func:`compile_blocks_` compiles."""
+:func:`checkpointed_blocks`), and compiled by :func:`compile_blocks_` (with every encoder block)."""
 
 FSDP_UNIT_CLASSES: tuple[type[nn.Module], ...] = (
     *CHECKPOINTED_BLOCKS, ImageEncoder, MediaProjection, FusionEmbedding,
@@ -397,13 +398,16 @@ class ClipsGradients:
 
 
 def compile_blocks_(model: nn.Module, **compile_kwargs) -> list[nn.Module]:
-    """``torch.compile`` every :data:`CHECKPOINTED_BLOCKS` module of ``model`` in place.
+    """``torch.compile`` in place every :data:`CHECKPOINTED_BLOCKS` module of ``model`` and every
+    block of its media encoders (:meth:`encoders.MediaEncoder.blocks`, frozen or not: a frozen
+    encoder still runs its forward every step).
 
     Block by block (``nn.Module.compile``) rather than the whole model: parameter names do not
     change (checkpoints load as before), FSDP units and activation-checkpoint wrappers stay around
-    single blocks, and one compiled graph serves all blocks of a shape. Returns the compiled modules.
+    single blocks, and one compiled graph serves all blocks of a shape. Returns the compiled
+    modules, the LM's blocks first.
     """
-    blocks = [m for m in model.modules() if isinstance(m, CHECKPOINTED_BLOCKS)]
+    blocks = [m for m in model.modules() if isinstance(m, CHECKPOINTED_BLOCKS)] + encoder_blocks(model)
     for block in blocks:
         block.compile(**compile_kwargs)
     return blocks
