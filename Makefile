@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench clean-runs
+.PHONY: setup demo test test-fast bench gpu-wheels clean-runs
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,15 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/train_step.py
+
+# For a lent GPU machine (Python 3.12, no network): the wheels its image lacks, carried as .gpu_deps
+# and installed by benchmarks/gpu_session.sh (the same versions as this venv's).
+GPU_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 webdataset==1.0.2 braceexpand==0.1.7 \
+	av==18.1.0 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12
+gpu-wheels: setup
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu_deps $(GPU_WHEELS)
 
 clean-runs:
 	rm -rf runs lightning_logs
