@@ -20,11 +20,11 @@ from typing import Callable
 import torch
 import torchaudio
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from encoders.base import EncoderOutput, MediaEncoder
 from encoders.conformer import ConformerLayer, FrameStacking
 from encoders.speech_frontend import FrontEndConfig, LogMelFrontEnd
+from mm_llama.recompute import checkpointed_call
 from mm_llama.rotary_attention import frame_mask
 
 
@@ -87,7 +87,7 @@ class _RotaryConformer(nn.Module):
         mask = frame_mask(lengths, x.shape[1])  # [b, s_e]
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, mask, use_reentrant=False)
+                x = checkpointed_call(layer, x, mask)
             else:
                 x = layer(x, mask)
         return x
@@ -100,13 +100,23 @@ class _TorchaudioConformer(nn.Module):
             input_dim=cfg.dim, num_heads=cfg.heads, ffn_dim=cfg.ffn_dim, num_layers=cfg.depth,
             depthwise_conv_kernel_size=cfg.conv_kernel, dropout=cfg.dropout,
         )  # fmt: skip
-        # Accepted and ignored: torchaudio's layers hold BatchNorm, whose running statistics a
-        # recomputation in backward would update twice a batch.
         self.grad_checkpointing = False
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.conformer.conformer_layers
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        out, _ = self.conformer(x, lengths)
-        return out * frame_mask(lengths, x.shape[1])[..., None]
+        """``torchaudio.models.Conformer.forward``'s loop (time-major layers, True = padding),
+        each layer recomputed in backward when asked: its BatchNorm still counts a batch once."""
+        mask = frame_mask(lengths, x.shape[1])  # [b, s_e]
+        h = x.transpose(0, 1)  # [s_e, b, d_e]
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpointed_call(layer, h, ~mask)
+            else:
+                h = layer(h, ~mask)
+        return h.transpose(0, 1) * mask[..., None]
 
 
 SPEECH_BACKBONES: dict[str, Callable[[SpeechEncoderConfig], nn.Module]] = {
@@ -133,9 +143,9 @@ class SpeechEncoder(MediaEncoder):
         self.backbone.grad_checkpointing = enabled
 
     def blocks(self) -> list[nn.Module]:
-        """Our Conformer's layers. None of torchaudio's: their BatchNorm would count every batch
-        twice in its running statistics if a layer ran again in backward."""
-        return [] if isinstance(self.backbone, _TorchaudioConformer) else list(self.backbone.layers)
+        """The Conformer's layers (ours or torchaudio's; a torchaudio layer's BatchNorm counts each
+        batch once when the layer is recomputed, :mod:`mm_llama.recompute`)."""
+        return list(self.backbone.layers)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Encoder frames of ``lengths [b]`` samples."""

@@ -5,6 +5,7 @@ to one-by-one generation)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -102,24 +103,66 @@ def test_padded_batch_gives_each_utterance_its_unpadded_output(backbone):
     assert torch.allclose(frames_batch[1, :m], frames_alone[0], atol=1e-4)
 
 
-def test_torchaudio_conformer_is_never_recomputed_so_its_batchnorm_counts_each_batch_once(tiny_lm_dir):
-    from mm_llama.training.scale import checkpointed_blocks
-
+def _torchaudio_speech_model(tiny_lm_dir) -> MultimodalLlama:
     torch.manual_seed(0)
     cfg = ModelConfig(image_encoder=None, cross_attention=CrossAttentionConfig(layers=()),
                       trainable=("speech_encoder", "speech_adapter"),
                       speech_encoder=SpeechEncoderConfig(backbone="torchaudio_conformer", dim=32, depth=2, heads=2,
-                                                         ffn_dim=64),
+                                                         ffn_dim=64, dropout=0.0),
                       speech_adapter=SpeechAdapterConfig(fusion="embedding", dim=32, heads=2, ffn_dim=64, dropout=0.0))
-    model = MultimodalLlama(load_language_model(str(tiny_lm_dir)), cfg).train()
-    model.set_grad_checkpointing(True)
-    assert model.speech_encoder.blocks() == [] and not any(
-        m in checkpointed_blocks(model) for m in model.speech_encoder.modules())  # not under FSDP either
-    norms = [m for m in model.speech_encoder.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    assert len(norms) == 2
-    ids, labels, audio, lengths, _ = _batch(model)
-    model.speech_loss(ids, labels, audio, lengths).backward()
-    assert [int(n.num_batches_tracked) for n in norms] == [1, 1]
+    return MultimodalLlama(load_language_model(str(tiny_lm_dir)), cfg).train()
+
+
+@pytest.mark.parametrize("how", ["model-switch", "fsdp-wrappers"])
+def test_torchaudio_conformer_is_recomputed_and_its_batchnorm_counts_each_batch_once(tiny_lm_dir, how):
+    """Recomputing a torchaudio layer runs its BatchNorm again in training mode; the second run's
+    update of the running statistics is undone (mm_llama.recompute), through the model's own switch
+    and through the wrappers AdapterFSDPStrategy puts around its recomputed blocks. Without that the
+    count is 2 a step and the running mean moves twice."""
+    from mm_llama.training.scale import apply_recomputation, checkpointed_blocks
+
+    plain, model = _torchaudio_speech_model(tiny_lm_dir), _torchaudio_speech_model(tiny_lm_dir)
+    layers = model.speech_encoder.blocks()
+    assert layers == list(model.speech_encoder.backbone.conformer.conformer_layers) and len(layers) == 2
+    assert all(layer in checkpointed_blocks(model) for layer in layers)  # recomputed under FSDP too
+    if how == "model-switch":
+        model.set_grad_checkpointing(True)
+    else:
+        apply_recomputation(model, {id(m) for m in checkpointed_blocks(model)})
+    ran = []
+    for layer in model.speech_encoder.modules():
+        if isinstance(layer, torchaudio.models.conformer.ConformerLayer):
+            layer.register_forward_pre_hook(lambda *_: ran.append(1))
+    ids, labels, audio, lengths, _ = _batch(plain)
+    grads = {}
+    for m in (plain, model):
+        for step in range(2):  # two steps' forwards and backwards (no optimizer step)
+            torch.manual_seed(step)  # SpecAugment's masks, the same draws for both models
+            m.speech_loss(ids, labels, audio, lengths).backward()
+        grads[m] = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in m.named_parameters()
+                    if p.grad is not None}
+    assert len(ran) == 2 * 2 * 2  # each layer: forward and recomputation, two steps
+    norms = {m: [n for n in m.speech_encoder.modules() if isinstance(n, torch.nn.BatchNorm1d)] for m in (plain, model)}
+    assert len(norms[model]) == 2 and [int(n.num_batches_tracked) for n in norms[model]] == [2, 2]
+    for ours, reference in zip(norms[model], norms[plain]):
+        torch.testing.assert_close(ours.running_mean, reference.running_mean, rtol=0, atol=1e-7)
+        torch.testing.assert_close(ours.running_var, reference.running_var, rtol=0, atol=1e-7)
+    assert grads[model].keys() == grads[plain].keys() and any(n.startswith("speech_encoder.") for n in grads[plain])
+    for name, grad in grads[plain].items():
+        torch.testing.assert_close(grads[model][name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_torchaudio_backbone_runs_torchaudios_conformer():
+    """The backbone's own loop over torchaudio's layers (for recomputation) is torchaudio's forward."""
+    torch.manual_seed(0)
+    encoder = SpeechEncoder(SpeechEncoderConfig(backbone="torchaudio_conformer", dim=32, depth=2, heads=2,
+                                                ffn_dim=64, dropout=0.0)).train()
+    x, lengths = torch.randn(3, 11, 32), torch.tensor([11, 7, 4])
+    reference, _ = copy.deepcopy(encoder.backbone.conformer)(x, lengths)
+    out = encoder.backbone(x, lengths)
+    torch.testing.assert_close(out[0], reference[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1, :7], reference[1, :7], rtol=0, atol=0)
+    assert out[1, 7:].abs().sum() == 0 and out[2, 4:].abs().sum() == 0
 
 
 def test_torchaudio_conformer_baseline_encodes():

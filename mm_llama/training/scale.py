@@ -19,6 +19,7 @@ Lightning's :class:`~lightning.pytorch.strategies.FSDPStrategy` with what this m
   of every encoder that trains (:func:`checkpointed_blocks`). Gradients must flow through the
   frozen blocks to the adapters below them, so the frozen LM's activations are what dominates
   memory; a trained encoder's come next (ViT-H/14 at 448 px: 1,025 tokens through 40 blocks).
+  The wrappers keep a recomputed BatchNorm from counting a batch twice (:func:`apply_recomputation`).
 * **Frozen parameters and the optimizer.** ``use_orig_params=True``: FSDP keeps the original
   parameter objects (frozen ones get no gradient and no optimizer state), which the optimizer is
   built from, and allows a unit to mix frozen and trainable parameters. They become 1-D shards, so
@@ -52,9 +53,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
 from lightning.pytorch.strategies import FSDPStrategy
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (_CHECKPOINT_PREFIX,
+                                                                        apply_activation_checkpointing)
 from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE
 from torch import nn
 
@@ -65,6 +66,7 @@ from encoders.speech import SpeechEncoder
 from encoders import ImageEncoder, MediaEncoder
 from mm_llama.checkpoint_files import checkpoint_read_errors
 from mm_llama.llama import DecoderLayer
+from mm_llama.recompute import checkpoint_wrapper_for
 from mm_llama.training.optim import uses_loss_scaling
 
 if TYPE_CHECKING:
@@ -105,6 +107,15 @@ def checkpointed_blocks(model: nn.Module, every: int = 1) -> list[nn.Module]:
     decoder = [m for m in model.modules() if isinstance(m, DecoderLayer)]
     others = [m for m in model.modules() if isinstance(m, CHECKPOINTED_BLOCKS) and not isinstance(m, DecoderLayer)]
     return decoder[::every] + others + encoder_blocks(model, trainable_only=True)
+
+
+def apply_recomputation(model: nn.Module, recomputed: set[int]) -> None:
+    """Wrap each submodule of ``model`` whose ``id`` is in ``recomputed`` in a non-reentrant
+    ``CheckpointWrapper`` (:func:`mm_llama.recompute.checkpoint_wrapper_for`: a BatchNorm inside
+    counts each batch once). What ``AdapterFSDPStrategy`` does after sharding; Lightning's own
+    setup would wrap with torch's plain wrapper, which lets a BatchNorm count a batch twice."""
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper_for,
+                                   check_fn=lambda module: id(module) in recomputed)
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
@@ -220,7 +231,7 @@ class AdapterFSDPStrategy(FSDPStrategy):
         )
         # After wrapping, as Lightning does: the checkpoint wrappers go inside the FSDP units.
         if recomputed:
-            _setup_activation_checkpointing(wrapped, {"check_fn": lambda module: id(module) in recomputed})
+            apply_recomputation(wrapped, recomputed)
         return wrapped
 
     def lightning_module_state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,70 @@
+"""Activation checkpointing that a BatchNorm survives.
+
+Recomputing a block in backward runs its forward a second time, in training mode: a BatchNorm
+inside it normalises with the batch's statistics both times (so the output and the gradients
+are the same) but also folds the batch into its running statistics twice, and counts it twice
+in ``num_batches_tracked``. torchaudio's Conformer has one in every layer's convolution module.
+Here the second run's updates are undone: the recomputation runs inside
+:func:`running_statistics_kept`, handed to ``torch.utils.checkpoint`` as its ``context_fn``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+ContextFn = Callable[[], tuple[AbstractContextManager, AbstractContextManager]]
+
+
+def batch_norms(module: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers in ``module`` that keep running statistics."""
+    return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@contextmanager
+def running_statistics_kept(norms: list[_BatchNorm]) -> Iterator[None]:
+    """Put the running mean, variance and batch count of ``norms`` back as they were on exit."""
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def recompute_context_fn(module: nn.Module) -> ContextFn | None:
+    """A ``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant) of ``module``: the forward
+    as it is, the recomputation with ``module``'s BatchNorm statistics kept. ``None`` when
+    ``module`` has no BatchNorm (nothing to keep)."""
+    norms = batch_norms(module)
+    if not norms:
+        return None
+    return lambda: (nullcontext(), running_statistics_kept(norms))
+
+
+def checkpointed_call(module: nn.Module, *args: Any) -> Any:
+    """``module(*args)``, its activations recomputed in backward (non-reentrant), counting each
+    batch once in any BatchNorm's running statistics."""
+    context_fn = recompute_context_fn(module)
+    kwargs = {} if context_fn is None else {"context_fn": context_fn}
+    return checkpoint(module, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_wrapper_for(module: nn.Module) -> nn.Module:
+    """``module`` in torch's ``CheckpointWrapper`` (non-reentrant), with :func:`recompute_context_fn`:
+    the ``checkpoint_wrapper_fn`` that FSDP's ``apply_activation_checkpointing`` takes."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    context_fn = recompute_context_fn(module)
+    wrap = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return wrap(module) if context_fn is None else wrap(module, context_fn=context_fn)
