@@ -7,8 +7,10 @@ Two modes::
     python tests/ddp_fit.py parallel --strategy fsdp --lm-dtype bfloat16 ...
     python tests/ddp_fit.py parallel --strategy fsdp --epochs 2 --stop-after 1 ... / --resume-from CKPT ...
     python tests/ddp_fit.py reference --lm DIR --shards URLS --out DIR --ranks-from PARALLEL_OUT
+    python tests/ddp_fit.py parallel|reference --modality speech ...   # spoken shards, the tiny speech model
 
-``parallel`` trains through :class:`ImageDataModule` with Lightning's DDP strategy, or with
+``parallel`` trains through :class:`ImageDataModule` (``--modality speech``: :class:`SpeechDataModule` and a
+tiny cross-attention speech model) with Lightning's DDP strategy, or with
 :class:`~mm_llama.training.scale.AdapterFSDPStrategy` (both over gloo on CPU); Lightning relaunches this
 script once per extra rank. ``reference`` is one process whose step ``k`` trains on the union of every
 rank's step-``k`` samples (the global batch, read back from the same shards by key).
@@ -23,6 +25,7 @@ and not a pytest-run function so that pytest itself is never forked.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from datetime import timedelta
@@ -34,11 +37,16 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
+from encoders.speech_frontend import FrontEndConfig
 from mm_llama.data.collate import collate
-from mm_llama.training.datamodule import ImageDataModule, model_inputs
+from mm_llama.data.speech_pipeline import collate_speech
+from mm_llama.model import ModelConfig
+from mm_llama.training.datamodule import ImageDataModule
 from mm_llama.training.module import AdapterModule
 from mm_llama.training.optim import OptimConfig
 from mm_llama.training.scale import AdapterFSDPStrategy
+from mm_llama.training.speech_datamodule import SpeechDataModule
+from tests.test_speech_training import tiny_speech_model
 from tests.test_training import TINY_MODEL
 
 LR = 1e-2
@@ -69,9 +77,26 @@ class RecordSteps(L.Callback):
         (self.out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
+def model_config(modality: str) -> ModelConfig:
+    """The tiny image model, or the tiny cross-attention speech model without SpecAugment (its random
+    masks would differ between a rank's batch and the reference's global batch)."""
+    if modality == "image":
+        return TINY_MODEL
+    cfg = tiny_speech_model("cross_attention")
+    no_masks = FrontEndConfig(freq_masks=0, time_masks=0)
+    return dataclasses.replace(cfg, speech_encoder=dataclasses.replace(cfg.speech_encoder, frontend=no_masks))
+
+
+def make_datamodule(args: argparse.Namespace, **kwargs: Any) -> ImageDataModule:
+    """The modality's data module over ``--shards`` (all three splits)."""
+    cls = SpeechDataModule if args.modality == "speech" else ImageDataModule
+    return cls(train_urls=args.shards, val_urls=args.shards, test_urls=args.shards, num_workers=0, **kwargs)
+
+
 def make_module(args: argparse.Namespace, steps: int) -> AdapterModule:
     L.seed_everything(0)  # the same initial weights on every rank and in the reference
-    module = AdapterModule(lm=args.lm, model=TINY_MODEL, optim=OptimConfig(lr=LR, warmup_steps=0, total_steps=steps),
+    module = AdapterModule(lm=args.lm, model=model_config(args.modality),
+                           optim=OptimConfig(lr=LR, warmup_steps=0, total_steps=steps),
                            lm_dtype=args.lm_dtype, eval_max_new_tokens=3,
                            activation_checkpointing=args.activation_checkpointing)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # the launching process; Lightning sets LOCAL_RANK for the others
@@ -111,9 +136,7 @@ def make_trainer(out: Path, record: RecordSteps, validate: bool = False, max_epo
 
 
 def run_parallel(args: argparse.Namespace) -> None:
-    datamodule = ImageDataModule(train_urls=args.shards, val_urls=args.shards, test_urls=args.shards,
-                                 batch_size=args.batch_size, num_workers=0, shuffle_buffer=4,
-                                 epoch_length=args.epoch_length)
+    datamodule = make_datamodule(args, batch_size=args.batch_size, shuffle_buffer=4, epoch_length=args.epoch_length)
     # Steps per rank follow from epoch_length; the schedule length only shapes the cosine decay.
     module = make_module(args, steps=args.epochs * args.epoch_length // (args.batch_size * args.devices))
     record = RecordSteps(args.out)
@@ -134,13 +157,13 @@ def run_reference(args: argparse.Namespace) -> None:
     module = make_module(args, steps=len(global_batches))
     # Read every sample once, in order, through the evaluation pipeline (the same decoding and
     # tokenization as training: training adds only shuffling, splitting and repetition).
-    reader = ImageDataModule(train_urls=args.shards, val_urls=args.shards, test_urls=args.shards, num_workers=0,
-                             test_samples=None)
-    reader.connect(model_inputs(module))
+    reader = make_datamodule(args, test_samples=None)
+    reader.connect(reader.model_inputs(module))
     reader.setup("test")
     samples = {s["meta"]["__key__"]: s for s in reader.datasets["test"]}
     pad_id = module.tokenizer.pad_id
-    batches = [collate([samples[key] for key in keys], pad_id) for keys in global_batches]
+    collate_fn = collate_speech if args.modality == "speech" else collate
+    batches = [collate_fn([samples[key] for key in keys], pad_id) for keys in global_batches]
     record = RecordSteps(args.out)
     trainer = make_trainer(args.out, record, devices=1)
     fit_and_save(trainer, module, args.out,
@@ -151,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("parallel", "reference"))
     parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--modality", choices=("image", "speech"), default="image")
     parser.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--lm", required=True)
     parser.add_argument("--shards", required=True)

@@ -10,6 +10,7 @@ also shows that activation checkpointing under DDP trains what plain training tr
 :class:`~mm_llama.training.scale.AdapterFSDPStrategy` (FSDP runs on CPU over gloo too) must train
 what DDP trains, and save a checkpoint of the full, unsharded trainable weights only; an FSDP run
 stopped after an epoch and resumed from that checkpoint must continue exactly as if it had not stopped.
+The speech path gets the DDP checks too (``--modality speech``: spoken shards, the tiny speech model).
 
 Why the two runs may be compared at all: DDP averages the ranks' gradients, each the gradient of
 a mean over that rank's labelled tokens, while one process takes the mean over all labelled tokens
@@ -31,8 +32,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from mm_llama.data import scenes
-from mm_llama.data.examples import IGNORE_INDEX, encode_example
+from mm_llama.data import scenes, spoken
+from mm_llama.data.examples import DEFAULT_MEDIA_PLACEHOLDER, IGNORE_INDEX, encode_example
+from mm_llama.data.speech_pipeline import SPEECH_PLACEHOLDER
 from mm_llama.data.pipeline import DataConfig, train_batches_per_rank
 from mm_llama.tokenizer import Tokenizer
 from tests.ddp_fit import VAL_BATCHES
@@ -53,17 +55,23 @@ TIMEOUT_S = 600  # a hang fails here (the ranks' process group times out after 1
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
 
 
-def write_equal_label_shards(root: Path, lm_dir: Path) -> list[Path]:
-    """Shape-scene shards of :data:`SHARD_SIZES` samples whose examples all have the same number of
-    labelled tokens under the tiny LM's tokenizer (the most common count among the first scenes)."""
+def write_equal_label_shards(root: Path, lm_dir: Path, modality: str = "image") -> list[Path]:
+    """Shards of :data:`SHARD_SIZES` samples (shape scenes, or spoken sentences and questions) whose
+    examples all have the same number of labelled tokens under the tiny LM's tokenizer (the most
+    common count among the first 200 samples)."""
     tok = Tokenizer.from_hf_dir(lm_dir)
+    placeholder = SPEECH_PLACEHOLDER if modality == "speech" else DEFAULT_MEDIA_PLACEHOLDER
 
     def n_labels(sample: dict) -> int:
         meta = json.loads(sample["json"])
-        enc = encode_example(tok, meta["prompt"], meta["response"], media_token_id=tok.vocab_size, system="")
+        enc = encode_example(tok, meta["prompt"], meta["response"], media_placeholder=placeholder,
+                             media_token_id=tok.vocab_size, system="")
         return int((enc["labels"] != IGNORE_INDEX).sum())
 
-    candidates = [scenes.make_sample(0, "train", i, image_size=16) for i in range(200)]
+    if modality == "speech":
+        candidates = [spoken.make_sample(0, "train", i) for i in range(200)]
+    else:
+        candidates = [scenes.make_sample(0, "train", i, image_size=16) for i in range(200)]
     counts = [n_labels(s) for s in candidates]
     target = collections.Counter(counts).most_common(1)[0][0]
     chosen = iter([s for s, n in zip(candidates, counts) if n == target])
@@ -77,23 +85,24 @@ def write_equal_label_shards(root: Path, lm_dir: Path) -> list[Path]:
     return paths
 
 
-def run_scripts(*runs: list[str], expect_failure: bool = False) -> list[str]:
+def run_scripts(*runs: list[str], expect_failure: bool | tuple[bool, ...] = False) -> list[str]:
     """Run ``tests/ddp_fit.py`` once per argument list, all at once; fail naming any that fails or hangs
-    (``expect_failure``: any that succeeds). Returns each run's standard error."""
+    (``expect_failure``, for all runs or one flag a run: any that succeeds). Returns each run's standard error."""
+    failures = expect_failure if isinstance(expect_failure, tuple) else (expect_failure,) * len(runs)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a fresh job, whatever launched pytest
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, cwd=REPO, text=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for args in runs]
     errors = []
-    for args, proc in zip(runs, procs):
+    for args, proc, should_fail in zip(runs, procs, failures, strict=True):
         try:
             _, stderr = proc.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
             pytest.fail(f"{SCRIPT.name} {' '.join(args)} did not finish in {TIMEOUT_S} s (ranks out of step?)")
-        assert (proc.returncode != 0) == expect_failure, f"{SCRIPT.name} {' '.join(args)} exited {proc.returncode}:\n{stderr[-4000:]}"
+        assert (proc.returncode != 0) == should_fail, f"{SCRIPT.name} {' '.join(args)} exited {proc.returncode}:\n{stderr[-4000:]}"
         errors.append(stderr)
     return errors
 
@@ -160,6 +169,36 @@ def test_ddp_trains_what_one_process_trains_on_the_global_batch(runs):
     assert set(trained) == set(reference) == set(init)
     moved = max((trained[k].float() - init[k].float()).abs().max().item() for k in init)
     diff = max((trained[k].float() - reference[k].float()).abs().max().item() for k in init)
+    assert moved > 1e-3, f"training barely moved the weights (max change {moved:.2e}): the comparison is void"
+    assert diff <= WEIGHT_ATOL, f"DDP and one process differ by {diff:.2e} (> {WEIGHT_ATOL}); weights moved {moved:.2e}"
+
+
+def test_speech_ddp_reads_its_own_shards_and_trains_what_one_process_trains(tiny_lm_dir, tmp_path):
+    """The speech path under DDP: waveforms of different lengths, padded per rank's batch in the DDP
+    run and per global batch in the reference, through the tiny cross-attention speech model (its
+    Conformer, adapter and cross-attention all training). The same checks as the image run's:
+    disjoint shards, the same steps on unequal data, the reference's losses and weights."""
+    shards = write_equal_label_shards(tmp_path, tiny_lm_dir, modality="speech")
+    common = ["--modality", "speech", "--lm", str(tiny_lm_dir), "--shards", "::".join(map(str, shards))]
+    run_scripts(["parallel", *common, "--devices", str(WORLD), "--batch-size", str(BATCH),
+                 "--epoch-length", str(EPOCH_LENGTH), "--out", str(tmp_path / "ddp")])
+    run_scripts(["reference", *common, "--out", str(tmp_path / "ref"), "--ranks-from", str(tmp_path / "ddp")])
+    ddp, (ref,) = ranks(tmp_path / "ddp"), ranks(tmp_path / "ref")
+    opened = [{url for step in r["steps"] for url in step["urls"]} for r in ddp]
+    assert not opened[0] & opened[1] and opened[0] | opened[1] == {str(p) for p in shards}
+    n_steps = len(ddp[0]["steps"])
+    assert n_steps and [r["global_step"] for r in ddp] == [n_steps, n_steps] == [len(r["steps"]) for r in ddp]
+    assert [s["keys"] for s in ref["steps"]] == [ddp[0]["steps"][k]["keys"] + ddp[1]["steps"][k]["keys"]
+                                                 for k in range(n_steps)]
+    mean_of_ranks = torch.tensor([(ddp[0]["steps"][k]["loss"] + ddp[1]["steps"][k]["loss"]) / 2
+                                  for k in range(n_steps)])
+    global_loss = torch.tensor([s["loss"] for s in ref["steps"]], dtype=mean_of_ranks.dtype)
+    torch.testing.assert_close(global_loss, mean_of_ranks, rtol=LOSS_RTOL, atol=0)
+    init = torch.load(tmp_path / "ddp" / "init.pt")
+    trained, reference = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "ref")
+    assert set(trained) == set(reference) == set(init) and any(k.startswith("speech_encoder.") for k in init)
+    moved = max((trained[k] - init[k]).abs().max().item() for k in init)
+    diff = max((trained[k] - reference[k]).abs().max().item() for k in init)
     assert moved > 1e-3, f"training barely moved the weights (max change {moved:.2e}): the comparison is void"
     assert diff <= WEIGHT_ATOL, f"DDP and one process differ by {diff:.2e} (> {WEIGHT_ATOL}); weights moved {moved:.2e}"
 
@@ -232,7 +271,12 @@ def test_fsdp_run_resumed_from_its_checkpoint_continues_exactly(tiny_lm_dir, tmp
     common = ["parallel", "--lm", str(tiny_lm_dir), "--shards", "::".join(map(str, shards)), "--devices", str(WORLD),
               "--batch-size", str(BATCH), "--epoch-length", str(EPOCH_LENGTH), "--strategy", "fsdp", "--epochs", "2"]
     run_scripts([*common, "--out", str(tmp_path / "whole")], [*common, "--stop-after", "1", "--out", str(tmp_path / "first")])
-    run_scripts([*common, "--resume-from", str(tmp_path / "first" / "final.ckpt"), "--out", str(tmp_path / "resumed")])
+    # The resumed run, and beside it one from a checkpoint cut short (a kill during a copy): refused by name.
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes((tmp_path / "first" / "final.ckpt").read_bytes()[:4096])
+    _, stderr = run_scripts([*common, "--resume-from", str(tmp_path / "first" / "final.ckpt"), "--out", str(tmp_path / "resumed")],
+                            [*common, "--resume-from", str(cut), "--out", str(tmp_path / "cut")], expect_failure=(False, True))
+    assert f"checkpoint {cut} cannot be read" in stderr, stderr[-2000:]
     whole, first, resumed = ranks(tmp_path / "whole"), ranks(tmp_path / "first"), ranks(tmp_path / "resumed")
     for w, f, r in zip(whole, first, resumed):
         n = len(f["steps"])
@@ -246,8 +290,3 @@ def test_fsdp_run_resumed_from_its_checkpoint_continues_exactly(tiny_lm_dir, tmp
     moved = max((reference[k] - v).abs().max().item() for k, v in final_weights(tmp_path / "first").items())
     assert moved > 1e-3, "the second epoch barely moved the weights: the comparison is void"
     assert max((after[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
-    # A checkpoint cut short (a kill during a copy) is refused by name under FSDP too.
-    cut = tmp_path / "cut.ckpt"
-    cut.write_bytes((tmp_path / "first" / "final.ckpt").read_bytes()[:4096])
-    (stderr,) = run_scripts([*common, "--resume-from", str(cut), "--out", str(tmp_path / "cut")], expect_failure=True)
-    assert f"checkpoint {cut} cannot be read" in stderr, stderr[-2000:]
