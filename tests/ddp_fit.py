@@ -7,10 +7,11 @@ Two modes::
     python tests/ddp_fit.py parallel --strategy fsdp --lm-dtype bfloat16 ...
     python tests/ddp_fit.py parallel --strategy fsdp --epochs 2 --stop-after 1 ... / --resume-from CKPT ...
     python tests/ddp_fit.py reference --lm DIR --shards URLS --out DIR --ranks-from PARALLEL_OUT
-    python tests/ddp_fit.py parallel|reference --modality speech ...   # spoken shards, the tiny speech model
+    python tests/ddp_fit.py parallel|reference --modality speech|video ...   # spoken / clip shards, tiny models
 
 ``parallel`` trains through :class:`ImageDataModule` (``--modality speech``: :class:`SpeechDataModule` and a
-tiny cross-attention speech model) with Lightning's DDP strategy, or with
+tiny cross-attention speech model; ``--modality video``: clips and the tiny model with a video branch) with
+Lightning's DDP strategy, or with
 :class:`~mm_llama.training.scale.AdapterFSDPStrategy` (both over gloo on CPU); Lightning relaunches this
 script once per extra rank. ``reference`` is one process whose step ``k`` trains on the union of every
 rank's step-``k`` samples (the global batch, read back from the same shards by key).
@@ -48,6 +49,7 @@ from mm_llama.training.scale import AdapterFSDPStrategy
 from mm_llama.training.speech_datamodule import SpeechDataModule
 from tests.test_speech_training import tiny_speech_model
 from tests.test_training import TINY_MODEL
+from tests.test_video_training import TINY_VIDEO
 
 LR = 1e-2
 VAL_BATCHES = 3
@@ -78,10 +80,13 @@ class RecordSteps(L.Callback):
 
 
 def model_config(modality: str) -> ModelConfig:
-    """The tiny image model, or the tiny cross-attention speech model without SpecAugment (its random
-    masks would differ between a rank's batch and the reference's global batch)."""
+    """The tiny image model, with a video branch for video, or the tiny cross-attention speech model
+    without SpecAugment (its random masks would differ between a rank's batch and the reference's
+    global batch)."""
     if modality == "image":
         return TINY_MODEL
+    if modality == "video":
+        return dataclasses.replace(TINY_MODEL, video=TINY_VIDEO)
     cfg = tiny_speech_model("cross_attention")
     no_masks = FrontEndConfig(freq_masks=0, time_masks=0)
     return dataclasses.replace(cfg, speech_encoder=dataclasses.replace(cfg.speech_encoder, frontend=no_masks))
@@ -89,8 +94,10 @@ def model_config(modality: str) -> ModelConfig:
 
 def make_datamodule(args: argparse.Namespace, **kwargs: Any) -> ImageDataModule:
     """The modality's data module over ``--shards`` (all three splits)."""
-    cls = SpeechDataModule if args.modality == "speech" else ImageDataModule
-    return cls(train_urls=args.shards, val_urls=args.shards, test_urls=args.shards, num_workers=0, **kwargs)
+    urls = dict(train_urls=args.shards, val_urls=args.shards, test_urls=args.shards, num_workers=0)
+    if args.modality == "speech":
+        return SpeechDataModule(**urls, **kwargs)
+    return ImageDataModule(**urls, modality=args.modality, **kwargs)
 
 
 def make_module(args: argparse.Namespace, steps: int) -> AdapterModule:
@@ -174,7 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("parallel", "reference"))
     parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
-    parser.add_argument("--modality", choices=("image", "speech"), default="image")
+    parser.add_argument("--modality", choices=("image", "speech", "video"), default="image")
     parser.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--lm", required=True)
     parser.add_argument("--shards", required=True)

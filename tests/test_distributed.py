@@ -10,7 +10,8 @@ also shows that activation checkpointing under DDP trains what plain training tr
 :class:`~mm_llama.training.scale.AdapterFSDPStrategy` (FSDP runs on CPU over gloo too) must train
 what DDP trains, and save a checkpoint of the full, unsharded trainable weights only; an FSDP run
 stopped after an epoch and resumed from that checkpoint must continue exactly as if it had not stopped.
-The speech path gets the DDP checks too (``--modality speech``: spoken shards, the tiny speech model).
+The speech and video paths get the DDP checks too (``--modality speech|video``: spoken or clip shards,
+the tiny speech model or the tiny model with a video branch).
 
 Why the two runs may be compared at all: DDP averages the ranks' gradients, each the gradient of
 a mean over that rank's labelled tokens, while one process takes the mean over all labelled tokens
@@ -32,7 +33,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from mm_llama.data import scenes, spoken
+from mm_llama.data import clips, scenes, spoken
+from mm_llama.data.clips import VIDEO_PLACEHOLDER, ClipSpec
 from mm_llama.data.examples import DEFAULT_MEDIA_PLACEHOLDER, IGNORE_INDEX, encode_example
 from mm_llama.data.speech_pipeline import SPEECH_PLACEHOLDER
 from mm_llama.data.pipeline import DataConfig, train_batches_per_rank
@@ -60,7 +62,7 @@ def write_equal_label_shards(root: Path, lm_dir: Path, modality: str = "image") 
     examples all have the same number of labelled tokens under the tiny LM's tokenizer (the most
     common count among the first 200 samples)."""
     tok = Tokenizer.from_hf_dir(lm_dir)
-    placeholder = SPEECH_PLACEHOLDER if modality == "speech" else DEFAULT_MEDIA_PLACEHOLDER
+    placeholder = {"speech": SPEECH_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}.get(modality, DEFAULT_MEDIA_PLACEHOLDER)
 
     def n_labels(sample: dict) -> int:
         meta = json.loads(sample["json"])
@@ -70,6 +72,8 @@ def write_equal_label_shards(root: Path, lm_dir: Path, modality: str = "image") 
 
     if modality == "speech":
         candidates = [spoken.make_sample(0, "train", i) for i in range(200)]
+    elif modality == "video":
+        candidates = [clips.make_clip_sample(0, "train", i, ClipSpec(size=16)) for i in range(200)]
     else:
         candidates = [scenes.make_sample(0, "train", i, image_size=16) for i in range(200)]
     counts = [n_labels(s) for s in candidates]
@@ -173,17 +177,34 @@ def test_ddp_trains_what_one_process_trains_on_the_global_batch(runs):
     assert diff <= WEIGHT_ATOL, f"DDP and one process differ by {diff:.2e} (> {WEIGHT_ATOL}); weights moved {moved:.2e}"
 
 
-def test_speech_ddp_reads_its_own_shards_and_trains_what_one_process_trains(tiny_lm_dir, tmp_path):
-    """The speech path under DDP: waveforms of different lengths, padded per rank's batch in the DDP
-    run and per global batch in the reference, through the tiny cross-attention speech model (its
-    Conformer, adapter and cross-attention all training). The same checks as the image run's:
-    disjoint shards, the same steps on unequal data, the reference's losses and weights."""
-    shards = write_equal_label_shards(tmp_path, tiny_lm_dir, modality="speech")
-    common = ["--modality", "speech", "--lm", str(tiny_lm_dir), "--shards", "::".join(map(str, shards))]
-    run_scripts(["parallel", *common, "--devices", str(WORLD), "--batch-size", str(BATCH),
-                 "--epoch-length", str(EPOCH_LENGTH), "--out", str(tmp_path / "ddp")])
-    run_scripts(["reference", *common, "--out", str(tmp_path / "ref"), "--ranks-from", str(tmp_path / "ddp")])
-    ddp, (ref,) = ranks(tmp_path / "ddp"), ranks(tmp_path / "ref")
+MEDIA = ("speech", "video")
+
+
+@pytest.fixture(scope="module")
+def media_runs(tiny_lm_dir, tmp_path_factory) -> dict[str, dict]:
+    """The speech and video paths under DDP, each against one process on its global batches: the two
+    DDP runs side by side, then the two references."""
+    setups = {}
+    for modality in MEDIA:
+        root = tmp_path_factory.mktemp(modality)
+        shards = write_equal_label_shards(root, tiny_lm_dir, modality=modality)
+        common = ["--modality", modality, "--lm", str(tiny_lm_dir), "--shards", "::".join(map(str, shards))]
+        setups[modality] = {"root": root, "shards": shards, "common": common}
+    run_scripts(*[["parallel", *m["common"], "--devices", str(WORLD), "--batch-size", str(BATCH),
+                   "--epoch-length", str(EPOCH_LENGTH), "--out", str(m["root"] / "ddp")] for m in setups.values()])
+    run_scripts(*[["reference", *m["common"], "--out", str(m["root"] / "ref"), "--ranks-from", str(m["root"] / "ddp")]
+                  for m in setups.values()])
+    return setups
+
+
+@pytest.mark.parametrize("modality", MEDIA)
+def test_speech_and_video_under_ddp_train_what_one_process_trains(media_runs, modality):
+    """Speech: waveforms of different lengths, padded per rank's batch in the DDP run and per global
+    batch in the reference, through the tiny cross-attention speech model (Conformer, adapter and
+    cross-attention training). Video: clips through the tiny model with a video branch. The same checks
+    as the image run's: disjoint shards, the same steps on unequal data, the reference's losses and weights."""
+    root, shards = media_runs[modality]["root"], media_runs[modality]["shards"]
+    ddp, (ref,) = ranks(root / "ddp"), ranks(root / "ref")
     opened = [{url for step in r["steps"] for url in step["urls"]} for r in ddp]
     assert not opened[0] & opened[1] and opened[0] | opened[1] == {str(p) for p in shards}
     n_steps = len(ddp[0]["steps"])
@@ -194,9 +215,10 @@ def test_speech_ddp_reads_its_own_shards_and_trains_what_one_process_trains(tiny
                                   for k in range(n_steps)])
     global_loss = torch.tensor([s["loss"] for s in ref["steps"]], dtype=mean_of_ranks.dtype)
     torch.testing.assert_close(global_loss, mean_of_ranks, rtol=LOSS_RTOL, atol=0)
-    init = torch.load(tmp_path / "ddp" / "init.pt")
-    trained, reference = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "ref")
-    assert set(trained) == set(reference) == set(init) and any(k.startswith("speech_encoder.") for k in init)
+    init = torch.load(root / "ddp" / "init.pt")
+    trained, reference = final_weights(root / "ddp"), final_weights(root / "ref")
+    branch = {"speech": "speech_encoder.", "video": "video."}[modality]
+    assert set(trained) == set(reference) == set(init) and any(k.startswith(branch) for k in init)
     moved = max((trained[k] - init[k]).abs().max().item() for k in init)
     diff = max((trained[k] - reference[k]).abs().max().item() for k in init)
     assert moved > 1e-3, f"training barely moved the weights (max change {moved:.2e}): the comparison is void"
