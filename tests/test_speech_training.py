@@ -34,11 +34,11 @@ TINY_ENCODER = SpeechEncoderConfig(dim=32, depth=1, heads=2, ffn_dim=64, dropout
 SPEECH_METRICS = {"wer", "wer_heldout_voice", "spoken_qa_accuracy", "train_seconds", "fusion"}
 
 
-def tiny_speech_model(fusion: str) -> ModelConfig:
+def tiny_speech_model(fusion: str, dropout: float = 0.0) -> ModelConfig:
     embedding = fusion == "embedding"
     return ModelConfig(
-        image_encoder=None, speech_encoder=TINY_ENCODER,
-        speech_adapter=SpeechAdapterConfig(fusion=fusion, dim=32, heads=2, ffn_dim=64, dropout=0.0),
+        image_encoder=None, speech_encoder=dataclasses.replace(TINY_ENCODER, dropout=dropout),
+        speech_adapter=SpeechAdapterConfig(fusion=fusion, dim=32, heads=2, ffn_dim=64, dropout=dropout),
         cross_attention=CrossAttentionConfig(layers=()) if embedding else CrossAttentionConfig(every=2),
         trainable=("speech_encoder", "speech_adapter") + (() if embedding else ("cross_attention", "fusion_embedding")),
     )  # fmt: skip

@@ -27,6 +27,7 @@ from mm_llama.data.video import frame_view
 from mm_llama.speech_generation import generate_from_speech
 from mm_llama.training.modes import TrainModes
 from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
+from mm_llama.training.random_state import RandomStateCheckpoint
 from mm_llama.training.scale import ClipsGradients, compile_blocks_, gather_to_all, is_sharded
 from mm_llama.training.speech_metrics import speech_metrics
 from mm_llama.training.video_stage import VIDEO_GROUPS, check_video_stage_trainable, load_stage_weights
@@ -163,6 +164,11 @@ class AdapterModule(ClipsGradients, TrainModes, L.LightningModule):
                 "AdapterModule(activation_checkpointing=True) under FSDP: there the strategy checkpoints the "
                 "blocks inside its units; set AdapterFSDPStrategy(activation_checkpointing=true) (or N, every "
                 "N-th decoder block) and the module's to false")
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Generator states in every checkpoint, so that a resumed run draws the random numbers the
+        uninterrupted one drew (:class:`~mm_llama.training.random_state.RandomStateCheckpoint`)."""
+        return [RandomStateCheckpoint()]
 
     def configure_optimizers(self):
         named = [(n, p) for n, p in self._named_parameters if p.requires_grad]
