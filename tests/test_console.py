@@ -13,6 +13,7 @@ import torch
 
 from mm_llama.training import console
 from mm_llama.training.console import StepProgressBar, quiet_lightning
+from mm_llama.training.random_state import RandomStateCheckpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -35,6 +36,13 @@ class Tiny(L.LightningModule):
 
 def rows() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 3)), batch_size=2)
+
+
+class TinyWithState(Tiny):
+    """:class:`Tiny` with the generator states in its checkpoints, as AdapterModule has."""
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [RandomStateCheckpoint()]
 
 
 def fit(root, bar: L.Callback | None, ckpt_path=None, **overrides) -> L.Trainer:
@@ -164,13 +172,17 @@ def test_quiet_lightning_drops_its_notices_and_leafspec_warning_only(tmp_path):
     try:
         with warnings.catch_warnings(record=True) as loud:
             warnings.simplefilter("always")
-            fit(tmp_path / "loud", None, callbacks=[console.PartsSummary()], enable_model_summary=True)
+            trainer = fit(tmp_path / "loud", None, callbacks=[console.PartsSummary()], enable_model_summary=True)
+            trainer.fit(TinyWithState(), rows())  # done already (max_steps): attaches its callback twice
+            trainer.fit(TinyWithState(), rows())
         loud_records, records[:] = list(records), []
         with warnings.catch_warnings(record=True) as quiet:
             warnings.simplefilter("always")
             quiet_lightning()
             quiet_lightning()  # idempotent
-            fit(tmp_path / "quiet", None, callbacks=[console.PartsSummary()], enable_model_summary=True)
+            trainer = fit(tmp_path / "quiet", None, callbacks=[console.PartsSummary()], enable_model_summary=True)
+            trainer.fit(TinyWithState(), rows())
+            trainer.fit(TinyWithState(), rows())
     finally:
         rank_zero.removeHandler(handler)
         rank_zero.setLevel(level)

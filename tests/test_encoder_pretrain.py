@@ -4,6 +4,7 @@ on resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from mm_llama.training.encoder_pretrain import (
     CaptionDecoder,
     EncoderPretrainConfig,
     EncoderPretrainModule,
+    STAGE_CHECKPOINT,
     compact_vocabulary,
     pretrain_image_encoder,
 )
@@ -166,6 +168,62 @@ def test_activation_checkpointing_recomputes_stage_1s_encoder_and_trains_it_the_
     assert recomputed - plain == 2 * len(ImageEncoder(TINY_ENCODER).blocks()), (plain, recomputed)
     for name, value in trained[False].items():
         torch.testing.assert_close(trained[True][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+class Crash(RuntimeError):
+    """The simulated kill."""
+
+
+def test_a_stage_1_killed_part_way_resumes_from_its_checkpoint_and_trains_the_same_encoder(
+        tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """Stage 1 writes its state every ``checkpoint_every`` steps; killed after step 3 of 6, before stage 2
+    has a ``last.ckpt``, ``--resume`` continues it from there (not from scratch, not skipped) and hands
+    stage 2 the encoder a run that never stopped trains."""
+    from mm_llama.training import run as run_module
+
+    def every_step(encoder, inputs, datamodule, cfg, *args, **kwargs):
+        return pretrain_image_encoder(encoder, inputs, datamodule, dataclasses.replace(cfg, checkpoint_every=1),
+                                      *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "pretrain_image_encoder", every_step)
+    runs = {}
+    for name in ("whole", "killed"):
+        out, flags = two_stage_image_run(tiny_lm_dir, tmp_path / name, monkeypatch, TINY_ENCODER)
+        runs[name] = (out, [*flags, "--encoder-pretrain-steps", "6", "--steps", "1"])
+    out, flags = runs["whole"]
+    assert run_module.main(flags) == 0
+    whole = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["encoder_pretrain"]
+    expected = safetensors.torch.load_file(out / "image_encoder.safetensors")
+
+    out, flags = runs["killed"]
+    step = EncoderPretrainModule.training_step
+
+    def killed_after_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise Crash("killed in stage 1")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(EncoderPretrainModule, "training_step", killed_after_3)
+    with pytest.raises(Crash):
+        run_module.main(flags)
+    assert (out / STAGE_CHECKPOINT).is_file() and not (out / "last.ckpt").exists()
+    assert torch.load(out / STAGE_CHECKPOINT, map_location="cpu", weights_only=True)["global_step"] == 3
+    trained_steps = []
+
+    def counted(self, batch, batch_idx):
+        trained_steps.append(self.global_step + 1)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(EncoderPretrainModule, "training_step", counted)
+    assert run_module.main([*flags, "--resume"]) == 0
+    assert trained_steps == [4, 5, 6]  # continued, neither restarted nor skipped
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["encoder_pretrain"]
+    assert resumed["steps"] == whole["steps"] == 6
+    assert resumed["loss"] == pytest.approx(whole["loss"], rel=1e-6)  # the losses of all 6 steps, as checkpointed
+    trained = safetensors.torch.load_file(out / "image_encoder.safetensors")
+    assert trained.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_a_clip_encoder_with_frozen_frames_trains_only_its_aggregator():

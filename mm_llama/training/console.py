@@ -33,6 +33,9 @@ LIGHTNING_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 LIGHTNING_NOTICES = (
     "💡 Tip:",  # "try installing litlogger / litmodels"
     "Trainer already configured with model summary callbacks",  # that is PartsSummary, on purpose
+    # A module's own RandomStateCheckpoint, attached again when the same trainer tests after fitting:
+    "The following callbacks returned in `LightningModule.configure_callbacks` will override existing "
+    "callbacks passed to Trainer: RandomStateCheckpoint",
 )
 
 

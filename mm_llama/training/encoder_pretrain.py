@@ -35,6 +35,7 @@ from typing import Any, Iterable
 
 import lightning as L
 import safetensors.torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,14 +45,21 @@ from adapters.temporal import TemporalAggregator
 from encoders import ImageEncoder
 from encoders.base import EncoderOutput
 from mm_llama.checkpoint_files import atomic_write
+from mm_llama.training.checkpoint_io import AtomicCheckpointIO
 from mm_llama.training.console import StepProgressBar
 from mm_llama.training.datamodule import ModelInputs
 from mm_llama.training.modes import TrainModes
 from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
+from mm_llama.training.random_state import RandomStateCheckpoint
 from mm_llama.training.scale import ClipsGradients
 from mm_llama.training.report import TrainingHistory
 
 log = logging.getLogger(__name__)
+
+STAGE_CHECKPOINT = "encoder_pretrain_last.ckpt"
+"""Stage 1's training state in the run's directory (weights, optimizer, schedule, the position in
+the data, the generators), written every ``checkpoint_every`` steps; what ``--resume`` continues from
+while the stage is unfinished (stage 2's ``last.ckpt`` does not exist yet)."""
 
 UNK = 0
 """Compact id of every token the vocabulary scan did not see."""
@@ -74,6 +82,8 @@ class EncoderPretrainConfig:
         prompt_reader: images only: keep the decoder too (``prompt_reader.safetensors``), so
             stage 2 appends its reading of each prompt to the media tokens
             (:mod:`adapters.prompt_reader`, ``ModelConfig.prompt_reader``).
+        checkpoint_every: write the stage's training state (:data:`STAGE_CHECKPOINT`) every this
+            many steps, so that ``--resume`` continues a stage killed part-way.
     """
 
     steps: int = 250
@@ -86,11 +96,12 @@ class EncoderPretrainConfig:
     vocab_scan_batches: int = 8
     freeze_encoder: bool = True
     prompt_reader: bool = False
+    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"EncoderPretrainConfig.steps must be >= 0, got {self.steps}")
-        for name in ("batch_size", "width", "depth", "heads", "vocab_scan_batches"):
+        for name in ("batch_size", "width", "depth", "heads", "vocab_scan_batches", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EncoderPretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.width % self.heads:
@@ -200,6 +211,9 @@ class EncoderPretrainModule(ClipsGradients, TrainModes, L.LightningModule):
         self.log("pretrain/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [RandomStateCheckpoint()]
+
     def configure_optimizers(self):
         optim = OptimConfig(lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps, total_steps=max(1, self.cfg.steps))
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -217,9 +231,14 @@ def pretrain_image_encoder(
     *,
     trainer_defaults: dict[str, Any],
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run stage 1 and save the backbone to ``out / "image_encoder.safetensors"`` (a clip
     encoder's aggregator also to ``out / "video_aggregator.safetensors"``).
+
+    Every ``cfg.checkpoint_every`` steps the stage's training state goes to ``out /``
+    :data:`STAGE_CHECKPOINT`; with ``resume`` an existing one is continued from, and the stage
+    ends with the weights (and the losses) of a run that never stopped.
 
     Args:
         encoder: trained in place.
@@ -230,6 +249,7 @@ def pretrain_image_encoder(
         out: output directory (the CSV log goes to ``out/logs/encoder_pretrain``).
         trainer_defaults: accelerator / precision / clipping shared with stage 2.
         progress: show a progress bar.
+        resume: continue from ``out /`` :data:`STAGE_CHECKPOINT` if it exists.
 
     Returns:
         ``{"steps", "seconds", "loss" (mean of the last 20 steps), "checkpoint"}``, plus
@@ -252,15 +272,22 @@ def pretrain_image_encoder(
              cfg.steps, cfg.batch_size, int(lookup.max()))
     module = EncoderPretrainModule(encoder, inputs, lookup, cfg)
     history = TrainingHistory()
+    saver = ModelCheckpoint(dirpath=str(out), save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
+                            enable_version_counter=False)
+    saver.CHECKPOINT_NAME_LAST = Path(STAGE_CHECKPOINT).stem  # beside stage 2's last.ckpt
+    state = out / STAGE_CHECKPOINT
+    resume_from = state if resume and state.is_file() else None
+    if resume_from is not None:
+        log.info("resuming encoder pre-training from %s", resume_from)
     trainer = L.Trainer(
         **{k: v for k, v in trainer_defaults.items() if k != "log_every_n_steps"},
         max_steps=cfg.steps,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        enable_checkpointing=False,
         logger=L.pytorch.loggers.CSVLogger(str(out / "logs"), name="encoder_pretrain"),
         log_every_n_steps=10,
-        callbacks=[history, *([StepProgressBar("encoder pre-training")] if progress else [])],
+        callbacks=[history, saver, *([StepProgressBar("encoder pre-training")] if progress else [])],
+        plugins=[AtomicCheckpointIO()],  # never a half-written state under the name
         enable_progress_bar=progress,
         enable_model_summary=False,
     )
@@ -268,7 +295,8 @@ def pretrain_image_encoder(
     with warnings.catch_warnings():
         # The data module offers its validation split too; stage 1 has no validation.
         warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
-        trainer.fit(module, datamodule=datamodule)  # the data module's callback sets each epoch's shuffle
+        # the data module's callback sets each epoch's shuffle (and, resumed, the position in the data)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     seconds = time.perf_counter() - start
     clip = encoder if isinstance(encoder, ClipEncoder) else None
     image_encoder = clip.encoder if clip is not None else encoder

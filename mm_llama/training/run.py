@@ -5,7 +5,9 @@ trains the adapters with Lightning (validating on a capped validation set a few
 times), tests on the whole test split and writes into ``out``:
 
 * ``adapter.ckpt``: only the trained weights plus the LM's identity (no optimizer);
-* ``last.ckpt``: the full training state, for ``--resume``;
+* ``last.ckpt``: the full training state, for ``--resume``; while stage 1 (image and video
+  encoder pre-training) is unfinished, its own state is ``encoder_pretrain_last.ckpt``, which
+  ``--resume`` continues from;
 * ``config.yaml``: the resolved configuration, a valid ``mm-llama fit --config`` file;
 * ``training_curve.png``, ``samples.png`` and ``metrics.json``.
 
@@ -234,8 +236,8 @@ def _pretrain_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path) -> tupl
     if video is not None:
         encoder = ClipEncoder(encoder, build_aggregator(video, encoder.out_dim, encoder.num_tokens),
                               frozen_frames=frame_encoder is not None)
-    stage1 = pretrain_image_encoder(encoder, inputs, datamodule, pre, out,
-                                    trainer_defaults=cfg.trainer_defaults(), progress=cfg.progress)
+    stage1 = pretrain_image_encoder(encoder, inputs, datamodule, pre, out, trainer_defaults=cfg.trainer_defaults(),
+                                    progress=cfg.progress, resume=cfg.resume)
     if frames_stage is not None:
         stage1 = {**stage1, "seconds": stage1["seconds"] + frames_stage["seconds"], "frame_pretrain": frames_stage}
     if "prompt_reader" in stage1:  # report the reading the model will use, not stage 1's default
@@ -273,7 +275,8 @@ def _resume_checkpoint(cfg: RunConfig) -> Path | None:
         log.info("resuming from %s", last)
         return last
     if cfg.resume:
-        log.warning("--resume: %s does not exist, starting from scratch", last)
+        log.warning("--resume: %s does not exist, training the adapters from scratch (after any unfinished "
+                    "pre-training stage, continued from its own checkpoint)", last)
     elif last.is_file():
         log.warning("%s exists and will be overwritten (pass --resume to continue it)", last)
     return None
@@ -374,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: runs/<modality>)")
     p.add_argument("--data-dir", default=None, help="built-in shards directory, generated if missing "
                    "(default: data/shapes for image, data/clips for video)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/last.ckpt if it exists (else an unfinished stage 1 from its own checkpoint)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16-mixed (frozen LM in bf16, fp32 adapters) on a bf16 GPU, and for image on a "

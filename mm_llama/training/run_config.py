@@ -81,7 +81,8 @@ class RunConfig:
         lr: peak learning rate; ``None`` keeps :class:`OptimConfig`'s.
         out: output directory; ``None``: the modality's default (``runs/image``).
         data_dir: built-in shards directory; ``None``: the modality's default (``data/shapes``).
-        resume: continue from ``<out>/last.ckpt`` when it exists.
+        resume: continue from ``<out>/last.ckpt`` when it exists; before it does, an unfinished
+            encoder pre-training stage continues from ``<out>/encoder_pretrain_last.ckpt``.
         seed: seeds weights initialisation and data order.
         num_workers: DataLoader workers per split; default :func:`default_num_workers`.
         precision: one of :data:`PRECISIONS`. ``"bf16-mixed"`` holds the frozen LM in bf16 and
@@ -100,7 +101,7 @@ class RunConfig:
         encoder_pretrain_steps: steps of stage 1, the image encoder's caption pre-training
             (:mod:`mm_llama.training.encoder_pretrain`); 0 skips it; ``None``: the modality's
             default (:attr:`Modality.encoder_pretrain_steps`: 1000 for image, 400 for video).
-            Skipped on ``--resume`` (the encoder's weights are in the checkpoint).
+            Skipped on ``--resume`` once stage 2 has a checkpoint (the encoder's weights are in it).
         encoder_pretrain: the rest of stage 1's settings; ``None``: defaults.
         image_checkpoint: (video) an image-stage ``adapter.ckpt``: the video stage loads it and
             trains only the video branch (Llama 3 §7.4). ``None``: no trained image weights, so
