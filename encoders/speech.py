@@ -110,12 +110,13 @@ class _TorchaudioConformer(nn.Module):
         """``torchaudio.models.Conformer.forward``'s loop (time-major layers, True = padding),
         each layer recomputed in backward when asked: its BatchNorm still counts a batch once."""
         mask = frame_mask(lengths, x.shape[1])  # [b, s_e]
+        padding = ~mask  # torchaudio's key padding mask
         h = x.transpose(0, 1)  # [s_e, b, d_e]
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpointed_call(layer, h, ~mask)
+                h = checkpointed_call(layer, h, padding)
             else:
-                h = layer(h, ~mask)
+                h = layer(h, padding)
         return h.transpose(0, 1) * mask[..., None]
 
 

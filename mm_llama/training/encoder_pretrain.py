@@ -212,6 +212,7 @@ class EncoderPretrainModule(ClipsGradients, TrainModes, L.LightningModule):
         return loss
 
     def configure_callbacks(self) -> list[L.Callback]:
+        """Generator states in the stage's checkpoints (a resumed stage draws what it would have)."""
         return [RandomStateCheckpoint()]
 
     def configure_optimizers(self):

@@ -50,8 +50,9 @@ def set_generator_states(states: dict[str, Any]) -> None:
 class RandomStateCheckpoint(L.Callback):
     """Saves every rank's generator states in each checkpoint; after a resume, puts this rank's
     back at the start of the first training batch (after the data loader has started, where the
-    run that never stopped was when it saved them). Added by
-    :meth:`~mm_llama.training.module.AdapterModule.configure_callbacks`, so the Lightning CLI and
+    run that never stopped was when it saved them). Added by the ``configure_callbacks`` of
+    :class:`~mm_llama.training.module.AdapterModule` and of stage 1's
+    :class:`~mm_llama.training.encoder_pretrain.EncoderPretrainModule`, so the Lightning CLI and
     ``train_adapter.py`` both get it.
 
     A checkpoint written by another number of ranks, or without these states (older ones), resumes
