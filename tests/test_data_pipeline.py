@@ -368,3 +368,20 @@ def test_loader_skips_batches_once_for_a_mid_epoch_resume(shards, workers):
     assert batch_keys() == whole
     loader.skip_next_pass(len(whole) + 5)  # more than the pass holds: an empty pass, no error
     assert batch_keys() == [] and batch_keys() == whole
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_starting_a_pass_leaves_torchs_global_random_stream_alone(shards, workers):
+    """A new pass (an epoch, a resumed one, a scan) draws its workers' seed from the loader's own
+    generator: the global stream that dropout and SpecAugment draw from is where it was, so a run
+    resumed at an epoch boundary draws what the uninterrupted one drew. The batches are unchanged."""
+    cfg = DataConfig(shards, image_size=32, batch_size=5, num_workers=workers, shuffle_buffer=16)
+    tok = chat_tokenizer()
+    dataset = build_dataset(shards, tok, None, tok.vocab_size, train=True, cfg=cfg)
+    loader = build_loader(dataset, cfg, pad_id=tok.pad_id)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    keys = [[m["__key__"] for m in b["meta"]] for b in loader]
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(1)  # another global state: the same batches
+    assert [[m["__key__"] for m in b["meta"]] for b in loader] == keys

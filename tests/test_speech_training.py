@@ -288,3 +288,77 @@ def test_token_ctc_points_adapter_frames_at_the_lm_embeddings_of_the_spoken_toke
     fused = MultimodalLlama(lm, ModelConfig(image_encoder=None, speech_encoder=TINY_ENCODER, speech_adapter=adapter,
                                             cross_attention=CrossAttentionConfig(layers=())))
     fused.speech_adapter.load_state_dict(module.adapter.state_dict(), strict=True)
+
+
+class Crash(RuntimeError):
+    """The simulated kill."""
+
+
+@pytest.mark.parametrize("method", ["ctc", "best_rq"])
+def test_speech_pretraining_killed_part_way_resumes_each_stage_from_its_own_state(tiny_lm_dir, speech_dir, tmp_path,
+                                                                                   monkeypatch, method):
+    """Each speech pre-training stage writes its state (here every step); killed part-way, ``--resume``
+    continues it where it stopped, skips the stage that had finished, and hands stage 2 the encoder
+    (and adapter) of a run that never stopped. CTC: killed in the encoder's stage at step 3 of 4, then
+    in the adapter's token-CTC stage at step 3 of 4. BEST-RQ: killed at step 3 of 4."""
+    from mm_llama.training import best_rq, ctc_pretrain
+    from mm_llama.training.run_config import RunConfig
+
+    for stage in (ctc_pretrain.pretrain_speech_encoder_ctc, ctc_pretrain.pretrain_speech_adapter_ctc,
+                  best_rq.pretrain_speech_encoder):
+        monkeypatch.setattr(stage.__module__ + "." + stage.__name__,
+                            lambda *args, _stage=stage, **kwargs: _stage(*args, **kwargs, checkpoint_every=1))
+    model_cfg = tiny_speech_model("cross_attention")
+    stages = ("ctc", "token_ctc") if method == "ctc" else ("bestrq",)
+    trained: list[tuple[str, int]] = []
+    crash_at: list[tuple[str, int]] = []
+
+    def recording(step):
+        def training_step(self, batch, batch_idx):
+            name = getattr(self, "name", "bestrq")
+            if crash_at and crash_at[0] == (name, self.global_step + 1):
+                crash_at.pop(0)
+                raise Crash(f"killed at {name} step {self.global_step + 1}")
+            trained.append((name, self.global_step + 1))
+            return step(self, batch, batch_idx)
+        return training_step
+
+    monkeypatch.setattr(ctc_pretrain._CTCStage, "training_step", recording(ctc_pretrain._CTCStage.training_step))
+    monkeypatch.setattr(best_rq.BestRQModule, "training_step", recording(best_rq.BestRQModule.training_step))
+
+    def pretrain(out: Path, resume: bool = False):
+        cfg = RunConfig(modality="speech", lm=str(tiny_lm_dir), data_dir=str(speech_dir), out=str(out),
+                        speech_pretrain=method, speech_pretrain_steps=4, speech_adapter_pretrain_steps=4,
+                        num_workers=0, progress=False, resume=resume)
+        torch.manual_seed(cfg.seed)  # as run() seeds before its stages
+        _, summary = modalities._pretrain_speech_encoder(cfg, model_cfg, out)
+        return summary
+
+    whole = pretrain(tmp_path / "whole")
+    assert trained == [(s, k) for s in stages for k in (1, 2, 3, 4)]
+    out = tmp_path / "killed"
+    crash_at[:] = [(s, 3) for s in stages]
+    runs = []
+    for attempt in range(len(stages) + 1):
+        trained.clear()
+        try:
+            summary = pretrain(out, resume=attempt > 0)
+        except Crash:
+            runs.append(list(trained))
+            continue
+        runs.append(list(trained))
+    if method == "ctc":  # killed in CTC; resumed, killed in token CTC; resumed, CTC restored finished
+        assert runs == [[("ctc", 1), ("ctc", 2)], [("ctc", 3), ("ctc", 4), ("token_ctc", 1), ("token_ctc", 2)],
+                        [("token_ctc", 3), ("token_ctc", 4)]]
+        assert summary["adapter"]["loss"] == pytest.approx(whole["adapter"]["loss"], rel=1e-6)
+    else:
+        assert runs == [[("bestrq", 1), ("bestrq", 2)], [("bestrq", 3), ("bestrq", 4)]]
+        assert summary["accuracy"] == pytest.approx(whole["accuracy"], rel=1e-6)
+    assert summary["steps"] == whole["steps"] == 4 and summary["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    files = ("speech_encoder.pt", "speech_adapter.pt") if method == "ctc" else ("speech_encoder.pt",)
+    for name in files:
+        expected = torch.load(tmp_path / "whole" / name, weights_only=True)
+        got = torch.load(out / name, weights_only=True)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")

@@ -665,6 +665,11 @@ def build_loader(dataset: IterableDataset, cfg: DataConfig, pad_id: int, pin_mem
     so that a validation loop does not restart them each time; the shared epoch
     reaches them anyway. It is a :class:`~mm_llama.data.resumable.ResumableLoader`, so a
     pass can start after its first batches (mid-epoch resume).
+
+    Starting a pass draws its workers' base seed from the loader's own generator (seeded with
+    ``cfg.seed``), not from torch's global one: a new epoch, or a loader started for a scan, leaves
+    the global stream (dropout, SpecAugment) as it was, so a run resumed at an epoch boundary draws
+    what the run that never stopped drew. The data itself uses only its own seeded generators.
     """
     return ResumableLoader(
         dataset,
@@ -673,4 +678,5 @@ def build_loader(dataset: IterableDataset, cfg: DataConfig, pad_id: int, pin_mem
         collate_fn=functools.partial(collate_fn, pad_id=pad_id),
         persistent_workers=cfg.num_workers > 0,
         pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )

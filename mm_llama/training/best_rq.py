@@ -20,8 +20,12 @@ import torch
 from encoders.best_rq import BestRQ, BestRQConfig
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm_llama.checkpoint_files import atomic_write
+from mm_llama.training.checkpoint_io import StageCheckpoint
 from mm_llama.training.console import StepProgressBar
+from mm_llama.training.datamodule import ModelInputs
 from mm_llama.training.modes import TrainModes
+from mm_llama.training.random_state import RandomStateCheckpoint
+from mm_llama.training.report import TrainingHistory
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class BestRQModule(TrainModes, L.LightningModule):
         self.save_hyperparameters()
         self.model = BestRQ(SpeechEncoder(encoder or SpeechEncoderConfig()), best_rq or BestRQConfig())
         self.lr, self.warmup_steps = lr, warmup_steps
+        self.inputs: ModelInputs | None = None  # what the data module reads (the stage has no LM to ask)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.model(batch["audio"], batch["audio_lengths"])
@@ -49,6 +54,10 @@ class BestRQModule(TrainModes, L.LightningModule):
         self.log("bestrq/loss", out["loss"], prog_bar=True, batch_size=b)
         self.log("bestrq/accuracy", out["accuracy"], prog_bar=True, batch_size=b)
         return out["loss"]
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Generator states in the stage's checkpoints (the masks drawn after a resume are the same)."""
+        return [RandomStateCheckpoint()]
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.01)
@@ -65,31 +74,31 @@ class BestRQModule(TrainModes, L.LightningModule):
 
 def pretrain_speech_encoder(encoder: SpeechEncoderConfig, datamodule: L.LightningDataModule, steps: int,
                             out: str | Path, *, best_rq: BestRQConfig | None = None, lr: float = 1e-3,
-                            trainer_defaults: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+                            trainer_defaults: dict[str, Any] | None = None, progress: bool = True,
+                            checkpoint_every: int = 50, resume: bool = False) -> dict[str, Any]:
     """Run ``steps`` of BEST-RQ on ``datamodule``'s training audio; save ``out/speech_encoder.pt``.
 
     ``datamodule`` must already be connected to the model inputs it needs (tokenizer, ``<|speech|>`` id).
+    The stage's state goes to ``out/bestrq_last.ckpt`` every ``checkpoint_every`` steps; with
+    ``resume`` an existing one is continued from (:class:`~mm_llama.training.checkpoint_io.StageCheckpoint`).
 
     Returns:
         ``{"checkpoint", "steps", "seconds", "loss", "accuracy"}`` (loss/accuracy of the last step).
     """
     module = BestRQModule(encoder, best_rq, lr=lr)
+    module.inputs = datamodule.inputs
+    stage, history = StageCheckpoint(out, "bestrq", checkpoint_every), TrainingHistory()
     trainer = L.Trainer(**{**(trainer_defaults or {}), "max_steps": steps, "limit_val_batches": 0,
-                           "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
-                           "callbacks": [StepProgressBar("BEST-RQ")] if progress else [],
+                           "num_sanity_val_steps": 0, "logger": False,
+                           "callbacks": [history, *stage.callbacks(), *([StepProgressBar("BEST-RQ")] if progress else [])],
+                           "plugins": stage.plugins(),
                            "enable_progress_bar": progress, "enable_model_summary": False,
                            "default_root_dir": str(out)})
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=_train_loader(datamodule))
+    stage.fit(trainer, module, datamodule, resume)
     seconds = time.perf_counter() - start
     path = module.save_encoder(Path(out) / "speech_encoder.pt")
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary = {"checkpoint": str(path), "steps": trainer.global_step, "seconds": round(seconds, 2),
-               "loss": metrics.get("bestrq/loss"), "accuracy": metrics.get("bestrq/accuracy")}
+               "loss": history.last.get("bestrq/loss"), "accuracy": history.last.get("bestrq/accuracy")}
     log.info("BEST-RQ pre-training: %s", summary)
     return summary
-
-
-def _train_loader(datamodule: L.LightningDataModule):
-    datamodule.setup("fit")
-    return datamodule.train_dataloader()

@@ -9,6 +9,8 @@ during it leaves a truncated ``last.ckpt``; nothing is fsync-ed either. Local ch
 are therefore written with :func:`mm_llama.checkpoint_files.atomic_write` (temporary file in
 the same directory, fsync, ``os.replace``); remote URLs keep Lightning's own path.
 
+Pre-training stages keep their own resumable state with :class:`StageCheckpoint`.
+
 Reading wraps Lightning's with :func:`mm_llama.checkpoint_files.checkpoint_read_errors`, so a
 truncated checkpoint passed to ``fit(ckpt_path=...)`` / ``--resume`` fails with a
 :class:`~mm_llama.checkpoint_files.CorruptCheckpointError` naming the file.
@@ -16,16 +18,23 @@ truncated checkpoint passed to ``fit(ckpt_path=...)`` / ``--resume`` fails with 
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from pathlib import Path
 from typing import Any, Callable
 
+import lightning as L
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mm_llama.checkpoint_files import atomic_write, checkpoint_read_errors
+
+log = logging.getLogger(__name__)
 
 CLASS_PATH = "mm_llama.training.checkpoint_io.AtomicCheckpointIO"
 """How LightningCLI configs name :class:`AtomicCheckpointIO` (``trainer.plugins``)."""
@@ -57,3 +66,59 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         with checkpoint_read_errors(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+class StageCheckpoint:
+    """The resumable state of a pre-training stage (image/video stage 1, speech CTC, BEST-RQ):
+    ``out / f"{name}_last.ckpt"``, beside stage 2's ``last.ckpt``, written atomically every
+    ``every`` optimizer steps and when the stage ends.
+
+    A stage killed part-way is continued from it with ``--resume`` (weights, optimizer, schedule,
+    position in the data, generators: the stage ends as a run that never stopped would); a stage
+    that had finished is restored at its last step and trains nothing.
+
+    Use::
+
+        stage = StageCheckpoint(out, "ctc", every=50)
+        trainer = L.Trainer(callbacks=[..., *stage.callbacks()], plugins=stage.plugins(), ...)
+        stage.fit(trainer, module, datamodule, resume)
+    """
+
+    def __init__(self, out: str | os.PathLike, name: str, every: int) -> None:
+        if every < 1:
+            raise ValueError(f"a stage's checkpoint interval must be >= 1 step, got {every}")
+        self.out, self.name, self.every = Path(out), name, every
+
+    @property
+    def path(self) -> Path:
+        """Where the stage's state is written."""
+        return self.out / f"{self.name}_last.ckpt"
+
+    def callbacks(self) -> list[L.Callback]:
+        """The writer (a ``ModelCheckpoint`` that keeps only the stage's last state)."""
+        saver = ModelCheckpoint(dirpath=str(self.out), save_last=True, save_top_k=0, every_n_train_steps=self.every,
+                                enable_version_counter=False)
+        saver.CHECKPOINT_NAME_LAST = self.path.stem  # beside stage 2's last.ckpt, never over it
+        return [saver]
+
+    def plugins(self) -> list[AtomicCheckpointIO]:
+        """Atomic writes: a kill during one never leaves a half-written state under the name."""
+        return [AtomicCheckpointIO()]
+
+    def fit(self, trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule,
+            resume: bool) -> None:
+        """``trainer.fit`` the stage on ``datamodule``'s training split, from its state if ``resume``.
+
+        Through the data module, whose callback sets each epoch's shuffle and, resumed, the
+        position in the data; its validation split is offered but a stage does not validate.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=self.resume_from(resume))
+
+    def resume_from(self, resume: bool) -> Path | None:
+        """The state to continue from: the file if ``resume`` and it exists, else ``None`` (fresh)."""
+        if resume and self.path.is_file():
+            log.info("resuming the %s stage from %s", self.name, self.path)
+            return self.path
+        return None

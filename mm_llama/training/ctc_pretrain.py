@@ -41,9 +41,12 @@ from torch import Tensor, nn
 from adapters.speech_adapter import SpeechAdapter, SpeechAdapterConfig
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm_llama.checkpoint_files import atomic_write
+from mm_llama.training.checkpoint_io import StageCheckpoint
 from mm_llama.training.console import StepProgressBar
+from mm_llama.training.datamodule import ModelInputs
 from mm_llama.training.modes import TrainModes
 from mm_llama.training.optim import OptimConfig, build_optimizer, uses_loss_scaling
+from mm_llama.training.random_state import RandomStateCheckpoint
 from mm_llama.training.scale import ClipsGradients
 from mm_llama.training.report import TrainingHistory
 
@@ -81,6 +84,7 @@ class _CTCStage(ClipsGradients, TrainModes, L.LightningModule):
     def __init__(self, optim: OptimConfig) -> None:
         super().__init__()
         self.optim = optim
+        self.inputs: ModelInputs | None = None  # what the data module reads (the stage has no LM to ask)
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, Any]:
         raise NotImplementedError
@@ -95,6 +99,10 @@ class _CTCStage(ClipsGradients, TrainModes, L.LightningModule):
         self.log(f"{self.name}/loss", loss, prog_bar=True, batch_size=batch["audio"].shape[0])
         self.log_extra(batch, batch_idx, extra)
         return loss
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Generator states in the stage's checkpoints (SpecAugment and dropout draw the same after a resume)."""
+        return [RandomStateCheckpoint()]
 
     def configure_optimizers(self):
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -159,18 +167,22 @@ def pretrain_speech_encoder_ctc(
     lr: float = 2e-3,
     trainer_defaults: dict[str, Any] | None = None,
     progress: bool = True,
+    checkpoint_every: int = 50,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``steps`` of CTC on ``datamodule``'s training clips; save ``out/speech_encoder.pt``.
 
     ``datamodule`` must already be connected to the model inputs it needs (tokenizer, ``<|speech|>`` id).
+    The stage's state goes to ``out/ctc_last.ckpt`` every ``checkpoint_every`` steps; with ``resume``
+    an existing one is continued from (:class:`~mm_llama.training.checkpoint_io.StageCheckpoint`).
 
     Returns:
         ``{"method": "ctc", "checkpoint", "steps", "seconds", "loss", "cer"}`` (loss: mean of the
         last 20 steps; cer: greedy character error rate of the last logged training batch).
     """
     module = CTCModule(encoder, OptimConfig(lr=lr, warmup_steps=min(20, steps // 5), total_steps=max(1, steps)))
-    datamodule.setup("fit")
-    fitted = _fit(module, datamodule, steps, Path(out), trainer_defaults, progress)
+    fitted = _fit(module, datamodule, steps, StageCheckpoint(out, module.name, checkpoint_every), resume,
+                  trainer_defaults, progress)
     cer = fitted.pop("cer")
     summary = {"method": "ctc", "checkpoint": str(module.save_part(module.encoder, Path(out) / "speech_encoder.pt")),
                **fitted, "cer": round(float(cer), 4) if cer is not None else None}
@@ -239,29 +251,32 @@ def pretrain_speech_adapter_ctc(
     vocab_scan_batches: int = 16,
     trainer_defaults: dict[str, Any] | None = None,
     progress: bool = True,
+    checkpoint_every: int = 50,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``steps`` of token CTC on the adapter (encoder frozen); save ``out/speech_adapter.pt``.
 
     Args:
         embed_tokens: the frozen LM's input embedding table ``[V, d]``.
         tokenize: transcript → LM token ids (the LM's tokenizer).
-        vocab_scan_batches: training batches whose transcripts make the compact vocabulary.
+        vocab_scan_batches: training batches whose transcripts make the compact vocabulary (the
+            first ones of the first epoch: the same vocabulary on a resume).
+        checkpoint_every, resume: the stage's state in ``out/token_ctc_last.ckpt``, as for
+            :func:`pretrain_speech_encoder_ctc`.
 
     Returns:
         ``{"method": "token_ctc", "checkpoint", "steps", "seconds", "loss", "vocabulary"}``.
     """
     datamodule.setup("fit")
-    seen: set[int] = set()
-    for index, batch in enumerate(datamodule.train_dataloader()):
-        seen.update(t for m in batch["meta"] for t in tokenize(m["text"]))
-        if index + 1 == vocab_scan_batches:
-            break
+    seen = {t for batch in datamodule.first_train_batches(vocab_scan_batches) for m in batch["meta"]
+            for t in tokenize(m["text"])}
     vocab = sorted(seen)
     lookup = {t: i + 1 for i, t in enumerate(vocab)}
     module = TokenCTCModule(encoder, adapter, embed_tokens[vocab].detach().clone(), lookup, tokenize,
                             OptimConfig(lr=lr, warmup_steps=min(20, steps // 5), total_steps=max(1, steps)),
                             output_rms=output_rms)
-    fitted = _fit(module, datamodule, steps, Path(out), trainer_defaults, progress)
+    fitted = _fit(module, datamodule, steps, StageCheckpoint(out, module.name, checkpoint_every), resume,
+                  trainer_defaults, progress)
     fitted.pop("cer")
     summary = {"method": "token_ctc", "checkpoint": str(module.save_part(module.adapter, Path(out) / "speech_adapter.pt")),
                **fitted, "vocabulary": len(vocab)}
@@ -269,23 +284,27 @@ def pretrain_speech_adapter_ctc(
     return summary
 
 
-def _fit(module: _CTCStage, datamodule: L.LightningDataModule, steps: int, out: Path,
+def _fit(module: _CTCStage, datamodule: L.LightningDataModule, steps: int, stage: StageCheckpoint, resume: bool,
          trainer_defaults: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
-    """Train ``module`` for ``steps`` on the training split (CSV log in ``out/logs/<name>_pretrain``).
+    """Train ``module`` for ``steps`` on the training split (CSV log in ``<out>/logs/<name>_pretrain``),
+    writing (and, with ``resume``, continuing from) ``stage``'s state.
 
     Returns ``{"steps", "seconds", "loss" (mean of the last 20 steps), "cer" (last logged, or None)}``.
     """
+    module.inputs = datamodule.inputs
     history = TrainingHistory()
     trainer = L.Trainer(**{**(trainer_defaults or {}), "max_steps": steps, "limit_val_batches": 0,
-                           "num_sanity_val_steps": 0, "enable_checkpointing": False,
-                           "logger": L.pytorch.loggers.CSVLogger(str(out / "logs"), name=f"{module.name}_pretrain"),
+                           "num_sanity_val_steps": 0,
+                           "logger": L.pytorch.loggers.CSVLogger(str(stage.out / "logs"), name=f"{module.name}_pretrain"),
                            "log_every_n_steps": 10,
-                           "callbacks": [history, *([StepProgressBar(f"{module.name} CTC")] if progress else [])],
+                           "callbacks": [history, *stage.callbacks(),
+                                         *([StepProgressBar(f"{module.name} CTC")] if progress else [])],
+                           "plugins": stage.plugins(),
                            "enable_progress_bar": progress, "enable_model_summary": False,
-                           "default_root_dir": str(out)})
+                           "default_root_dir": str(stage.out)})
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    stage.fit(trainer, module, datamodule, resume)
     tail = [loss for _, loss in history.train_loss[-20:]]
     return {"steps": trainer.global_step, "seconds": round(time.perf_counter() - start, 2),
             "loss": round(sum(tail) / len(tail), 4) if tail else None,
-            "cer": trainer.callback_metrics.get(f"{module.name}/cer")}
+            "cer": history.last.get(f"{module.name}/cer")}

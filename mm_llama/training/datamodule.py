@@ -20,6 +20,7 @@ a resumed run is the uninterrupted run's, batch for batch (tested).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -366,6 +367,20 @@ class ImageDataModule(L.LightningDataModule):
                      self._resume_at.epoch, self._resume_at.batches)
             self._resume_at = None
         return loader
+
+    def first_train_batches(self, n: int) -> list[dict[str, Any]]:
+        """The first ``n`` batches of the training split's first epoch (or all, if fewer): what a
+        stage scans before it trains (its output vocabulary). The same batches however often it is
+        called, whatever epoch training reached and whatever position a resume has set."""
+        dataset = self.datasets.get("train")
+        if dataset is None:
+            raise RuntimeError("the train dataset was not built: call setup('fit') first")
+        epoch = dataset.shared_epoch.get()
+        dataset.set_epoch(0)
+        try:
+            return list(itertools.islice(self._loader("train"), n))
+        finally:
+            dataset.set_epoch(epoch)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

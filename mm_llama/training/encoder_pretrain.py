@@ -28,14 +28,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import lightning as L
 import safetensors.torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,7 +43,7 @@ from adapters.temporal import TemporalAggregator
 from encoders import ImageEncoder
 from encoders.base import EncoderOutput
 from mm_llama.checkpoint_files import atomic_write
-from mm_llama.training.checkpoint_io import AtomicCheckpointIO
+from mm_llama.training.checkpoint_io import StageCheckpoint
 from mm_llama.training.console import StepProgressBar
 from mm_llama.training.datamodule import ModelInputs
 from mm_llama.training.modes import TrainModes
@@ -56,7 +54,7 @@ from mm_llama.training.report import TrainingHistory
 
 log = logging.getLogger(__name__)
 
-STAGE_CHECKPOINT = "encoder_pretrain_last.ckpt"
+STAGE_CHECKPOINT = StageCheckpoint(".", "encoder_pretrain", 1).path.name  # encoder_pretrain_last.ckpt
 """Stage 1's training state in the run's directory (weights, optimizer, schedule, the position in
 the data, the generators), written every ``checkpoint_every`` steps; what ``--resume`` continues from
 while the stage is unfinished (stage 2's ``last.ckpt`` does not exist yet)."""
@@ -263,23 +261,12 @@ def pretrain_image_encoder(
     datamodule.connect(inputs)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    scan = []
-    for batch in datamodule.train_dataloader():
-        scan.append(batch)
-        if len(scan) == cfg.vocab_scan_batches:
-            break
-    lookup = compact_vocabulary(scan)
+    lookup = compact_vocabulary(datamodule.first_train_batches(cfg.vocab_scan_batches))
     log.info("encoder pre-training: %d steps x %d samples, %d output tokens",
              cfg.steps, cfg.batch_size, int(lookup.max()))
     module = EncoderPretrainModule(encoder, inputs, lookup, cfg)
     history = TrainingHistory()
-    saver = ModelCheckpoint(dirpath=str(out), save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
-                            enable_version_counter=False)
-    saver.CHECKPOINT_NAME_LAST = Path(STAGE_CHECKPOINT).stem  # beside stage 2's last.ckpt
-    state = out / STAGE_CHECKPOINT
-    resume_from = state if resume and state.is_file() else None
-    if resume_from is not None:
-        log.info("resuming encoder pre-training from %s", resume_from)
+    stage = StageCheckpoint(out, "encoder_pretrain", cfg.checkpoint_every)
     trainer = L.Trainer(
         **{k: v for k, v in trainer_defaults.items() if k != "log_every_n_steps"},
         max_steps=cfg.steps,
@@ -287,17 +274,13 @@ def pretrain_image_encoder(
         num_sanity_val_steps=0,
         logger=L.pytorch.loggers.CSVLogger(str(out / "logs"), name="encoder_pretrain"),
         log_every_n_steps=10,
-        callbacks=[history, saver, *([StepProgressBar("encoder pre-training")] if progress else [])],
-        plugins=[AtomicCheckpointIO()],  # never a half-written state under the name
+        callbacks=[history, *stage.callbacks(), *([StepProgressBar("encoder pre-training")] if progress else [])],
+        plugins=stage.plugins(),
         enable_progress_bar=progress,
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        # The data module offers its validation split too; stage 1 has no validation.
-        warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
-        # the data module's callback sets each epoch's shuffle (and, resumed, the position in the data)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    stage.fit(trainer, module, datamodule, resume)
     seconds = time.perf_counter() - start
     clip = encoder if isinstance(encoder, ClipEncoder) else None
     image_encoder = clip.encoder if clip is not None else encoder

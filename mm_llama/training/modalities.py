@@ -219,8 +219,10 @@ SPEECH_PRETRAINING: tuple[str, ...] = ("ctc", "best_rq")
 def _pretrain_speech_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path, resume: bool = False
                              ) -> tuple[ModelConfig, dict[str, Any] | None]:
     """CTC or BEST-RQ on the training split (``cfg.speech_pretrain_steps``); stage 2 loads the encoder
-    (frozen after CTC, as the image encoder is after its caption stage). On ``resume`` nothing runs:
-    the encoder's weights are in the checkpoint, only the trainable set is restored."""
+    (frozen after CTC, as the image encoder is after its caption stage). On ``resume`` (stage 2 has a
+    ``last.ckpt``) nothing runs: the encoder's weights are in it, only the trainable set is restored.
+    Otherwise ``cfg.resume`` continues each stage from its own state in ``out`` (a finished one
+    trains nothing)."""
     if not cfg.speech_pretrain_steps or model_cfg.speech_encoder is None:
         return model_cfg, None
     ctc = cfg.speech_pretrain == "ctc"
@@ -241,7 +243,7 @@ def _pretrain_speech_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path, 
     del lm
     pretrain = pretrain_speech_encoder_ctc if ctc else pretrain_speech_encoder
     summary = pretrain(model_cfg.speech_encoder, datamodule, cfg.speech_pretrain_steps, out,
-                       trainer_defaults=cfg.trainer_defaults(), progress=cfg.progress)
+                       trainer_defaults=cfg.trainer_defaults(), progress=cfg.progress, resume=cfg.resume)
     encoder = dataclasses.replace(model_cfg.speech_encoder, checkpoint=summary["checkpoint"])
     adapter = model_cfg.speech_adapter
     if ctc and cfg.speech_adapter_pretrain_steps:
@@ -249,7 +251,7 @@ def _pretrain_speech_encoder(cfg: RunConfig, model_cfg: ModelConfig, out: Path, 
         rms = float(embed_tokens.pow(2).mean().sqrt()) if adapter.fusion == "embedding" else 1.0
         summary["adapter"] = pretrain_speech_adapter_ctc(
             encoder, adapter, embed_tokens, tokenize, datamodule, cfg.speech_adapter_pretrain_steps, out,
-            output_rms=rms, trainer_defaults=cfg.trainer_defaults(), progress=cfg.progress)
+            output_rms=rms, trainer_defaults=cfg.trainer_defaults(), progress=cfg.progress, resume=cfg.resume)
         adapter = dataclasses.replace(adapter, checkpoint=summary["adapter"]["checkpoint"])
     return dataclasses.replace(model_cfg, speech_encoder=encoder, speech_adapter=adapter, trainable=trainable), summary
 

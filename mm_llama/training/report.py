@@ -30,8 +30,9 @@ RIGHT, WRONG = "#1a7f37", "#cf222e"
 
 
 class TrainingHistory(L.Callback):
-    """Records ``(step, train loss)`` after every optimizer step and
-    ``(step, metrics)`` after every validation (sanity checks excluded).
+    """Records ``(step, train loss)`` after every optimizer step,
+    ``(step, metrics)`` after every validation (sanity checks excluded) and, in :attr:`last`, the
+    values last logged in training (what a stage's summary reports, kept across a resume).
 
     With gradient accumulation a step's loss is the mean over its batches: Lightning hands each
     batch's loss divided by ``accumulate_grad_batches``, and they are summed until the step is taken.
@@ -40,6 +41,7 @@ class TrainingHistory(L.Callback):
     def __init__(self) -> None:
         self.train_loss: list[tuple[int, float]] = []
         self.val: list[tuple[int, dict[str, float]]] = []
+        self.last: dict[str, float] = {}
         self._pending = 0.0  # this step's batches so far
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -52,6 +54,7 @@ class TrainingHistory(L.Callback):
         if trainer.global_step > last_step:  # the optimizer stepped after this batch
             self.train_loss.append((trainer.global_step, self._pending))
             self._pending = 0.0
+            self.last.update((k, float(v)) for k, v in trainer.callback_metrics.items() if v.numel() == 1)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         last = getattr(pl_module, "last_eval", None)
@@ -60,11 +63,12 @@ class TrainingHistory(L.Callback):
         self.val.append((trainer.global_step, dict(last["metrics"])))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_loss": list(self.train_loss), "val": list(self.val)}
+        return {"train_loss": list(self.train_loss), "val": list(self.val), "last": dict(self.last)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_loss = [tuple(x) for x in state_dict["train_loss"]]
         self.val = [tuple(x) for x in state_dict["val"]]
+        self.last = dict(state_dict.get("last", {}))  # absent from checkpoints before stop 36
 
 
 class TestSamples(L.Callback):

@@ -87,7 +87,10 @@ class SpeechDataModule(ImageDataModule):
                           max_len=hp.max_len, seed=hp.seed, system_prompt=system_prompt)
 
     def model_inputs(self, module) -> ModelInputs:
-        """The tokenizer, ``<|speech|>`` id and system prompt of ``module`` (image size unused: 1)."""
+        """The tokenizer, ``<|speech|>`` id and system prompt of ``module`` (image size unused: 1), or
+        the ``inputs`` a module carries itself (a pre-training stage, which has no LM)."""
+        if isinstance(getattr(module, "inputs", None), ModelInputs):
+            return module.inputs
         return ModelInputs(tokenizer=module.tokenizer, media_token_id=module.model.media_token_id("speech"),
                            image_size=1, system_prompt=module.system_prompt)
 
