@@ -17,7 +17,7 @@ script once per extra rank. ``reference`` is one process whose step ``k`` trains
 rank's step-``k`` samples (the global batch, read back from the same shards by key).
 
 Each rank writes ``rank<r>.json`` into ``--out`` (the shards it opened, the sample keys and loss of every
-step, its step count); ``init.pt`` holds the trainable weights before training and ``final.ckpt`` is the
+step, its step count, a fingerprint of its random streams); ``init.pt`` holds the trainable weights before training and ``final.ckpt`` is the
 checkpoint saved after it (through the strategy: under FSDP, gathered from the shards; the FSDP units it
 gathered go to ``gathered_units.json``). It is a script
 and not a pytest-run function so that pytest itself is never forked.
@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import random
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,12 @@ class RecordSteps(L.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
         self.steps: list[dict[str, Any]] = []
+        self.streams: dict[str, Any] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.steps:  # which random streams this rank trains with (a fingerprint: nothing drawn)
+            self.streams = {"torch": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
+                            "python": hash(random.getstate())}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps.append({
@@ -74,7 +82,7 @@ class RecordSteps(L.Callback):
     def on_train_end(self, trainer, pl_module):
         rank = trainer.global_rank
         record = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
-                  "steps": self.steps, "val": getattr(pl_module, "last_eval", {}).get("metrics"),
+                  "steps": self.steps, "streams": self.streams, "val": getattr(pl_module, "last_eval", {}).get("metrics"),
                   "activation_checkpointing": pl_module.model.grad_checkpointing}
         (self.out / f"rank{rank}.json").write_text(json.dumps(record))
 

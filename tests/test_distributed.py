@@ -156,6 +156,14 @@ def test_both_ranks_take_the_same_number_of_steps(runs):
     assert all(len(r["steps"]) == expected and all(len(s["keys"]) == BATCH for s in r["steps"]) for r in records)
 
 
+def test_each_rank_draws_from_its_own_random_streams(runs):
+    """Every rank is seeded alike (the same initial weights), then given its own streams when training
+    starts: dropout and SpecAugment masks differ between ranks' samples (before: the same states)."""
+    records = ranks(runs["ddp"])
+    assert records[0]["streams"]["torch"] != records[1]["streams"]["torch"]
+    assert records[0]["streams"]["python"] != records[1]["streams"]["python"]
+
+
 def assert_trains_like_one_process(parallel: Path, reference: Path) -> set[str]:
     """The one-process ``reference`` run took, step by step, the union of the ``parallel`` run's rank
     batches, with the mean of their losses, and ended with its weights; returns the weights' names."""

@@ -53,3 +53,20 @@ def test_each_rank_gets_its_own_states_and_another_world_size_resumes_with_a_war
     with pytest.warns(UserWarning, match=r"random states of 2 rank\(s\), this run has 1"):
         callback.on_train_batch_start(SimpleNamespace(world_size=1, global_rank=0), None, None, 0)
     assert torch.equal(torch.rand(2), untouched)  # left as they were
+
+
+def test_each_rank_gets_its_own_streams_the_same_in_every_run():
+    """:func:`seed_rank_streams`: from the same ``seed_everything`` seed, ranks draw differently, and a
+    rank draws the same in every run."""
+    from mm_llama.training.random_state import seed_rank_streams
+
+    def draws(rank: int) -> tuple:
+        torch.manual_seed(7)
+        seed_rank_streams(rank)
+        return torch.rand(3).tolist(), np.random.rand(), random.random()
+
+    assert draws(0) == draws(0) and draws(1) == draws(1)
+    assert all(a != b for a, b in zip(draws(0), draws(1)))
+    torch.manual_seed(8)
+    seed_rank_streams(0)
+    assert torch.rand(3).tolist() != draws(0)[0]  # another run seed: other streams

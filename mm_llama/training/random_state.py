@@ -14,6 +14,7 @@ The data order needs none of this: the shard and sample shuffles have their own 
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Any
 
@@ -47,6 +48,18 @@ def set_generator_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def seed_rank_streams(rank: int) -> int:
+    """Reseed this process's torch (CPU and CUDA), NumPy and Python generators for ``rank``, from
+    torch's initial seed (what ``seed_everything`` set): every rank of a run its own streams, the same
+    ones in every run with that seed. Returns the new seed."""
+    digest = hashlib.sha256(f"{torch.initial_seed()}/rank{rank}".encode()).digest()
+    seed = int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    return seed
+
+
 class RandomStateCheckpoint(L.Callback):
     """Saves every rank's generator states in each checkpoint; after a resume, puts this rank's
     back at the start of the first training batch (after the data loader has started, where the
@@ -57,6 +70,10 @@ class RandomStateCheckpoint(L.Callback):
 
     A checkpoint written by another number of ranks, or without these states (older ones), resumes
     with the generators as they are, and says so.
+
+    With several ranks each also gets its own streams when training starts (:func:`seed_rank_streams`):
+    ``seed_everything`` seeds every rank alike (so that they build the same initial weights), and
+    would otherwise have every rank draw the same dropout and SpecAugment masks for its own samples.
     """
 
     def __init__(self) -> None:
@@ -73,6 +90,10 @@ class RandomStateCheckpoint(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict.get("ranks")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:  # after the weights are built alike; a resume's states still win
+            seed_rank_streams(trainer.global_rank)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
