@@ -30,9 +30,9 @@ from timm.layers.padding import get_same_padding
 from timm.layers.pool2d_same import MaxPool2dSame
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from encoders.base import EncoderOutput, MediaEncoder
+from mm_llama.recompute import call_block
 
 
 PATCH_ATTENTION: tuple[str, ...] = ("global", "self")
@@ -585,11 +585,9 @@ class ImageEncoder(MediaEncoder):
         if t > 1:  # every tile gets its place; then [b*t*t, p + g, w] -> [b, t*t*(p + g), w]
             final = (final.unflatten(0, (b, t * t)) + self.tile_position.to(final.dtype)).flatten(1, 2)
             intermediates = [x.unflatten(0, (b, t * t)).flatten(1, 2) for x in intermediates]
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.global_layers:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                final = checkpoint(block, final, use_reentrant=False)
-            else:
-                final = block(final)
+            final = call_block(block, final, recompute=recompute)
         tokens = torch.cat([final, *intermediates], dim=-1)  # [b, t*t*(p + g), d_e]
         if self.config.drop_cls:  # each tile's prefix tokens
             p = self.backbone.num_prefix_tokens

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from encoders.base import EncoderOutput, MediaEncoder
+from mm_llama.recompute import call_block
 
 TOKEN_ALIGN = 8
 """Tiles are padded to a multiple of this many tokens (as in the reference)."""
@@ -275,9 +275,7 @@ class MllamaVisionEncoder(MediaEncoder):
         return [*self.local_layers, *self.global_layers]
 
     def _run(self, block: VisionBlock, x: Tensor, mask: Tensor) -> Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, mask, use_reentrant=False)
-        return block(x, mask)
+        return call_block(block, x, mask, recompute=self.grad_checkpointing and torch.is_grad_enabled())
 
     def forward(self, images: TiledImages) -> EncoderOutput:
         """Encode tiled images.

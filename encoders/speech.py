@@ -24,7 +24,7 @@ from torch import nn
 from encoders.base import EncoderOutput, MediaEncoder
 from encoders.conformer import ConformerLayer, FrameStacking
 from encoders.speech_frontend import FrontEndConfig, LogMelFrontEnd
-from mm_llama.recompute import checkpointed_call
+from mm_llama.recompute import call_block
 from mm_llama.rotary_attention import frame_mask
 
 
@@ -85,11 +85,9 @@ class _RotaryConformer(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = frame_mask(lengths, x.shape[1])  # [b, s_e]
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpointed_call(layer, x, mask)
-            else:
-                x = layer(x, mask)
+            x = call_block(layer, x, mask, recompute=recompute)
         return x
 
 
@@ -112,11 +110,9 @@ class _TorchaudioConformer(nn.Module):
         mask = frame_mask(lengths, x.shape[1])  # [b, s_e]
         padding = ~mask  # torchaudio's key padding mask
         h = x.transpose(0, 1)  # [s_e, b, d_e]
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpointed_call(layer, h, padding)
-            else:
-                h = layer(h, padding)
+            h = call_block(layer, h, padding, recompute=recompute)
         return h.transpose(0, 1) * mask[..., None]
 
 

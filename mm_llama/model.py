@@ -18,7 +18,6 @@ from dataclasses import MISSING, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import adapters as _adapters
 
@@ -40,6 +39,7 @@ from encoders.speech import SpeechEncoder, SpeechEncoderConfig  # noqa: E402
 from mm_llama.llama import KVCache, LlamaLM, SharedPrefix  # noqa: E402
 from mm_llama.lm import freeze  # noqa: E402
 from mm_llama.packing import PackedRows, packing_pays  # noqa: E402
+from mm_llama.recompute import call_block  # noqa: E402
 from mm_llama.static import must_stay_static  # noqa: E402
 from mm_llama.video_adapter import VideoAdapter, VideoConfig  # noqa: E402
 
@@ -558,7 +558,7 @@ class MultimodalLlama(nn.Module):
             recompute = self.grad_checkpointing and torch.is_grad_enabled()
 
             def run(block: nn.Module, *args) -> torch.Tensor:
-                return checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
+                return call_block(block, *args, recompute=recompute)
 
             def hook(i: int, h: torch.Tensor) -> torch.Tensor:
                 if media.video_kv is not None and i in media.video_kv:  # a video block runs before the image one

@@ -60,6 +60,12 @@ def checkpointed_call(module: nn.Module, *args: Any) -> Any:
     return checkpoint(module, *args, use_reentrant=False, **kwargs)
 
 
+def call_block(module: nn.Module, *args: Any, recompute: bool) -> Any:
+    """``module(*args)``; with ``recompute``, through :func:`checkpointed_call` (the encoders' and the
+    model's block loops, where ``recompute`` is their ``grad_checkpointing`` while grad is enabled)."""
+    return checkpointed_call(module, *args) if recompute else module(*args)
+
+
 def checkpoint_wrapper_for(module: nn.Module) -> nn.Module:
     """``module`` in torch's ``CheckpointWrapper`` (non-reentrant), with :func:`recompute_context_fn`:
     the ``checkpoint_wrapper_fn`` that FSDP's ``apply_activation_checkpointing`` takes."""
