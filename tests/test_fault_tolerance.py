@@ -298,3 +298,26 @@ def test_generate_cli_reports_a_corrupt_checkpoint_in_one_line(tiny_checkpoint, 
     assert main(["--checkpoint", str(bad), "Hello"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mm-llama generate: checkpoint {bad} cannot be read") and "\n" not in err
+
+
+def test_a_stage_state_of_another_model_is_refused_naming_file_and_mismatches(tmp_path):
+    """``--resume`` of a pre-training stage whose settings changed since its state was written: a
+    ``ValueError`` naming the file, the stage and the parameters that differ (not a bare size-mismatch
+    deep in Lightning); a truncated state file is a ``CorruptCheckpointError`` naming it."""
+    from mm_llama.training.checkpoint_io import StageCheckpoint
+
+    stage = StageCheckpoint(tmp_path, "ctc", every=1)
+    written = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    with atomic_write(stage.path) as file:
+        torch.save({"state_dict": written.state_dict(), "global_step": 3}, file)
+    stage.check_fits(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), stage.path)  # fits
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError) as info:
+        stage.check_fits(wider, stage.path)
+    message = str(info.value)
+    assert str(stage.path) in message and "the ctc stage of another model" in message
+    assert "missing 2.weight" in message and "0.weight: [8, 4] in the file, [16, 4] here" in message
+    assert "delete it" in message
+    stage.path.write_bytes(stage.path.read_bytes()[:100])
+    with pytest.raises(CorruptCheckpointError, match="ctc_last.ckpt"):
+        stage.check_fits(written, stage.path)

@@ -112,9 +112,30 @@ class StageCheckpoint:
         Through the data module, whose callback sets each epoch's shuffle and, resumed, the
         position in the data; its validation split is offered but a stage does not validate.
         """
+        start = self.resume_from(resume)
+        if start is not None:
+            self.check_fits(module, start)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=self.resume_from(resume))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=start)
+
+    def check_fits(self, module: torch.nn.Module, path: Path) -> None:
+        """Refuse, naming the file and the first mismatches, a state written for another model: other
+        parameter names or shapes (the stage's settings changed since it was written)."""
+        with checkpoint_read_errors(path):  # a truncated file: CorruptCheckpointError naming it
+            saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("state_dict", {})
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in saved.items()}
+        problems = [f"missing {k}" for k in sorted(expected.keys() - found.keys())]
+        problems += [f"unexpected {k}" for k in sorted(found.keys() - expected.keys())]
+        problems += [f"{k}: {list(found[k])} in the file, {list(expected[k])} here"
+                     for k in sorted(expected.keys() & found.keys()) if found[k] != expected[k]]
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(
+                f"{path} holds the {self.name} stage of another model: {'; '.join(problems[:5])}{more}. "
+                "Resume with the settings it was written with, or delete it to start the stage over"
+            )
 
     def resume_from(self, resume: bool) -> Path | None:
         """The state to continue from: the file if ``resume`` and it exists, else ``None`` (fresh)."""
