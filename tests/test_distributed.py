@@ -199,7 +199,7 @@ MEDIA = ("speech", "video")
 @pytest.fixture(scope="module")
 def media_runs(tiny_lm_dir, tmp_path_factory) -> dict[str, dict]:
     """The speech and video paths under DDP, each against one process on its global batches: the two
-    DDP runs side by side, then the two references."""
+    DDP runs side by side, then the two references beside the same runs under FSDP (blocks recomputed)."""
     setups = {}
     for modality in MEDIA:
         root = tmp_path_factory.mktemp(modality)
@@ -209,7 +209,10 @@ def media_runs(tiny_lm_dir, tmp_path_factory) -> dict[str, dict]:
     run_scripts(*[["parallel", *m["common"], "--devices", str(WORLD), "--batch-size", str(BATCH),
                    "--epoch-length", str(EPOCH_LENGTH), "--out", str(m["root"] / "ddp")] for m in setups.values()])
     run_scripts(*[["reference", *m["common"], "--out", str(m["root"] / "ref"), "--ranks-from", str(m["root"] / "ddp")]
-                  for m in setups.values()])
+                  for m in setups.values()],
+                *[["parallel", *m["common"], "--devices", str(WORLD), "--batch-size", str(BATCH),
+                   "--epoch-length", str(EPOCH_LENGTH), "--out", str(m["root"] / "fsdp"), "--strategy", "fsdp"]
+                  for m in setups.values()])  # the strategy recomputes the blocks by default
     return setups
 
 
@@ -231,19 +234,39 @@ def test_speech_and_video_under_ddp_train_what_one_process_trains(media_runs, mo
     assert any(name.startswith(branch) for name in names)
 
 
-def test_fsdp_trains_what_ddp_trains_and_saves_whole_trainable_weights(runs):
-    ddp, fsdp = ranks(runs["ddp"]), ranks(runs["fsdp"])
+@pytest.mark.parametrize("modality", MEDIA)
+def test_speech_and_video_under_fsdp_train_what_ddp_trains(media_runs, modality):
+    """The speech and video runs sharded with ``AdapterFSDPStrategy``, their blocks recomputed: the same
+    samples, losses and weights as under DDP, a checkpoint of the whole trainable weights, and the
+    branch's blocks (Conformer layers; the video branch's cross-attention blocks) FSDP units of their own
+    that are recomputed in backward."""
+    root = media_runs[modality]["root"]
+    assert_trains_like_ddp(root / "ddp", root / "fsdp")
+    layout = json.loads((root / "fsdp" / "fsdp_layout.json").read_text())
+    branch = {"speech": r"model\.speech_encoder\..*layers\.\d+", "video": r"model\.video\.cross_attn\.\d+"}[modality]
+    blocks = [name for name in layout["units"] if re.fullmatch(branch, name)]
+    assert blocks and set(blocks) <= set(layout["recomputed"]), layout
+
+
+def assert_trains_like_ddp(ddp_out: Path, fsdp_out: Path) -> None:
+    """The FSDP run took the DDP run's samples step by step, with its losses, and saved its trainable
+    weights whole (gathered, not 1-D shards; nothing of the frozen LM)."""
+    ddp, fsdp = ranks(ddp_out), ranks(fsdp_out)
     # the same data module on the same ranks: the same samples, step by step
     assert [[s["keys"] for s in r["steps"]] for r in fsdp] == [[s["keys"] for s in r["steps"]] for r in ddp]
     for a, b in zip(ddp, fsdp):
         torch.testing.assert_close(torch.tensor([s["loss"] for s in b["steps"]]),
                                    torch.tensor([s["loss"] for s in a["steps"]]), rtol=LOSS_RTOL, atol=0)
-    init = torch.load(runs["fsdp"] / "init.pt")
-    sharded, replicated = final_weights(runs["fsdp"]), final_weights(runs["ddp"])
+    init = torch.load(fsdp_out / "init.pt")
+    sharded, replicated = final_weights(fsdp_out), final_weights(ddp_out)
     assert set(sharded) == set(init)  # only what trains, nothing of the frozen LM
     assert all(sharded[k].shape == init[k].shape for k in init)  # gathered, not 1-D shards
     diff = max((sharded[k].float() - replicated[k].float()).abs().max().item() for k in init)
     assert diff <= WEIGHT_ATOL, f"FSDP and DDP differ by {diff:.2e} (> {WEIGHT_ATOL})"
+
+
+def test_fsdp_trains_what_ddp_trains_and_saves_whole_trainable_weights(runs):
+    assert_trains_like_ddp(runs["ddp"], runs["fsdp"])
     # Saving gathered the units that hold those weights, and none of the frozen LM's.
     gathered = json.loads((runs["fsdp"] / "gathered_units.json").read_text())
     assert any(".cross_attn." in name for name in gathered) and "model.image_encoder" in gathered
