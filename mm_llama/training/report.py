@@ -41,7 +41,7 @@ class TrainingHistory(L.Callback):
     def __init__(self) -> None:
         self.train_loss: list[tuple[int, float]] = []
         self.val: list[tuple[int, dict[str, float]]] = []
-        self.last: dict[str, float] = {}
+        self._last: dict[str, torch.Tensor] = {}  # read as floats only when asked: no device sync a step
         self._pending = 0.0  # this step's batches so far
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -54,7 +54,7 @@ class TrainingHistory(L.Callback):
         if trainer.global_step > last_step:  # the optimizer stepped after this batch
             self.train_loss.append((trainer.global_step, self._pending))
             self._pending = 0.0
-            self.last.update((k, float(v)) for k, v in trainer.callback_metrics.items() if v.numel() == 1)
+            self._last.update((k, v.detach()) for k, v in trainer.callback_metrics.items() if v.numel() == 1)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         last = getattr(pl_module, "last_eval", None)
@@ -62,13 +62,19 @@ class TrainingHistory(L.Callback):
             return
         self.val.append((trainer.global_step, dict(last["metrics"])))
 
+    @property
+    def last(self) -> dict[str, float]:
+        """The values last logged in training, by name (``"ctc/cer"``, ``"bestrq/accuracy"``, ...)."""
+        return {k: float(v) for k, v in self._last.items()}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"train_loss": list(self.train_loss), "val": list(self.val), "last": dict(self.last)}
+        return {"train_loss": list(self.train_loss), "val": list(self.val), "last": self.last}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_loss = [tuple(x) for x in state_dict["train_loss"]]
         self.val = [tuple(x) for x in state_dict["val"]]
-        self.last = dict(state_dict.get("last", {}))  # absent from checkpoints before stop 36
+        # absent from checkpoints before stop 36
+        self._last = {k: torch.tensor(v) for k, v in state_dict.get("last", {}).items()}
 
 
 class TestSamples(L.Callback):
