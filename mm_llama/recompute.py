@@ -66,6 +66,37 @@ def call_block(module: nn.Module, *args: Any, recompute: bool) -> Any:
     return checkpointed_call(module, *args) if recompute else module(*args)
 
 
+class _Recomputed:
+    """Mixed into a module's own class by :func:`make_recomputable`: its forward, recomputed in
+    backward while :attr:`recompute` is set and grad is enabled."""
+
+    recompute: bool = False
+
+    def forward(self, *args: Any) -> Any:
+        plain = super().forward  # the module's own class's forward
+        if not (self.recompute and torch.is_grad_enabled()):
+            return plain(*args)
+        context_fn = recompute_context_fn(self)
+        kwargs = {} if context_fn is None else {"context_fn": context_fn}
+        return checkpoint(plain, *args, use_reentrant=False, **kwargs)
+
+
+_RECOMPUTABLE: dict[type, type] = {}
+
+
+def make_recomputable(module: nn.Module) -> nn.Module:
+    """Let ``module`` recompute itself in backward when its ``recompute`` attribute is set, without a
+    wrapper: its parameter names, and so its state dict, stay as they are. For a library's submodule
+    that runs inside the library's own forward (a hybrid ViT's convolutional stem, inside timm's), where
+    the caller cannot put :func:`call_block` around the call. Returns ``module`` (changed in place)."""
+    cls = type(module)
+    if not isinstance(module, _Recomputed):
+        if cls not in _RECOMPUTABLE:
+            _RECOMPUTABLE[cls] = type(f"Recomputed{cls.__name__}", (_Recomputed, cls), {"__module__": __name__})
+        module.__class__ = _RECOMPUTABLE[cls]
+    return module
+
+
 def checkpoint_wrapper_for(module: nn.Module) -> nn.Module:
     """``module`` in torch's ``CheckpointWrapper`` (non-reentrant), with :func:`recompute_context_fn`:
     the ``checkpoint_wrapper_fn`` that FSDP's ``apply_activation_checkpointing`` takes."""
