@@ -71,6 +71,7 @@ class _Recomputed:
     backward while :attr:`recompute` is set and grad is enabled."""
 
     recompute: bool = False
+    _recomputed_base: type  # the module's own class, set by make_recomputable
 
     def forward(self, *args: Any) -> Any:
         plain = super().forward  # the module's own class's forward
@@ -81,7 +82,33 @@ class _Recomputed:
         return checkpoint(plain, *args, use_reentrant=False, **kwargs)
 
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # Pickled as its library class, made recomputable again on load: the class made at run time
+        # cannot be found by name, so ``torch.save(module)`` and spawned workers would fail on it.
+        return _recomputable_from, (self._recomputed_base,), self.__getstate__()
+
+
 _RECOMPUTABLE: dict[type, type] = {}
+
+
+def _recomputable_class(cls: type) -> type:
+    """``Recomputed<cls>``: ``cls`` with :class:`_Recomputed` mixed in, made once per class."""
+    if cls not in _RECOMPUTABLE:
+        _RECOMPUTABLE[cls] = type(f"Recomputed{cls.__name__}", (_Recomputed, cls),
+                                  {"__module__": __name__, "_recomputed_base": cls})
+    return _RECOMPUTABLE[cls]
+
+
+def _recomputable_from(cls: type) -> nn.Module:
+    """An empty recomputable ``cls``, for unpickling (its state is set after)."""
+    module = cls.__new__(cls)
+    module.__class__ = _recomputable_class(cls)
+    return module
+
+
+def is_recomputable(module: nn.Module) -> bool:
+    """Whether :func:`make_recomputable` changed ``module``."""
+    return isinstance(module, _Recomputed)
 
 
 def make_recomputable(module: nn.Module) -> nn.Module:
@@ -89,11 +116,8 @@ def make_recomputable(module: nn.Module) -> nn.Module:
     wrapper: its parameter names, and so its state dict, stay as they are. For a library's submodule
     that runs inside the library's own forward (a hybrid ViT's convolutional stem, inside timm's), where
     the caller cannot put :func:`call_block` around the call. Returns ``module`` (changed in place)."""
-    cls = type(module)
-    if not isinstance(module, _Recomputed):
-        if cls not in _RECOMPUTABLE:
-            _RECOMPUTABLE[cls] = type(f"Recomputed{cls.__name__}", (_Recomputed, cls), {"__module__": __name__})
-        module.__class__ = _RECOMPUTABLE[cls]
+    if not is_recomputable(module):
+        module.__class__ = _recomputable_class(type(module))
     return module
 
 

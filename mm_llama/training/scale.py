@@ -66,7 +66,7 @@ from encoders.speech import SpeechEncoder
 from encoders import ImageEncoder, MediaEncoder
 from mm_llama.checkpoint_files import checkpoint_read_errors
 from mm_llama.llama import DecoderLayer
-from mm_llama.recompute import checkpoint_wrapper_for
+from mm_llama.recompute import checkpoint_wrapper_for, is_recomputable
 from mm_llama.training.optim import uses_loss_scaling
 
 if TYPE_CHECKING:
@@ -99,14 +99,18 @@ def encoder_blocks(model: nn.Module, trainable_only: bool = False) -> list[nn.Mo
 def checkpointed_blocks(model: nn.Module, every: int = 1) -> list[nn.Module]:
     """What ``AdapterFSDPStrategy(activation_checkpointing=True)`` recomputes in backward: every
     decoder and cross-attention block (:data:`CHECKPOINTED_BLOCKS`) and every block of an encoder
-    that trains. A frozen encoder keeps nothing for backward, so it is left alone.
+    that trains, with any part of it made recomputable (a hybrid ViT's stem,
+    :func:`mm_llama.recompute.make_recomputable`). A frozen encoder keeps nothing for backward, so
+    it is left alone.
 
     ``every=n`` keeps only decoder blocks ``0, n, 2n, ...`` of the decoder blocks, as
     :meth:`~mm_llama.model.MultimodalLlama.set_grad_checkpointing` does without FSDP.
     """
     decoder = [m for m in model.modules() if isinstance(m, DecoderLayer)]
     others = [m for m in model.modules() if isinstance(m, CHECKPOINTED_BLOCKS) and not isinstance(m, DecoderLayer)]
-    return decoder[::every] + others + encoder_blocks(model, trainable_only=True)
+    stems = [m for encoder in model.modules() if isinstance(encoder, MediaEncoder) and encoder.trains()
+             for m in encoder.modules() if is_recomputable(m)]
+    return decoder[::every] + others + encoder_blocks(model, trainable_only=True) + stems
 
 
 def apply_recomputation(model: nn.Module, recomputed: set[int]) -> None:
