@@ -259,6 +259,80 @@ def test_missing_remote_shard_is_skipped_counted_and_named(shards, http_root, ca
     assert "cat failed (exit status 1)" in pipe_line and "Pipe object" not in pipe_line
 
 
+@pytest.fixture(scope="module")
+def flaky_root(shards):
+    """``http://127.0.0.1:PORT`` serving the shards, except that the first request for
+    ``train-000001.tar`` (per query string) sends half the file under a whole file's length and
+    drops the connection, as a storage node restarting mid-transfer does."""
+    requests: dict[str, int] = {}
+
+    class CuttingHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format, *args):
+            pass
+
+        def do_GET(self):
+            requests[self.path] = requests.get(self.path, 0) + 1
+            if "train-000001.tar" not in self.path or requests[self.path] > 1:
+                return super().do_GET()
+            data = open(os.path.join(os.path.dirname(shards), "train-000001.tar"), "rb").read()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+
+    handler = functools.partial(CuttingHandler, directory=os.path.dirname(shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_remote_shard_broken_part_way_is_read_again_from_where_it_broke(shards, flaky_root, caplog):
+    """curl retries a failed request, not a transfer that broke after its first bytes: the shard
+    is opened again and the samples it had delivered are passed over. Every sample once, in order,
+    nothing counted as skipped; without retries the shard is a read_error and the samples before
+    the break are still kept."""
+    urls = "::".join(f"{flaky_root}/train-{i:06d}.tar?run=retried" for i in range(N_SHARDS))
+    dataset = make_dataset(urls, train=False)
+    with caplog.at_level(logging.WARNING, logger="mm_llama.data.shard_reader"):
+        assert keys(dataset) == sorted(KEYS)
+    assert dataset.counter.total == 0
+    (line,) = [r.getMessage() for r in caplog.records if "train-000001.tar" in r.getMessage()]
+    delivered = int(line.split("broke after ")[1].split()[0])
+    assert 0 < delivered < PER_SHARD and "retry 1 of 3" in line
+
+    urls = urls.replace("run=retried", "run=not-retried")
+    dataset = make_dataset(urls, train=False, shard_retries=0)
+    got = keys(dataset)
+    # The shard is a read_error; the sample the break cut into is passed on with what was read of
+    # it (as webdataset's reader does) and counted by the decode stage for the part it lacks.
+    assert dataset.counter.counts()["read_error"] == 1 and dataset.counter.total <= 2
+    cut = sorted(KEYS)[PER_SHARD : 2 * PER_SHARD]
+    kept = [k for k in got if k in cut]
+    assert 0 < len(kept) < PER_SHARD and kept == cut[: len(kept)]  # the samples before the break
+    assert got == [k for k in sorted(KEYS) if k not in cut or k in kept]
+    with pytest.raises(ValueError, match="shard_retries must be >= 0"):
+        make_dataset(urls, train=False, shard_retries=-1)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_failing_pipe_command_that_had_sent_part_of_a_shard_is_run_again(shards, tmp_path):
+    """``pipe:`` commands too (a cloud CLI streaming from object storage): the first run sends part
+    of the shard and fails, the second sends it whole; the samples come once each, in order."""
+    shard = os.path.join(os.path.dirname(shards), "train-000002.tar")
+    marker = tmp_path / "ran-once"
+    half = os.path.getsize(shard) // 2
+    flaky = f"pipe:sh -c 'if [ -e {marker} ]; then cat {shard}; else touch {marker}; head -c {half} {shard}; exit 1; fi'"
+    dataset = make_dataset(flaky, train=False)
+    assert keys(dataset) == sorted(KEYS)[2 * PER_SHARD : 3 * PER_SHARD] and dataset.counter.total == 0
+    assert marker.exists()
+
+
 def tasks_of(samples) -> dict[str, set[str]]:
     by_task: dict[str, set[str]] = {}
     for sample in samples:

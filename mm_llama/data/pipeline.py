@@ -5,7 +5,7 @@ Stages, in order::
     shard list ─ (train) epoch-seeded shard shuffle, identical on every rank
                ─ wds.split_by_node ─ wds.split_by_worker
     or resampled shards, drawn per (seed, epoch, rank, worker)
-    ─ wds.tarfile_to_samples ─ (train, with task_weights) task mix
+    ─ tar shards → samples (ShardReader) ─ (train, with task_weights) task mix
     ─ (train) epoch-seeded sample shuffle buffer
     ─ decode image + text, encode_example  → {input_ids, labels, image, meta}
 
@@ -20,9 +20,10 @@ Corrupt samples are skipped, counted by kind in a :class:`SkipCounter` and
 logged (rate-limited); they never stop a run. Missing local shards and empty URL
 lists raise before the first step. Remote shards (``http(s)://``, fetched by
 webdataset with ``curl -f``; ``pipe:<command>``, whose stdout is the tar) are not
-probed up front: one that cannot be read (404, failing command) is skipped and
-counted as ``read_error`` like an unreadable local shard, logged with its URL and
-the command's exit status.
+probed up front: one whose stream breaks part-way is read again from where it broke
+(``DataConfig.shard_retries``, :mod:`mm_llama.data.shard_reader`); one that cannot be
+read (404, failing command, retries spent) is skipped and counted as ``read_error``
+like an unreadable local shard, logged with its URL and the command's exit status.
 
 Epochs: call ``dataset.set_epoch(epoch)`` before iterating (Lightning does not
 do this for an ``IterableDataset``; ``mm_llama``'s data module must). The epoch
@@ -39,7 +40,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import subprocess
 from dataclasses import dataclass
 from io import BytesIO
@@ -63,6 +63,7 @@ from mm_llama.data.examples import (
 )
 from mm_llama.data.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from mm_llama.data.resumable import ResumableLoader
+from mm_llama.data.shard_reader import ShardReader, is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class DataConfig:
             chat template's default.
         max_image_pixels: images with more pixels (width x height) are skipped and
             counted as ``image_too_large`` from their header, never decoded.
+        shard_retries: how many times a remote shard whose stream breaks part-way is opened
+            again, its samples already delivered passed over (:class:`ShardReader`); 0: never.
         task_weights: training mix by the ``task`` field of a sample's json: the probability
             that a training sample of that task is kept (tasks not named: 1). The draw is
             seeded by (``seed``, epoch, sample key), so it is reproducible, the same on every
@@ -142,6 +145,7 @@ class DataConfig:
     system_prompt: str | None = None
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     task_weights: dict[str, float] | None = None
+    shard_retries: int = 3
 
     def __post_init__(self) -> None:
         if not isinstance(self.train_urls, str) or not self.train_urls.strip():
@@ -166,6 +170,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.image_size must be >= 1, got {self.image_size}")
         if self.max_image_pixels < 1:
             raise ValueError(f"DataConfig.max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if self.shard_retries < 0:
+            raise ValueError(f"DataConfig.shard_retries must be >= 0, got {self.shard_retries}")
         if self.task_weights is not None:
             check_task_weights(self.task_weights, "DataConfig.task_weights")
 
@@ -307,9 +313,6 @@ class CorruptSample(Exception):
 # ---------------------------------------------------------------- URLs
 
 
-_REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
-
-
 def resolve_urls(urls: str | Sequence[str]) -> list[str]:
     """Expand brace patterns and ``::`` lists; check that local shards exist.
 
@@ -324,9 +327,9 @@ def resolve_urls(urls: str | Sequence[str]) -> list[str]:
     if not expanded:
         raise ValueError(f"no shard URLs in {urls!r}")
     for url in expanded:
-        path = url.removeprefix("file://")
-        if path == url and _REMOTE.match(url):
+        if is_remote(url):
             continue
+        path = url.removeprefix("file://")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"shard {url!r} not found (from {urls!r})")
     return expanded
@@ -643,7 +646,7 @@ def build_dataset(
                 "%d shards for %d ranks x %d workers: some workers get no data",
                 len(shard_urls), world_size, max(1, cfg.num_workers),
             )  # fmt: skip
-    stages.append(wds.tarfile_to_samples(handler=counter.handler))
+    stages.append(ShardReader(counter.handler, retries=cfg.shard_retries))
     if train and cfg.task_weights is not None:
         stages.append(_TaskMix(cfg.task_weights, cfg.seed, epoch))
     if train and cfg.shuffle_buffer > 0:

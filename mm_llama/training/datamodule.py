@@ -185,6 +185,8 @@ class ImageDataModule(L.LightningDataModule):
         task_weights: the training mix: the probability that a training sample whose json
             ``task`` is named is kept (others: 1), e.g. ``{"count": 0.25}``; validation and test
             read every sample. ``None``: all (:attr:`DataConfig.task_weights`).
+        shard_retries: how many times a remote shard (``http(s)://``, ``pipe:``) whose stream
+            breaks part-way is read again from where it broke (:attr:`DataConfig.shard_retries`).
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class ImageDataModule(L.LightningDataModule):
         modality: str = "image",
         progress: bool = True,
         task_weights: dict[str, float] | None = None,
+        shard_retries: int = 3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -248,6 +251,7 @@ class ImageDataModule(L.LightningDataModule):
             system_prompt=system_prompt,
             max_image_pixels=hp.max_image_pixels,
             task_weights=hp.task_weights,
+            shard_retries=hp.shard_retries,
         )
 
     # --- wiring to the model ----------------------------------------------------------

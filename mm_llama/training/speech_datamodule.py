@@ -47,6 +47,8 @@ class SpeechDataModule(ImageDataModule):
         min_seconds: shorter clips are skipped and counted (``audio_too_short``).
         max_seconds: longer clips are truncated to this length and counted.
         progress: show a progress bar while :meth:`prepare_data` writes the built-in shards.
+        shard_retries: how many times a remote shard whose stream breaks part-way is read again
+            from where it broke (:attr:`~mm_llama.data.pipeline.DataConfig.shard_retries`).
     """
 
     def __init__(
@@ -69,12 +71,13 @@ class SpeechDataModule(ImageDataModule):
         min_seconds: float = 0.1,
         max_seconds: float = 20.0,
         progress: bool = True,
+        shard_retries: int = 3,
     ) -> None:
         super().__init__(data_dir=data_dir, train_urls=train_urls, val_urls=val_urls, test_urls=test_urls,
                          batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, resampled=resampled,
                          epoch_length=epoch_length, shuffle_buffer=shuffle_buffer, max_len=max_len, seed=seed,
                          system_prompt=system_prompt, val_samples=val_samples, test_samples=test_samples,
-                         progress=progress)
+                         progress=progress, shard_retries=shard_retries)
         for name in ("image_size", "max_image_pixels", "modality", "task_weights"):  # the parent's, meaningless here
             self._hparams.pop(name, None)
         self.audio = AudioConfig(min_seconds=min_seconds, max_seconds=max_seconds)
@@ -84,7 +87,8 @@ class SpeechDataModule(ImageDataModule):
         hp = self.hparams
         return DataConfig(train_urls=train_urls, batch_size=hp.batch_size, num_workers=hp.num_workers,
                           shuffle_buffer=hp.shuffle_buffer, resampled=hp.resampled, epoch_length=hp.epoch_length,
-                          max_len=hp.max_len, seed=hp.seed, system_prompt=system_prompt)
+                          max_len=hp.max_len, seed=hp.seed, system_prompt=system_prompt,
+                          shard_retries=hp.shard_retries)
 
     def model_inputs(self, module) -> ModelInputs:
         """The tokenizer, ``<|speech|>`` id and system prompt of ``module`` (image size unused: 1), or
