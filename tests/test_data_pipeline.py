@@ -333,6 +333,32 @@ def test_a_failing_pipe_command_that_had_sent_part_of_a_shard_is_run_again(shard
     assert marker.exists()
 
 
+def test_retries_count_only_breaks_that_got_no_further(shards, tmp_path):
+    """A command that breaks at 1/4, 2/4 and 3/4 of the shard on its first three runs: with one
+    retry in a row allowed, each run gets further, so the shard is read whole; a run that gets no
+    further spends the retry (here the fourth breaks where the third did, and the shard is given up)."""
+    from mm_llama.data.shard_reader import ShardReader
+
+    shard = os.path.join(os.path.dirname(shards), "train-000003.tar")
+    size = os.path.getsize(shard)
+    runs = tmp_path / "runs"
+
+    def command(cuts: str) -> str:
+        return (f"pipe:sh -c 'n=$(cat {runs} 2>/dev/null || echo 0); echo $((n+1)) > {runs}; "
+                f"set -- {cuts}; shift $n 2>/dev/null || set --; "
+                f"if [ $# -eq 0 ]; then cat {shard}; else head -c $(($1*{size}/4)) {shard}; exit 1; fi'")
+
+    errors = []
+    reader = ShardReader(lambda exn: errors.append(exn) or True, retries=1, pause_s=0.0)
+    whole = [s["__key__"] for s in reader.read(command("1 2 3"))]
+    assert whole == sorted(KEYS)[3 * PER_SHARD :] and not errors and runs.read_text().strip() == "4"
+
+    runs.unlink()
+    stalled = [s["__key__"] for s in reader.read(command("1 2 3 3 3"))]
+    assert runs.read_text().strip() == "4" and len(errors) == 1  # the 4th run got no further: retry spent
+    assert 0 < len(stalled) < PER_SHARD and stalled == sorted(KEYS)[3 * PER_SHARD :][: len(stalled)]
+
+
 def tasks_of(samples) -> dict[str, set[str]]:
     by_task: dict[str, set[str]] = {}
     for sample in samples:

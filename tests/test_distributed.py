@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import collections
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,19 @@ TIMEOUT_S = 600  # a hang fails here (the ranks' process group times out after 1
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
 
 
+def spoken_samples(n: int) -> list[dict]:
+    """``spoken.make_sample(0, "train", i)`` for ``i < n``, synthesised in a fresh process: eSpeak's
+    output jitters with a state that every synthesis in a process advances (``mm_llama/data/espeak.py``),
+    so in this process the samples would depend on which tests ran before (and the runs with them:
+    one weight's DDP-vs-one-process difference was 1.0e-4 after the other test modules, 9.9e-6 alone)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_spoken_samples, n).result()
+
+
+def _spoken_samples(n: int) -> list[dict]:
+    return [spoken.make_sample(0, "train", i) for i in range(n)]
+
+
 def write_equal_label_shards(root: Path, lm_dir: Path, modality: str = "image") -> list[Path]:
     """Shards of :data:`SHARD_SIZES` samples (shape scenes, or spoken sentences and questions) whose
     examples all have the same number of labelled tokens under the tiny LM's tokenizer (the most
@@ -71,7 +86,7 @@ def write_equal_label_shards(root: Path, lm_dir: Path, modality: str = "image") 
         return int((enc["labels"] != IGNORE_INDEX).sum())
 
     if modality == "speech":
-        candidates = [spoken.make_sample(0, "train", i) for i in range(200)]
+        candidates = spoken_samples(200)
     elif modality == "video":
         candidates = [clips.make_clip_sample(0, "train", i, ClipSpec(size=16)) for i in range(200)]
     else:

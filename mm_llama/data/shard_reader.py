@@ -3,7 +3,7 @@
 What ``wds.tarfile_to_samples`` does (open each URL, expand the tar, group members by key), one
 shard at a time, with one difference: a **remote** shard (``http(s)://``, streamed by webdataset
 through ``curl``; ``pipe:<command>``) whose stream breaks part-way (a dropped connection, a storage
-node restarting) is opened again, up to ``retries`` times with a growing pause, and its first
+node restarting) is opened again, up to ``retries`` times in a row with a growing pause, and its first
 samples, delivered before the break, are passed over: every sample arrives once, in the shard's
 order, as if the stream had never broken. curl's own ``--retry`` (webdataset passes 30) covers a
 failure *before* the first byte only; once bytes have gone down the pipe it cannot start over.
@@ -138,7 +138,9 @@ class ShardReader:
     Args:
         handler: called with the error of a shard that cannot be read (after its retries); returns
             ``True`` to go on with the next shard, ``False`` to raise the error.
-        retries: how many times a broken remote shard is opened again (0: never).
+        retries: how many times in a row a broken remote shard is opened again without getting
+            further (0: never); a retry that delivers new samples before it breaks starts the
+            count again, so a long shard on a flaky link is read to its end.
         pause_s: seconds before the first retry, doubled for each further one.
     """
 
@@ -161,6 +163,7 @@ class ShardReader:
         while True:
             counted: list[_CountedStream] = []
             grouper = _Grouper(self.handler)
+            before = delivered
             try:
                 for i, sample in enumerate(grouper(shard_files(url, counted))):
                     if i >= delivered:  # the ones before went out before the stream broke
@@ -169,6 +172,8 @@ class ShardReader:
                 return
             except Exception as exn:
                 broke = bool(counted) and counted[0].bytes_read > 0  # not: nothing came at all (404, no file)
+                if delivered > before:  # this attempt got further: the retries count from here
+                    attempt = 0
                 if attempt < self.retries and broke and is_remote(url):
                     attempt += 1
                     pause = self.pause_s * 2 ** (attempt - 1)
