@@ -301,7 +301,7 @@ def test_a_remote_shard_broken_part_way_is_read_again_from_where_it_broke(shards
     dataset = make_dataset(urls, train=False)
     with caplog.at_level(logging.WARNING, logger="mm_llama.data.shard_reader"):
         assert keys(dataset) == sorted(KEYS)
-    assert dataset.counter.total == 0
+    assert dataset.counter.total == 0 and dataset.counter.retries == 1
     (line,) = [r.getMessage() for r in caplog.records if "train-000001.tar" in r.getMessage()]
     delivered = int(line.split("broke after ")[1].split()[0])
     assert 0 < delivered < PER_SHARD and "retry 1 of 3" in line
@@ -312,6 +312,7 @@ def test_a_remote_shard_broken_part_way_is_read_again_from_where_it_broke(shards
     # The shard is a read_error; the sample the break cut into is passed on with what was read of
     # it (as webdataset's reader does) and counted by the decode stage for the part it lacks.
     assert dataset.counter.counts()["read_error"] == 1 and dataset.counter.total <= 2
+    assert dataset.counter.retries == 0
     cut = sorted(KEYS)[PER_SHARD : 2 * PER_SHARD]
     kept = [k for k in got if k in cut]
     assert 0 < len(kept) < PER_SHARD and kept == cut[: len(kept)]  # the samples before the break

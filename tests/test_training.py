@@ -291,6 +291,7 @@ def test_train_adapter_writes_every_artefact_and_resumes(tiny_lm_dir, shapes_dir
     assert metrics["steps"] == 2 and metrics["test_samples"] == N_TEST
     assert metrics["lm"]["source"] == str(tiny_lm_dir) and len(metrics["lm"]["sha256"]) == 64
     assert metrics["skipped"]["train"]["total"] == 0 and metrics["trainable_params"] > 0
+    assert metrics["shard_retries"] == {"train": 0, "val": 0, "test": 0}
     for name in ("adapter.ckpt", "last.ckpt", "config.yaml", "training_curve.png", "samples.png"):
         assert (out / name).is_file(), name
     predictions = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]

@@ -211,6 +211,7 @@ class SkipCounter:
         self.log_first = log_first
         self.log_every = log_every
         self._reported_streams: set[str] = set()  # shards already counted, awaiting webdataset's second report
+        self._retries = multiprocessing.Value("q", 0)  # remote shards opened again after a broken stream
 
     def record(self, kind: str, key: str, reason: str) -> None:
         """Count one skipped sample and log it (rate-limited)."""
@@ -243,6 +244,17 @@ class SkipCounter:
         url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
         self.record("read_error", url, shard_error_reason(exn))
         return True
+
+    def record_retry(self, url: str) -> None:
+        """Count one remote shard opened again after its stream broke (:class:`ShardReader` logs it);
+        not a skip: its samples still arrive."""
+        with self._retries.get_lock():
+            self._retries.value += 1
+
+    @property
+    def retries(self) -> int:
+        """Remote shards opened again after a broken stream, so far."""
+        return self._retries.value
 
     def counts(self) -> dict[str, int]:
         """Skips per kind (every kind present, zeros included)."""
@@ -646,7 +658,7 @@ def build_dataset(
                 "%d shards for %d ranks x %d workers: some workers get no data",
                 len(shard_urls), world_size, max(1, cfg.num_workers),
             )  # fmt: skip
-    stages.append(ShardReader(counter.handler, retries=cfg.shard_retries))
+    stages.append(ShardReader(counter.handler, retries=cfg.shard_retries, on_retry=counter.record_retry))
     if train and cfg.task_weights is not None:
         stages.append(_TaskMix(cfg.task_weights, cfg.seed, epoch))
     if train and cfg.shuffle_buffer > 0:

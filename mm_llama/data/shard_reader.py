@@ -142,15 +142,17 @@ class ShardReader:
             further (0: never); a retry that delivers new samples before it breaks starts the
             count again, so a long shard on a flaky link is read to its end.
         pause_s: seconds before the first retry, doubled for each further one.
+        on_retry: called with the URL each time a shard is opened again (the pipeline's tally).
     """
 
     def __init__(self, handler: Callable[[Exception], bool] = reraise_exception, retries: int = 3,
-                 pause_s: float = 1.0) -> None:
+                 pause_s: float = 1.0, on_retry: Callable[[str], None] | None = None) -> None:
         if retries < 0 or pause_s < 0:
             raise ValueError(f"ShardReader needs retries >= 0 and pause_s >= 0, got {retries}, {pause_s}")
         self.handler = handler
         self.retries = retries
         self.pause_s = pause_s
+        self.on_retry = on_retry
 
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for shard in src:
@@ -180,6 +182,8 @@ class ShardReader:
                     logger.warning("shard %s broke after %d samples (%s: %s); reading it again from there "
                                    "in %.1f s (retry %d of %d)", url, delivered, type(exn).__name__,
                                    str(exn.args[0] if exn.args else exn)[:200], pause, attempt, self.retries)
+                    if self.on_retry is not None:
+                        self.on_retry(url)
                     time.sleep(pause)
                     continue
                 # The sample the break cut into goes on with what was read of it (as webdataset's reader

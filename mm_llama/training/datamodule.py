@@ -429,6 +429,11 @@ class ImageDataModule(L.LightningDataModule):
             out[split] = {"total": sum(counts.values()), **{k: v for k, v in counts.items() if v}}
         return out
 
+    def shard_retries(self) -> dict[str, int]:
+        """Remote shards opened again after a broken stream so far, per split (their samples
+        arrived: not skips; :class:`~mm_llama.data.shard_reader.ShardReader`)."""
+        return {split: counter.retries for split, counter in self.counters.items()}
+
     def log_skipped(self, split: str) -> None:
         """Log ``split``'s skip counts: a warning when any sample was skipped; a zero count only
         for the test split (once a run) at info level, for training and validation (every epoch
