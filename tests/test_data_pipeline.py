@@ -3,12 +3,14 @@ splits, epoch-seeded shuffling, corrupt samples, missing shards, batching."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -200,22 +202,30 @@ def test_missing_shard_raises_before_training(shards, tmp_path):
     assert resolve_urls(f"file://{shards.replace('{000000..000003}', '000001')}")
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # the 404s the tests ask for are expected; keep the log clean
+        pass
+
+
+@contextlib.contextmanager
+def serving(handler_class: type, directory: str) -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` serving ``directory`` through ``handler_class`` from a thread; shut down after."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler_class, directory=directory))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)  # port 0 above: an ephemeral port
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @pytest.fixture(scope="module")
 def http_root(shards):
     """``http://127.0.0.1:PORT`` serving the directory of ``shards`` from a thread; shut down after."""
-
-    class QuietHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, format, *args):  # the 404 below is expected; keep the test log clean
-            pass
-
-    handler = functools.partial(QuietHandler, directory=os.path.dirname(shards))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # port 0: an ephemeral port
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(QuietHandler, os.path.dirname(shards)) as root:
+        yield root
 
 
 def samples_of(urls: str, train: bool) -> list[dict]:
@@ -266,10 +276,7 @@ def flaky_root(shards):
     drops the connection, as a storage node restarting mid-transfer does."""
     requests: dict[str, int] = {}
 
-    class CuttingHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, format, *args):
-            pass
-
+    class CuttingHandler(QuietHandler):
         def do_GET(self):
             requests[self.path] = requests.get(self.path, 0) + 1
             if "train-000001.tar" not in self.path or requests[self.path] > 1:
@@ -281,14 +288,8 @@ def flaky_root(shards):
             self.wfile.write(data[: len(data) // 2])
             self.close_connection = True
 
-    handler = functools.partial(CuttingHandler, directory=os.path.dirname(shards))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(CuttingHandler, os.path.dirname(shards)) as root:
+        yield root
 
 
 @pytest.mark.usefixtures("one_thread")
