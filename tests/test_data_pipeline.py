@@ -487,3 +487,29 @@ def test_starting_a_pass_leaves_torchs_global_random_stream_alone(shards, worker
     assert torch.equal(torch.get_rng_state(), before)
     torch.manual_seed(1)  # another global state: the same batches
     assert [[m["__key__"] for m in b["meta"]] for b in loader] == keys
+
+
+def test_shard_reader_groups_members_by_key_and_reports_a_repeated_member(tmp_path):
+    """The reader groups a tar's members into samples as webdataset does; a member whose name repeats
+    within its sample goes to the handler (counted as the shard's read error) and is dropped, the
+    rest of the shard still read. Local and ``file://`` shards are local (never retried), others remote."""
+    import io
+    import tarfile
+
+    from mm_llama.data.shard_reader import ShardReader, is_remote
+
+    path = tmp_path / "dup-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("a.json", b"1"), ("a.txt", b"x"), ("a.json", b"2"), ("b.JSON", b"3")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    errors = []
+    samples = list(ShardReader(lambda exn: errors.append(exn) or True)([{"url": str(path)}]))
+    assert [(s["__key__"], s.get("json"), s.get("txt")) for s in samples] == [("a", b"1", b"x"), ("b", b"3", None)]
+    assert len(errors) == 1 and "duplicate file name" in str(errors[0]) and str(path) in errors[0].args
+    counter = SkipCounter()
+    assert [s["__key__"] for s in ShardReader(counter.handler)([{"url": f"file://{path}"}])] == ["a", "b"]
+    assert counter.counts()["read_error"] == 1
+    assert not is_remote(str(path)) and not is_remote(f"file://{path}")
+    assert is_remote("pipe:cat x.tar") and is_remote("https://host/x.tar") and is_remote("s3://bucket/x.tar")
