@@ -52,12 +52,13 @@ def recompute_context_fn(module: nn.Module) -> ContextFn | None:
     return lambda: (nullcontext(), running_statistics_kept(norms))
 
 
-def checkpointed_call(module: nn.Module, *args: Any) -> Any:
+def checkpointed_call(module: nn.Module, *args: Any, forward: Callable[..., Any] | None = None) -> Any:
     """``module(*args)``, its activations recomputed in backward (non-reentrant), counting each
-    batch once in any BatchNorm's running statistics."""
+    batch once in any BatchNorm's running statistics. ``forward``: what to call instead of
+    ``module`` itself (a bound forward of it)."""
     context_fn = recompute_context_fn(module)
     kwargs = {} if context_fn is None else {"context_fn": context_fn}
-    return checkpoint(module, *args, use_reentrant=False, **kwargs)
+    return checkpoint(module if forward is None else forward, *args, use_reentrant=False, **kwargs)
 
 
 def call_block(module: nn.Module, *args: Any, recompute: bool) -> Any:
@@ -77,10 +78,7 @@ class _Recomputed:
         plain = super().forward  # the module's own class's forward
         if not (self.recompute and torch.is_grad_enabled()):
             return plain(*args)
-        context_fn = recompute_context_fn(self)
-        kwargs = {} if context_fn is None else {"context_fn": context_fn}
-        return checkpoint(plain, *args, use_reentrant=False, **kwargs)
-
+        return checkpointed_call(self, *args, forward=plain)
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         # Pickled as its library class, made recomputable again on load: the class made at run time
