@@ -210,7 +210,6 @@ class SkipCounter:
         self._counts = multiprocessing.Array("q", len(self._kinds))
         self.log_first = log_first
         self.log_every = log_every
-        self._reported_streams: set[str] = set()  # shards already counted, awaiting webdataset's second report
         self._retries = multiprocessing.Value("q", 0)  # remote shards opened again after a broken stream
 
     def record(self, kind: str, key: str, reason: str) -> None:
@@ -223,25 +222,14 @@ class SkipCounter:
             logger.warning("skipped sample %s [%s, #%d]: %s", key, kind, n, reason)
 
     def handler(self, exn: Exception) -> bool:
-        """WebDataset exception handler for shard-level errors: count, log, continue.
+        """Exception handler for shard-level errors (:class:`ShardReader` calls it once a shard):
+        count, log, continue.
 
         A remote shard that cannot be fetched (``http(s)://`` through ``curl``, or a
-        ``pipe:`` command that fails) lands here, logged with its URL and the command's
-        exit status: it is skipped like an unreadable local shard.
+        ``pipe:`` command that fails), or whose retries are spent, lands here, logged with
+        its URL and the command's exit status: it is skipped like an unreadable local shard.
         """
-        # webdataset reports a shard that breaks inside a member twice: first from the member
-        # read, with " @ <stream>" appended to the message, then from the tar stream, with
-        # (stream, url) appended to the args. Count the shard once.
-        message = str(exn.args[0]) if exn.args else ""
-        if " @ " in message and not any(isinstance(a, str) and a != exn.args[0] for a in exn.args[1:]):
-            self._reported_streams.add(message.rsplit(" @ ", 1)[1])
-            self.record("read_error", message.rsplit(" @ ", 1)[1], shard_error_reason(exn))
-            return True
-        stream = str(exn.args[-2]) if len(exn.args) >= 2 else None
-        if stream in self._reported_streams:
-            self._reported_streams.discard(stream)
-            return True
-        url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
+        url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")  # webdataset appends it
         self.record("read_error", url, shard_error_reason(exn))
         return True
 

@@ -429,7 +429,7 @@ class ImageDataModule(L.LightningDataModule):
             out[split] = {"total": sum(counts.values()), **{k: v for k, v in counts.items() if v}}
         return out
 
-    def shard_retries(self) -> dict[str, int]:
+    def retried_shards(self) -> dict[str, int]:
         """Remote shards opened again after a broken stream so far, per split (their samples
         arrived: not skips; :class:`~mm_llama.data.shard_reader.ShardReader`)."""
         return {split: counter.retries for split, counter in self.counters.items()}

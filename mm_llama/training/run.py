@@ -153,7 +153,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "skipped": datamodule.skipped(),
-        "shard_retries": datamodule.shard_retries(),
+        "shard_retries": datamodule.retried_shards(),
         "lm": dict(module.lm_identity),
         "modality": cfg.modality,
         "device": str(trainer.strategy.root_device),
